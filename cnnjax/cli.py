@@ -1,0 +1,124 @@
+"""What the command-line entry points share: flag parsing with one-line errors, multi-process flags,
+and the run-and-report wrapper around `cnnjax.train.run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from absl import flags
+
+from cnnjax.errors import CnnjaxError
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+  """Prints `error: message` as one line on stderr and exits with status 2."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def one_line_flags_parser(argv: Sequence[str]) -> list[str]:
+  """absl's parser, but a bad flag or config override is one line and exit status 2."""
+  try:
+    remaining = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+      flags.FLAGS.config.keys()  # config_flags defers load errors to the first access
+    return remaining
+  except Exception as e:  # pylint: disable=broad-except  (any parse failure is the user's input)
+    fail(_diagnose_config_flags(argv) or (str(e).strip().splitlines() or [type(e).__name__])[0])
+  return []
+
+
+def _diagnose_config_flags(argv: Sequence[str]) -> str | None:
+  """Names the config file or `--config.a.b` override that cannot apply, with the fix."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_path is None:
+    return None
+  config_path = config_path.split(":", 1)[0]
+  if not os.path.isfile(config_path):
+    return f"config file {config_path!r} does not exist; pass --config=experiments/NAME.py"
+  try:
+    spec = importlib.util.spec_from_file_location("_cnnjax_config_check", config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    return f"config file {config_path!r} failed to load: {type(e).__name__}: {e}"
+  for arg in argv:
+    if not arg.startswith("--config.") or "=" not in arg:
+      continue
+    path, value = arg[len("--config."):].split("=", 1)
+    node, parts = config, path.split(".")
+    for depth, part in enumerate(parts):
+      if not hasattr(node, "keys") or part not in node:
+        parent = ".".join(parts[:depth]) or "the config"
+        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "nothing (it is a value)"
+        return f"unknown config key {path!r} in {arg}; {parent} has: {known}"
+      node = node[part]
+    expected = type(node).__name__
+    if isinstance(node, bool) and value.lower() not in ("true", "false", "1", "0"):
+      return f"{arg}: config.{path} expects a bool (true/false), got {value!r}"
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+      try:
+        float(value) if isinstance(node, float) else int(value)
+      except ValueError:
+        return f"{arg}: config.{path} expects {expected}, got {value!r}"
+  return None
+
+
+def define_distributed_flags() -> None:
+  flags.DEFINE_string("coordinator_address", None,
+                      "HOST:PORT of process 0 for a multi-process run (jax.distributed).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+def distributed_flags(values: Any) -> dict[str, Any]:
+  return dict(coordinator_address=values.coordinator_address, num_processes=values.num_processes,
+              process_id=values.process_id)
+
+
+def configure_logging() -> None:
+  """cnnjax's own progress lines on stderr; libraries (orbax, TFDS, JAX) only from warnings up."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logger = logging.getLogger("cnnjax")
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
+def run_reporting_errors(fn: Callable[[], Any]) -> Any:
+  """Runs fn; a CnnjaxError becomes one line on stderr and exit status 2."""
+  try:
+    return fn()
+  except CnnjaxError as e:
+    fail(str(e))
+
+
+def run_training(config: Any, workdir: str, distributed: dict[str, Any]) -> dict[str, Any]:
+  """Starts jax.distributed if asked, trains, and prints the final numbers."""
+  configure_logging()
+  from cnnjax.parallel import distributed as distributed_lib  # pylint: disable=import-outside-toplevel
+  from cnnjax.train import run  # pylint: disable=import-outside-toplevel  (jax after flags: faster --help)
+
+  def go():
+    distributed_lib.initialize(**distributed)
+    return run(config, workdir)
+
+  summary = run_reporting_errors(go)
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    print(f"eval_accuracy={summary['eval_accuracy']:.4f} eval_loss={summary['eval_loss']:.4f} "
+          f"step={summary['step']} examples_per_second={summary['examples_per_second']:.0f} "
+          f"wall_seconds={summary['wall_seconds']:.1f} workdir={workdir}")
+  return summary

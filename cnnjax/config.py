@@ -1,0 +1,142 @@
+"""The shared configuration schema and its validation.
+
+Every experiment file starts from `base_config()` and sets what it needs. The
+keys here are the ones other tools rely on (`model.name`, `data.name`,
+`batch_size`, `num_epochs`, `num_train_steps`, `seed`,
+`optimizer.learning_rate`, `parallel.strategy`, `model.bn_sync`, ...). Keys that
+an experiment adds under `model` are options of its model family (for example
+`model.dropout_rate`) and are passed to the model constructor.
+
+`validate(config)` checks values that types cannot (a negative learning rate, an
+unknown model name, a batch that does not divide over devices) and raises a
+`ConfigError` with a one-line message before anything runs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cnnjax.data import DATASET_NAMES
+from cnnjax.errors import ConfigError
+from cnnjax.models import MODELS
+from cnnjax.nn import NORM_KINDS
+from cnnjax.optim import OPTIMIZERS, SCHEDULES
+from cnnjax.parallel import BN_SYNC_MODES, STRATEGIES
+
+# Keys under `model` that the training code consumes; every other key is a model option.
+MODEL_COMMON_KEYS = ("name", "norm", "bn_sync", "bn_group_size", "bn_momentum", "bn_epsilon",
+                     "group_norm_groups", "dtype")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every shared key with its default; experiments override what they need."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 128  # global: over all devices and processes
+  config.eval_batch_size = 0  # 0: the same as batch_size
+  config.num_epochs = 10.0
+  config.num_train_steps = 0  # > 0 overrides num_epochs
+  config.label_smoothing = 0.0
+  config.log_every_steps = 50
+  config.eval_every_steps = 0  # 0: evaluate only at the end
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.progress_bar = True  # a tqdm bar on terminals; plain log lines otherwise
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "lenet5"
+  config.model.norm = ""  # '' keeps the architecture's own; or batch / group / layer / none
+  config.model.bn_sync = "global"  # global / local / ghost: which examples BatchNorm normalizes over
+  config.model.bn_group_size = 0  # examples per statistics group for bn_sync=ghost
+  config.model.bn_momentum = 0.9
+  config.model.bn_epsilon = 1e-5
+  config.model.group_norm_groups = 32  # capped at gcd(groups, channels) per layer
+  config.model.dtype = "float32"  # compute dtype; parameters and BatchNorm statistics stay float32
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "digits"
+  config.data.tfds_data_dir = ""  # '' : $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.data.train_split = "train"
+  config.data.eval_split = ""  # '' : the dataset's test split
+  config.data.train_path = ""  # npz only
+  config.data.eval_path = ""  # npz only
+  config.data.num_classes = 0  # npz only; 0 infers it from the labels
+  config.data.image_size = 0  # resize to this square size; 0 keeps the source size
+  config.data.crop_padding = 0  # random crop after zero padding by this many pixels; 0: off
+  config.data.flip = False  # random horizontal flip
+  config.data.rotation_degrees = 0.0  # random rotation in [-r, r] degrees; 0: off
+  config.data.num_threads = 4  # host threads preparing batches
+  config.data.prefetch_batches = 8
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"  # sgd / adamw
+  config.optimizer.learning_rate = 0.1  # peak learning rate
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  config.optimizer.weight_decay = 0.0  # never applied to norm scales or biases
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.schedule = "cosine"  # constant / cosine / piecewise
+  config.optimizer.warmup_steps = 0
+  config.optimizer.decay_boundaries = (0.5, 0.75)  # piecewise: fractions of training
+  config.optimizer.decay_factor = 0.1  # piecewise: multiplier at each boundary
+
+  config.parallel = ml_collections.ConfigDict()
+  config.parallel.strategy = "none"  # none / pmap / shard_map / jit
+  config.parallel.num_devices = 0  # 0: all devices
+  return config
+
+
+def model_options(config: ml_collections.ConfigDict) -> dict:
+  """The model-family options of a config: keys under `model` beyond the common ones."""
+  return {k: v for k, v in config.model.items() if k not in MODEL_COMMON_KEYS}
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _choice(value: str, choices, key: str) -> None:
+  _require(value in choices, f"{key}={value!r} is unknown; choose one of {', '.join(choices)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first impossible value and its fix."""
+  _choice(config.model.name, sorted(MODELS), "model.name")
+  _choice(config.data.name, DATASET_NAMES, "data.name")
+  _choice(config.parallel.strategy, STRATEGIES, "parallel.strategy")
+  _choice(config.model.bn_sync, BN_SYNC_MODES, "model.bn_sync")
+  _choice(config.model.norm, ("",) + NORM_KINDS, "model.norm")
+  _choice(config.model.dtype, DTYPES, "model.dtype")
+  _choice(config.optimizer.name, OPTIMIZERS, "optimizer.name")
+  _choice(config.optimizer.schedule, SCHEDULES, "optimizer.schedule")
+  _require(config.batch_size > 0, f"batch_size={config.batch_size} must be positive")
+  _require(config.eval_batch_size >= 0, f"eval_batch_size={config.eval_batch_size} must be >= 0 (0: batch_size)")
+  _require(config.optimizer.learning_rate > 0,
+           f"optimizer.learning_rate={config.optimizer.learning_rate} must be positive")
+  _require(config.optimizer.weight_decay >= 0,
+           f"optimizer.weight_decay={config.optimizer.weight_decay} must be >= 0")
+  _require(0 <= config.optimizer.momentum < 1, f"optimizer.momentum={config.optimizer.momentum} must be in [0, 1)")
+  _require(config.optimizer.warmup_steps >= 0, f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be >= 0")
+  _require(0 <= config.label_smoothing < 1, f"label_smoothing={config.label_smoothing} must be in [0, 1)")
+  _require(config.num_train_steps > 0 or config.num_epochs > 0,
+           f"num_epochs={config.num_epochs} and num_train_steps={config.num_train_steps}: one must be positive")
+  _require(config.num_train_steps >= 0, f"num_train_steps={config.num_train_steps} must be >= 0 (0: use num_epochs)")
+  _require(0 <= config.model.bn_momentum < 1, f"model.bn_momentum={config.model.bn_momentum} must be in [0, 1)")
+  _require(config.model.bn_epsilon > 0, f"model.bn_epsilon={config.model.bn_epsilon} must be positive")
+  _require(config.model.bn_sync != "ghost" or config.model.bn_group_size > 0,
+           "model.bn_sync=ghost needs model.bn_group_size > 0 (examples per statistics group)")
+  _require(config.model.bn_group_size >= 0, f"model.bn_group_size={config.model.bn_group_size} must be >= 0")
+  _require(config.parallel.num_devices >= 0, f"parallel.num_devices={config.parallel.num_devices} must be >= 0")
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _require(config[key] > 0, f"{key}={config[key]} must be positive")
+  _require(config.eval_every_steps >= 0, f"eval_every_steps={config.eval_every_steps} must be >= 0 (0: at the end)")
+  _require(config.data.image_size >= 0, f"data.image_size={config.data.image_size} must be >= 0 (0: keep)")
+  _require(config.data.crop_padding >= 0, f"data.crop_padding={config.data.crop_padding} must be >= 0")
+  _require(config.data.rotation_degrees >= 0, f"data.rotation_degrees={config.data.rotation_degrees} must be >= 0")
+  _require(config.data.num_threads > 0, f"data.num_threads={config.data.num_threads} must be positive")
+  _require(config.data.prefetch_batches > 0, f"data.prefetch_batches={config.data.prefetch_batches} must be positive")
+  _require(config.data.num_classes >= 0, f"data.num_classes={config.data.num_classes} must be >= 0")

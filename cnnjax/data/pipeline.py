@@ -1,0 +1,103 @@
+"""The grain input pipeline: shuffled training batches and padded, masked eval batches.
+
+Training reads one stream of example indices, `grain.MapDataset.range(N)
+.shuffle(seed).repeat()`: stream positions [eN, (e+1)N) hold a fresh permutation
+of the dataset for epoch e, so every example is seen exactly once per epoch even
+when the batch size does not divide N (a batch may straddle two epochs). The
+stream is cut into global batches; each process keeps its own contiguous slice
+of every global batch (process p of P holds rows [p B/P, (p+1) B/P)), so the
+processes together read each global batch exactly once. Devices later split the
+process slice the same way, contiguously.
+
+Evaluation walks the eval split in order in global batches; the last batch is
+padded with copies of example 0 and carries `mask` = 0 on the padding, so every
+eval example counts exactly once and none is dropped.
+
+Batches are dicts of NumPy arrays: `image` float32 (b, H, W, C), `label` int32
+(b,), `mask` float32 (b,), and `index` int64 (b,) (the dataset index of each
+example, kept on the host for data-integrity checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import grain
+import numpy as np
+
+from cnnjax.data.preprocess import Preprocess
+from cnnjax.data.sources import RandomAccessSource, read_records
+
+HOST_ONLY_KEYS = ("index",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSlice:
+  """Which rows of every global batch this process reads."""
+
+  global_batch: int
+  process_index: int = 0
+  process_count: int = 1
+
+  @property
+  def local_batch(self) -> int:
+    return self.global_batch // self.process_count
+
+  def rows(self) -> slice:
+    start = self.process_index * self.local_batch
+    return slice(start, start + self.local_batch)
+
+
+def _records_to_batch(records, images: np.ndarray, indices: np.ndarray, mask: np.ndarray) -> dict:
+  return {"image": images,
+          "label": np.asarray([record["label"] for record in records], np.int32),
+          "mask": mask.astype(np.float32),
+          "index": indices.astype(np.int64)}
+
+
+def train_dataset(source: RandomAccessSource, preprocess: Preprocess, *, seed: int,
+                  batch: ProcessSlice, num_steps: int) -> grain.MapDataset:
+  """A MapDataset whose element k is this process's part of training step k's batch."""
+  rows = batch.rows()
+
+  def load(step_batch: tuple[np.ndarray, np.ndarray]) -> dict:
+    positions, indices = step_batch[0][rows], step_batch[1][rows]
+    records = read_records(source, indices)
+    images = preprocess.train([record["image"] for record in records], positions)
+    return _records_to_batch(records, images, indices, np.ones(len(indices)))
+
+  stream = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
+            .map_with_index(lambda position, index: (position, index)))
+  return stream.batch(batch.global_batch, drop_remainder=True).map(load).slice(slice(0, num_steps))
+
+
+def eval_dataset(source: RandomAccessSource, preprocess: Preprocess, *,
+                 batch: ProcessSlice) -> grain.MapDataset:
+  """A MapDataset of this process's part of each eval batch, the last one padded and masked."""
+  num_examples = len(source)
+  rows = batch.rows()
+
+  def load(batch_index: int) -> dict:
+    positions = batch_index * batch.global_batch + np.arange(batch.global_batch)[rows]
+    valid = positions < num_examples
+    indices = np.where(valid, positions, 0)
+    records = read_records(source, indices)
+    images = preprocess.eval([record["image"] for record in records])
+    return _records_to_batch(records, images, indices, valid)
+
+  return grain.MapDataset.range(num_eval_batches(num_examples, batch.global_batch)).map(load)
+
+
+def num_eval_batches(num_examples: int, global_batch: int) -> int:
+  return math.ceil(num_examples / global_batch)
+
+
+def iterate(dataset: grain.MapDataset, *, num_threads: int, prefetch: int) -> grain.DatasetIterator:
+  """An iterator that prepares batches on `num_threads` threads, `prefetch` batches ahead.
+
+  Its `get_state()` / `set_state()` round-trip the position, which is how a
+  resumed run continues the exact data order.
+  """
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  return iter(dataset.to_iter_dataset(options))

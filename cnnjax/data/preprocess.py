@@ -1,0 +1,153 @@
+"""Host-side preprocessing and augmentation, vectorized over a batch with NumPy.
+
+Everything here is deterministic given its inputs: the randomness of an
+augmented example comes from a generator seeded with (seed, stream position),
+the position of the example in the training stream. The same example at the
+same point of training is therefore augmented identically however many
+processes or devices share the batch, and after a resume.
+
+Order of operations for a training batch: resize to the model's input size,
+small random rotation, random crop from a zero-padded image, horizontal flip,
+then normalization with the dataset's per-channel mean and standard deviation.
+Evaluation batches are only resized and normalized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+PIXEL_MAX = 255.0
+
+
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """The (out_size, in_size) linear map of bilinear resizing, antialiased when shrinking.
+
+  Pixel centers are aligned (half-pixel convention); when shrinking, the triangle
+  filter is widened by the scale factor so that every input pixel contributes.
+  """
+  scale = in_size / out_size
+  support = max(scale, 1.0)
+  centers = (np.arange(out_size) + 0.5) * scale - 0.5
+  distance = np.abs(centers[:, None] - np.arange(in_size)[None, :]) / support
+  weights = np.maximum(0.0, 1.0 - distance)
+  return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
+  """Resizes a float batch (B, H, W, C) to (B, size, size, C) by separable bilinear maps."""
+  _, height, width, _ = images.shape
+  if height == size and width == size:
+    return images
+  rows, cols = resize_matrix(height, size), resize_matrix(width, size)
+  return np.einsum("hH,bHWc,wW->bhwc", rows, images, cols, optimize=True)
+
+
+def resize_shorter_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """Resizes a uint8 image (H, W, C) of any shape to (size, size, C): shorter side, then center crop."""
+  height, width = image.shape[:2]
+  scale = size / min(height, width)
+  new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+  squeezed = image[..., 0] if image.shape[-1] == 1 else image
+  resized = np.asarray(Image.fromarray(squeezed).resize((new_w, new_h), Image.BILINEAR))
+  if resized.ndim == 2:
+    resized = resized[..., None]
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return resized[top:top + size, left:left + size]
+
+
+def rotate_batch(images: np.ndarray, angles_degrees: np.ndarray) -> np.ndarray:
+  """Rotates each image about its center by its own angle; bilinear, zeros outside."""
+  batch, height, width, _ = images.shape
+  theta = np.deg2rad(angles_degrees)[:, None, None]
+  cos, sin = np.cos(theta), np.sin(theta)
+  center_y, center_x = (height - 1) / 2.0, (width - 1) / 2.0
+  yy, xx = np.meshgrid(np.arange(height) - center_y, np.arange(width) - center_x, indexing="ij")
+  # Inverse map: the output pixel (y, x) reads the input at the point rotated back.
+  src_y = cos * yy - sin * xx + center_y
+  src_x = sin * yy + cos * xx + center_x
+  y0, x0 = np.floor(src_y).astype(np.int64), np.floor(src_x).astype(np.int64)
+  wy, wx = (src_y - y0)[..., None], (src_x - x0)[..., None]
+  batch_index = np.arange(batch)[:, None, None]
+  out = np.zeros_like(images)
+  for dy, dx, weight in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx),
+                         (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
+    y, x = y0 + dy, x0 + dx
+    inside = ((y >= 0) & (y < height) & (x >= 0) & (x < width))[..., None]
+    values = images[batch_index, np.clip(y, 0, height - 1), np.clip(x, 0, width - 1)]
+    out += np.where(inside, values, 0.0) * weight
+  return out.astype(images.dtype)
+
+
+def crop_batch(images: np.ndarray, padding: int, offsets: np.ndarray) -> np.ndarray:
+  """Zero-pads each image by `padding` and crops the original size at offsets (B, 2) in [0, 2p]."""
+  batch, height, width, _ = images.shape
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  rows = offsets[:, 0:1] + np.arange(height)[None, :]
+  cols = offsets[:, 1:2] + np.arange(width)[None, :]
+  return padded[np.arange(batch)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Training-time augmentation: random crop with zero padding, flip, small rotation."""
+
+  crop_padding: int = 0
+  flip: bool = False
+  rotation_degrees: float = 0.0
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.crop_padding or self.flip or self.rotation_degrees)
+
+  def __call__(self, images: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """Augments a float batch (B, H, W, C); example i draws from rngs[i] only."""
+    draws = np.array([(rng.uniform(-1.0, 1.0), rng.integers(0, 2 * self.crop_padding + 1),
+                       rng.integers(0, 2 * self.crop_padding + 1), rng.integers(0, 2))
+                      for rng in rngs], dtype=np.float64).reshape(len(rngs), 4)
+    if self.rotation_degrees:
+      images = rotate_batch(images, draws[:, 0] * self.rotation_degrees)
+    if self.crop_padding:
+      images = crop_batch(images, self.crop_padding, draws[:, 1:3].astype(np.int64))
+    if self.flip:
+      flipped = draws[:, 3].astype(bool)
+      images = np.where(flipped[:, None, None, None], images[:, :, ::-1], images)
+    return images
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """Turns decoded uint8 images into normalized float32 model inputs."""
+
+  image_size: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  augment: Augment = Augment()
+  seed: int = 0
+
+  def _to_float_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:  # Variable-size datasets (ImageNet): resize each on its own.
+      images = [resize_shorter_and_center_crop(image, self.image_size) for image in images]
+    batch = np.stack(images).astype(np.float32)
+    return resize_batch(batch, self.image_size) if self.image_size else batch
+
+  def _normalize(self, batch: np.ndarray) -> np.ndarray:
+    mean = np.asarray(self.mean, np.float32) * PIXEL_MAX
+    std = np.asarray(self.std, np.float32) * PIXEL_MAX
+    return ((batch - mean) / std).astype(np.float32)
+
+  def train(self, images: Sequence[np.ndarray], positions: np.ndarray) -> np.ndarray:
+    """A training batch; `positions` are the examples' positions in the training stream."""
+    batch = self._to_float_batch(images)
+    if self.augment.enabled:
+      rngs = [np.random.default_rng((self.seed, int(position))) for position in positions]
+      batch = self.augment(batch, rngs)
+    return self._normalize(batch)
+
+  def eval(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    """An evaluation batch: resized and normalized, never augmented."""
+    return self._normalize(self._to_float_batch(images))

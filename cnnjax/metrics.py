@@ -1,0 +1,107 @@
+"""Run outputs: metrics.jsonl, summary.json, the parameter checksum, and progress reporting.
+
+Only the writing process (process 0 of a multi-process run) writes files; the
+others pass `enabled=False`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import tqdm
+
+logger = logging.getLogger("cnnjax")
+
+
+def param_checksum(params: Any) -> str:
+  """sha256 of the parameters' bytes (float32, little-endian) in tree order."""
+  import jax  # pylint: disable=import-outside-toplevel  (keeps this module light for readers)
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    digest.update(np.ascontiguousarray(np.asarray(leaf), dtype="<f4").tobytes())
+  return digest.hexdigest()
+
+
+def param_l2(params: Any) -> float:
+  """The L2 norm of all parameters together."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(params))))
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+  """Writes JSON atomically (a temporary file renamed into place)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged point to `metrics.jsonl`."""
+
+  def __init__(self, path: str, *, enabled: bool):
+    self.path, self.enabled = path, enabled
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: (float(v) if isinstance(v, (np.floating, np.integer)) and k != "step" else v)
+             for k, v in record.items()}
+    clean["step"] = int(record["step"])
+    with open(self.path, "a") as f:
+      f.write(json.dumps(clean, sort_keys=True) + "\n")
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records past `step` (written by a run that died before its next checkpoint)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+
+
+class Progress:
+  """A tqdm bar on a terminal; plain log lines otherwise (CI logs, files)."""
+
+  def __init__(self, *, total: int, initial: int, enabled: bool, use_bar: bool | None = None):
+    self.enabled = enabled
+    use_bar = sys.stderr.isatty() if use_bar is None else use_bar
+    self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) \
+        if enabled and use_bar else None
+
+  def update(self, step: int, steps: int, metrics: dict[str, float], examples_per_second: float) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.update(steps)
+      self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{examples_per_second:.0f}")
+    else:
+      logger.info("step %d: loss %.4f accuracy %.4f (%.0f examples/s)", step, metrics["loss"],
+                  metrics["accuracy"], examples_per_second)
+
+  def message(self, text: str) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      logger.info("%s", text)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

@@ -1,0 +1,54 @@
+"""TrainState: everything a training run carries from step to step, as one pytree.
+
+The state holds data only (no functions), so that it can be donated, replicated,
+vmapped over a population and checkpointed as is; the model and the optimizer
+are bound to the step functions with `functools.partial`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: optimizer steps taken; rng: the run's base key (raw uint32[2]); the rest as named.
+
+  The per-step randomness is derived from `rng` by folding in the step (and the
+  device index), so `rng` itself never changes and a resumed run draws exactly
+  what the uninterrupted one would have.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def create_train_state(seed: int, model: nn.Module, tx: optax.GradientTransformation,
+                       input_shape: tuple[int, ...]) -> TrainState:
+  """Initializes parameters, BatchNorm statistics and the optimizer state from `seed`."""
+  init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
+
+  @jax.jit
+  def init():
+    variables = model.init({"params": init_key}, jnp.zeros((1,) + tuple(input_shape), jnp.float32),
+                           train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      rng=run_key)
+
+  return init()
+
+
+def count_params(params: Any) -> int:
+  """Number of trainable parameters."""
+  return sum(int(x.size) for x in jax.tree.leaves(params))
