@@ -88,6 +88,8 @@ def configure_logging() -> None:
   """cnnjax's own progress lines on stderr; libraries (orbax, TFDS, JAX) only from warnings up."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.WARNING)
+  # TFDS warns on every run that it decodes PNGs with PIL rather than OpenCV: expected here.
+  logging.getLogger("absl").addFilter(lambda record: "OpenCV is not installed" not in record.getMessage())
   logger = logging.getLogger("cnnjax")
   if not logger.handlers:
     handler = logging.StreamHandler(sys.stderr)

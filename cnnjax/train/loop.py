@@ -119,6 +119,7 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
     raise ConfigError(f"dataset {dataset.name!r} has images of varying size; set data.image_size")
   preprocess = data_lib.Preprocess(
       image_size=config.data.image_size, mean=dataset.mean, std=dataset.std, seed=config.seed,
+      random_resized_crop=config.data.random_resized_crop,
       augment=data_lib.Augment(crop_padding=config.data.crop_padding, flip=config.data.flip,
                                rotation_degrees=config.data.rotation_degrees))
 

@@ -33,6 +33,10 @@ def _device_index(axis_name: str | None) -> jax.Array:
   return jax.lax.axis_index(axis_name) if axis_name is not None else jnp.zeros((), jnp.int32)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
 def _pmean(tree: Any, axis_name: str | None) -> Any:
   return jax.lax.pmean(tree, axis_name) if axis_name is not None else tree
 
@@ -43,7 +47,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   """One optimizer step on `batch`; returns the new state and metrics averaged over devices.
 
   Metrics: loss, accuracy, grad_norm, learning_rate, and `finite` (1.0 when the
-  loss and the gradient norm are finite), which the loop checks every step.
+  loss, the gradient norm and the updated parameters are all finite), which the
+  loop checks every step.
   """
   # Different dropout randomness per step and per device, reproducibly.
   dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _device_index(axis_name))
@@ -60,12 +65,14 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   metrics = _pmean({"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])},
                    axis_name)
   metrics["grad_norm"] = grad_norm
   metrics["learning_rate"] = current_learning_rate(state.opt_state, schedule_shape, state.step)
-  metrics["finite"] = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)).astype(jnp.float32)
+  # The new parameters too: finite gradients can still overflow them with a huge learning rate.
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & _all_finite(params)
+  metrics["finite"] = finite.astype(jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
   return new_state, metrics

@@ -1,0 +1,32 @@
+"""Test set-up: 8 simulated CPU devices, a private TFDS data directory, and shared helpers.
+
+XLA_FLAGS must be set before JAX is imported anywhere, so it is set here at
+import time; subprocesses started by tests inherit it. Tests never touch the
+network: TFDS datasets other than the embedded digits are mocked with
+`tfds.testing.mock_data`.
+"""
+
+import os
+import sys
+import tempfile
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A private TFDS directory: the digits are written there once per test session.
+os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="cnnjax-tfds-")
+
+import pytest  # pylint: disable=wrong-import-position
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
+
+
+@pytest.fixture(scope="session")
+def tfds_data_dir() -> str:
+  """The session's TFDS directory with the digits prepared."""
+  from cnnjax.data import digits  # pylint: disable=import-outside-toplevel
+  data_dir = os.environ["TFDS_DATA_DIR"]
+  digits.prepare(data_dir)
+  return data_dir

@@ -1,0 +1,87 @@
+"""Layers: BatchNorm's explicit statistic groups against a NumPy reference; the norm factory."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.nn import BatchNorm, Norm, get_activation
+
+EPS = 1e-5
+
+
+def reference_batchnorm(x: np.ndarray, group: int) -> np.ndarray:
+  """Normalizes consecutive groups of `group` examples of x (N, ..., C) by their own statistics."""
+  x = np.asarray(x, np.float64)
+  out = np.empty_like(x)
+  for start in range(0, len(x), group):
+    chunk = x[start:start + group]
+    axes = tuple(range(chunk.ndim - 1))
+    out[start:start + group] = (chunk - chunk.mean(axes)) / np.sqrt(chunk.var(axes) + EPS)
+  return out
+
+
+def apply_train(module, x):
+  variables = module.init(jax.random.PRNGKey(0), x)
+  y, updates = module.apply(variables, x, mutable=["batch_stats"])
+  return y, updates["batch_stats"]
+
+
+@pytest.mark.parametrize("group", [0, 2, 4, 8])
+def test_examples_per_group_normalizes_each_group(group):
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 3, 3, 5)) * 3 + 1
+  y, _ = apply_train(BatchNorm(use_running_average=False, epsilon=EPS, examples_per_group=group), x)
+  np.testing.assert_allclose(y, reference_batchnorm(x, group or 8), atol=2e-5)
+
+
+@pytest.mark.parametrize("devices_per_group", [0, 1, 2, 4])
+def test_devices_per_group_under_vmap_equals_groups_of_the_full_batch(devices_per_group):
+  devices, per_device = 8, 2
+  x = jax.random.normal(jax.random.PRNGKey(1), (devices * per_device, 4, 6)) * 2 - 1
+  module = BatchNorm(use_running_average=False, epsilon=EPS, axis_name="d", devices_per_group=devices_per_group)
+  variables = BatchNorm(use_running_average=False).init(jax.random.PRNGKey(0), x)
+  y, updates = jax.vmap(lambda xs: module.apply(variables, xs, mutable=["batch_stats"]), axis_name="d")(
+      x.reshape(devices, per_device, 4, 6))
+  group = per_device * (devices_per_group or devices)
+  np.testing.assert_allclose(y.reshape(x.shape), reference_batchnorm(x, group), atol=2e-5)
+  # Running statistics are identical on every device, whatever the grouping.
+  for leaf in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
+
+
+def test_running_average_keeps_the_mean_of_group_statistics():
+  x = jax.random.normal(jax.random.PRNGKey(2), (8, 6)) * 2 + 3
+  _, stats = apply_train(BatchNorm(use_running_average=False, momentum=0.9, examples_per_group=4), x)
+  groups = np.asarray(x).reshape(2, 4, 6)
+  np.testing.assert_allclose(stats["mean"], 0.1 * groups.mean(1).mean(0), rtol=1e-5)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * groups.var(1).mean(0), rtol=1e-5)
+
+
+def test_eval_mode_uses_running_statistics_and_no_batch_mixing():
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 5))
+  module = BatchNorm(use_running_average=True)
+  variables = module.init(jax.random.PRNGKey(0), x)
+  np.testing.assert_allclose(module.apply(variables, x), x / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+def test_group_size_that_does_not_divide_the_batch_is_an_error():
+  with pytest.raises(ValueError, match="does not divide"):
+    apply_train(BatchNorm(use_running_average=False, examples_per_group=3), jnp.ones((8, 2)))
+
+
+def test_norm_factory_kinds():
+  x = jnp.ones((2, 4, 4, 12))
+  for kind in ("batch", "group", "layer", "none"):
+    layer = Norm(kind=kind)(train=False)()
+    variables = layer.init(jax.random.PRNGKey(0), x)
+    assert layer.apply(variables, x).shape == x.shape
+  with pytest.raises(ValueError, match="unknown norm"):
+    Norm(kind="instance")
+
+
+def test_leaky_relu_uses_the_notes_slope():
+  np.testing.assert_allclose(get_activation("leaky_relu")(jnp.array([-1.0, 2.0])), [-0.1, 2.0])
+  with pytest.raises(ValueError, match="unknown activation"):
+    get_activation("swish")
