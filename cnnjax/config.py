@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # 0: evaluate only at the end
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
-  config.progress_bar = True  # a tqdm bar on terminals; plain log lines otherwise
+  config.progress_bar = True  # a tqdm bar on terminals; plain log lines otherwise or when False
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "lenet5"

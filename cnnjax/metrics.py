@@ -78,11 +78,11 @@ class MetricsWriter:
 class Progress:
   """A tqdm bar on a terminal; plain log lines otherwise (CI logs, files)."""
 
-  def __init__(self, *, total: int, initial: int, enabled: bool, use_bar: bool | None = None):
+  def __init__(self, *, total: int, initial: int, enabled: bool, allow_bar: bool):
+    """enabled: report at all (process 0 only); allow_bar: a bar when stderr is a terminal."""
     self.enabled = enabled
-    use_bar = sys.stderr.isatty() if use_bar is None else use_bar
     self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) \
-        if enabled and use_bar else None
+        if enabled and allow_bar and sys.stderr.isatty() else None
 
   def update(self, step: int, steps: int, metrics: dict[str, float], examples_per_second: float) -> None:
     if not self.enabled:

@@ -250,8 +250,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     metrics_lib.write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
   writer = metrics_lib.MetricsWriter(os.path.join(workdir, METRICS_FILE), enabled=is_writer)
   writer.truncate_after(start_step)
-  progress = metrics_lib.Progress(total=exp.total_steps, initial=start_step,
-                                  enabled=is_writer and config.progress_bar)
+  progress = metrics_lib.Progress(total=exp.total_steps, initial=start_step, enabled=is_writer,
+                                  allow_bar=config.progress_bar)
   if latest is not None:
     progress.message(f"resuming from step {start_step} ({checkpointer.directory})")
 
