@@ -73,7 +73,7 @@ def test_mock_tfds_source_flows_through_the_pipeline():
     preprocess = Preprocess(image_size=0, mean=dataset.mean, std=dataset.std,
                             augment=Augment(crop_padding=4, flip=True))
     batch = train_dataset(dataset.train, preprocess, seed=0, batch=ProcessSlice(4), num_steps=3)[1]
-  assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert batch["input"].shape == (4, 32, 32, 3) and batch["input"].dtype == np.float32
   assert batch["label"].dtype == np.int32
 
 
@@ -105,7 +105,7 @@ def test_eval_covers_every_example_exactly_once_with_masked_padding():
     for p in range(processes):
       for batch in eval_dataset(make_source(n), identity_preprocess(), batch=ProcessSlice(4, p, processes)):
         counts.update(batch["index"][batch["mask"] > 0].tolist())
-        assert batch["image"].shape[0] == 4 // processes
+        assert batch["input"].shape[0] == 4 // processes
     assert counts == collections.Counter(range(n))
 
 
@@ -115,10 +115,10 @@ def test_augmentation_is_deterministic_per_example_and_seed():
   whole = train_dataset(source, preprocess, seed=3, batch=ProcessSlice(8), num_steps=2)[1]
   halves = [train_dataset(source, preprocess, seed=3, batch=ProcessSlice(8, p, 2), num_steps=2)[1]
             for p in range(2)]
-  np.testing.assert_array_equal(whole["image"], np.concatenate([h["image"] for h in halves]))
+  np.testing.assert_array_equal(whole["input"], np.concatenate([h["input"] for h in halves]))
   other = train_dataset(source, identity_preprocess(augment=preprocess.augment, seed=4), seed=3,
                         batch=ProcessSlice(8), num_steps=2)[1]
-  assert not np.array_equal(whole["image"], other["image"])
+  assert not np.array_equal(whole["input"], other["input"])
 
 
 def test_resize_preserves_constants_and_upsamples_digits_to_lenet_size():

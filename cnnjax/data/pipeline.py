@@ -13,7 +13,7 @@ Evaluation walks the eval split in order in global batches; the last batch is
 padded with copies of example 0 and carries `mask` = 0 on the padding, so every
 eval example counts exactly once and none is dropped.
 
-Batches are dicts of NumPy arrays: `image` float32 (b, H, W, C), `label` int32
+Batches are dicts of NumPy arrays: `input` float32 (b, H, W, C), `label` int32
 (b,), `mask` float32 (b,), and `index` int64 (b,) (the dataset index of each
 example, kept on the host for data-integrity checks).
 """
@@ -50,7 +50,7 @@ class ProcessSlice:
 
 
 def _records_to_batch(records, images: np.ndarray, indices: np.ndarray, mask: np.ndarray) -> dict:
-  return {"image": images,
+  return {"input": images,
           "label": np.asarray([record["label"] for record in records], np.int32),
           "mask": mask.astype(np.float32),
           "index": indices.astype(np.int64)}

@@ -155,7 +155,7 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
 
 def evaluate(exp: Experiment, state: Any, eval_fn: Any) -> dict[str, float]:
   """Loss and accuracy over every eval example exactly once (the padded last batch is masked)."""
-  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "examples": 0.0}
   for batch in exp.eval_batches():
     device_batch = exp.strategy.put_batch(_device_part(batch))
     sums = exp.strategy.get_outputs(eval_fn(state, device_batch))
@@ -163,7 +163,7 @@ def evaluate(exp: Experiment, state: Any, eval_fn: Any) -> dict[str, float]:
       totals[key] += float(sums[key])
   count = max(totals["count"], 1.0)
   return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
-          "examples": int(totals["count"])}
+          "examples": int(totals["examples"])}
 
 
 def _device_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -54,7 +54,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _device_index(axis_name))
 
   def loss_fn(params):
-    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["input"],
                                   train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
     loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
     return loss, (logits, updates.get("batch_stats", {}))
@@ -80,13 +80,17 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
 
 def eval_step(state: TrainState, batch: Batch, *, model: nn.Module,
               axis_name: str | None) -> dict[str, jax.Array]:
-  """Sums of loss, correct predictions and real examples (mask) over the batch and devices."""
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
+  """Sums over the batch and devices: loss and correct predictions over `count` labelled
+  positions (one per example, or one per pixel for segmentation) of the `examples` real
+  examples (mask)."""
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["input"],
                        train=False)
-  mask = batch["mask"]
-  sums = {"loss_sum": jnp.sum(cross_entropy(logits, batch["label"], 0.0) * mask),
-          "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-          "count": jnp.sum(mask)}
+  labels = batch["label"]
+  # Labels may carry positions (segmentation): every position of a real example counts.
+  weights = jnp.broadcast_to(batch["mask"].reshape(batch["mask"].shape + (1,) * (labels.ndim - 1)), labels.shape)
+  sums = {"loss_sum": jnp.sum(cross_entropy(logits, labels, 0.0) * weights),
+          "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+          "count": jnp.sum(weights), "examples": jnp.sum(batch["mask"])}
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   return sums
