@@ -14,6 +14,7 @@ from absl import flags
 from cnnjax.errors import CnnjaxError
 
 EXIT_USER_ERROR = 2
+EXIT_PEER_LOST = 3
 
 
 def fail(message: str) -> None:
@@ -77,11 +78,13 @@ def define_distributed_flags() -> None:
                       "HOST:PORT of process 0 for a multi-process run (jax.distributed).")
   flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
   flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+  flags.DEFINE_integer("peer_timeout_seconds", 60,
+                       "Seconds without a heartbeat after which a peer process counts as dead and the run stops.")
 
 
 def distributed_flags(values: Any) -> dict[str, Any]:
   return dict(coordinator_address=values.coordinator_address, num_processes=values.num_processes,
-              process_id=values.process_id)
+              process_id=values.process_id, peer_timeout_seconds=values.peer_timeout_seconds)
 
 
 def configure_logging() -> None:
@@ -113,12 +116,23 @@ def run_training(config: Any, workdir: str, distributed: dict[str, Any]) -> dict
   from cnnjax.parallel import distributed as distributed_lib  # pylint: disable=import-outside-toplevel
   from cnnjax.train import run  # pylint: disable=import-outside-toplevel  (jax after flags: faster --help)
 
+  import jax  # pylint: disable=import-outside-toplevel
+
   def go():
     distributed_lib.initialize(**distributed)
-    return run(config, workdir)
+    try:
+      return run(config, workdir)
+    except jax.errors.JaxRuntimeError as e:
+      if jax.process_count() == 1:
+        raise
+      # A collective failed because a peer process died. Exit now: JAX's shutdown barrier at
+      # exit would wait for the dead peer and then abort with a long trace.
+      print(f"error: process {jax.process_index()} lost a peer process of this {jax.process_count()}-process run "
+            f"({' '.join(str(e).split())[:200]}); rerun every process with the same command to resume from "
+            "the last complete checkpoint", file=sys.stderr, flush=True)
+      os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
 
   summary = run_reporting_errors(go)
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
     print(f"eval_accuracy={summary['eval_accuracy']:.4f} eval_loss={summary['eval_loss']:.4f} "
           f"step={summary['step']} examples_per_second={summary['examples_per_second']:.0f} "

@@ -14,9 +14,10 @@ import jax
 
 from cnnjax.errors import DistributedError
 
-# Seconds a process waits for its peers at start-up and before declaring one dead.
-INITIALIZATION_TIMEOUT_SECONDS = 60
-HEARTBEAT_TIMEOUT_SECONDS = 30
+# Seconds a process waits for its peers at start-up.
+INITIALIZATION_TIMEOUT_SECONDS = 120
+# Default seconds without a heartbeat before a peer counts as dead and the others stop.
+DEFAULT_PEER_TIMEOUT_SECONDS = 60
 
 
 def cluster_detected() -> bool:
@@ -27,8 +28,16 @@ def cluster_detected() -> bool:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-  """Starts jax.distributed from explicit flags or a detected cluster; does nothing otherwise."""
+               process_id: int | None = None,
+               peer_timeout_seconds: int = DEFAULT_PEER_TIMEOUT_SECONDS) -> None:
+  """Starts jax.distributed from explicit flags or a detected cluster; does nothing otherwise.
+
+  A process that loses a peer (no heartbeat for `peer_timeout_seconds`) is stopped
+  by JAX's coordination service instead of waiting forever in a collective.
+  """
+  timeouts = dict(initialization_timeout=INITIALIZATION_TIMEOUT_SECONDS,
+                  heartbeat_timeout_seconds=peer_timeout_seconds,
+                  shutdown_timeout_seconds=peer_timeout_seconds)
   explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
@@ -37,7 +46,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if not 0 <= process_id < num_processes:
       raise DistributedError(f"--process_id={process_id} must be in [0, {num_processes})")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id,
-                               initialization_timeout=INITIALIZATION_TIMEOUT_SECONDS)
+                               process_id=process_id, **timeouts)
   elif cluster_detected():
-    jax.distributed.initialize(initialization_timeout=INITIALIZATION_TIMEOUT_SECONDS)
+    jax.distributed.initialize(**timeouts)

@@ -98,10 +98,8 @@ class Strategy:
                      axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXIS))
-    # pmap takes arrays with a leading axis over this process's devices.
-    local_mesh = Mesh(np.asarray(layout.local_devices), (BATCH_AXIS,),
-                      axis_types=(jax.sharding.AxisType.Auto,))
-    self._stacked = NamedSharding(local_mesh, P(BATCH_AXIS))
+    # pmap takes arrays with a leading axis over the devices, one row per device.
+    self._stacked = self.batch_sharding
 
   @property
   def name(self) -> str:
@@ -126,7 +124,11 @@ class Strategy:
       return jax.pmap(step, axis_name=BATCH_AXIS, devices=self.layout.devices, donate_argnums=donate)
     out_specs = (P(), P()) if returns_state else P()
     if name == "shard_map":
-      mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=out_specs)
+      # check_vma=False: gradients of the replicated parameters stay per-device, as under pmap,
+      # and the step reduces them with its own explicit pmean (with checking on, JAX would
+      # already sum them across devices when differentiating, and the pmean would be wrong).
+      mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=out_specs,
+                             check_vma=False)
       return jax.jit(mapped, donate_argnums=donate)
     if name == "jit":
       out_shardings = (self.replicated, self.replicated) if returns_state else self.replicated
@@ -141,8 +143,8 @@ class Strategy:
     if self.layout.strategy == "pmap":
       count = len(self.layout.local_devices)
       return jax.tree.map(
-          lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (count,) + np.shape(x)), self._stacked),
-          host_state)
+          lambda x: jax.make_array_from_process_local_data(
+              self._stacked, np.broadcast_to(np.asarray(x), (count,) + np.shape(x))), host_state)
     if self.layout.strategy == "none":
       return jax.device_put(host_state, self.layout.devices[0])
     return jax.tree.map(lambda x: _make_replicated(np.asarray(x), self.replicated), host_state)
@@ -159,7 +161,7 @@ class Strategy:
     """Places this process's slice of a global batch on its devices."""
     if self.layout.strategy == "pmap":
       count = len(self.layout.local_devices)
-      return {k: jax.device_put(v.reshape((count, -1) + v.shape[1:]), self._stacked)
+      return {k: jax.make_array_from_process_local_data(self._stacked, v.reshape((count, -1) + v.shape[1:]))
               for k, v in batch.items()}
     if self.layout.strategy == "none":
       return jax.device_put(batch, self.layout.devices[0])

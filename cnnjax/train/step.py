@@ -33,6 +33,15 @@ def _device_index(axis_name: str | None) -> jax.Array:
   return jax.lax.axis_index(axis_name) if axis_name is not None else jnp.zeros((), jnp.int32)
 
 
+def step_key(base_key: jax.Array, step: jax.Array, axis_name: str | None) -> jax.Array:
+  """The key for one step on one device: the run's key with the step, then the device index, folded in.
+
+  Reproducible (a pure function of the run's key, the step and the device) and
+  different on every device and at every step.
+  """
+  return jax.random.fold_in(jax.random.fold_in(base_key, step), _device_index(axis_name))
+
+
 def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
@@ -50,8 +59,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   loss, the gradient norm and the updated parameters are all finite), which the
   loop checks every step.
   """
-  # Different dropout randomness per step and per device, reproducibly.
-  dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _device_index(axis_name))
+  dropout_key = step_key(state.rng, state.step, axis_name)
 
   def loss_fn(params):
     logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["input"],
