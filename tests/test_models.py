@@ -7,11 +7,13 @@ import pytest
 
 from cnnjax.models import MODELS, build_model
 from cnnjax.train import count_params
+from model_helpers import quick_variables
 
 CIFAR = (32, 32, 3)
 IMAGENET = (224, 224, 3)
-# name -> (input shape, classes, trainable parameters). Published counts where they exist:
-# torchvision for the ImageNet ResNets, He et al. 2015 for the CIFAR ResNets, LeCun et al. 1998.
+# name -> (input shape without the batch, classes, trainable parameters). Published counts where they
+# exist: torchvision for the ImageNet ResNets, AlexNet, VGG and GoogLeNet (without auxiliary heads),
+# He et al. 2015 for the CIFAR ResNets, LeCun et al. 1998.
 PINNED = {
     "mlp": (CIFAR, 10, 394_634),  # (3072 + 1) x 128 + (128 + 1) x 10
     "simple_cnn": (CIFAR, 10, 545_290),
@@ -26,13 +28,32 @@ PINNED = {
     "resnet50": (IMAGENET, 1000, 25_557_032),
     "resnet101": (IMAGENET, 1000, 44_549_160),
     "resnet152": (IMAGENET, 1000, 60_192_808),
+    "plain20": (CIFAR, 10, 269_722),  # the shortcuts of ResNet-20 (option A) have no parameters
+    "plain56": (CIFAR, 10, 853_018),
+    "alexnet": (IMAGENET, 1000, 61_100_840),
+    "vgg11": (IMAGENET, 1000, 132_863_336),
+    "vgg11_bn": (IMAGENET, 1000, 132_868_840),
+    "vgg13": (IMAGENET, 1000, 133_047_848),
+    "vgg13_bn": (IMAGENET, 1000, 133_053_736),
+    "vgg16": (IMAGENET, 1000, 138_357_544),
+    "vgg16_bn": (IMAGENET, 1000, 138_365_992),
+    "vgg19": (IMAGENET, 1000, 143_667_240),
+    "vgg19_bn": (IMAGENET, 1000, 143_678_248),
+    "googlenet": (IMAGENET, 1000, 6_624_904),
+    "unet": ((64, 64, 1), 2, 31_030_658),  # the paper's 1-channel, 2-class set-up, 'same' padding
+    "unet3d": ((16, 16, 16, 1), 3, 5_602_595),
+    # 20,000 x 128 embedding + 2 x (5 x 128 x 128 + 128) + (128 + 1) x 2
+    "text_cnn": ((256,), 2, 2_724_354),
 }
+# Models whose input is not a float image.
+INPUT_DTYPES = {"text_cnn": jnp.int32}
 
 
 def abstract_params(name: str, input_shape, num_classes: int, **kwargs):
   model = build_model(name, num_classes=num_classes, **kwargs)
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(input_shape)), train=False))
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(input_shape), INPUT_DTYPES.get(name)),
+                         train=False))
   return variables
 
 
@@ -93,3 +114,59 @@ def test_activation_and_dtype_options():
 def test_unknown_model_option_is_a_clear_error():
   with pytest.raises(TypeError, match="does not accept"):
     build_model("resnet20", num_classes=10, dropout_rate=0.5)
+
+
+def test_googlenet_paper_kernel_and_branch_widths():
+  """torchvision's "5x5" branch is 3x3; wide_kernel=5 restores the paper's, 380,928 parameters more."""
+  paper = count_params(abstract_params("googlenet", IMAGENET, 1000, wide_kernel=5)["params"])
+  branch_5x5 = [(16, 32), (32, 96), (16, 48), (24, 64), (24, 64), (32, 64), (32, 128), (32, 128), (48, 128)]
+  assert paper - 6_624_904 == sum(r * f * (25 - 9) for r, f in branch_5x5)
+  model = build_model("googlenet", num_classes=1000)
+  variables = abstract_params("googlenet", IMAGENET, 1000)
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1,) + IMAGENET)), variables)
+  assert out.shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name,input_shape,options,output_shape", [
+    ("unet", (16, 16, 2), dict(features=(4, 8, 16), norm_kind="batch"), (3, 16, 16, 5)),
+    ("unet3d", (8, 8, 8, 1), dict(features=(2, 4)), (3, 8, 8, 8, 5)),
+])
+def test_unet_gives_per_pixel_logits_of_the_input_size(name, input_shape, options, output_shape):
+  model = build_model(name, num_classes=5, **options)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3,) + input_shape)
+  variables = quick_variables(model, x)
+  logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+  assert logits.shape == output_shape and logits.dtype == jnp.float32
+  assert "batch_stats" in updates
+
+
+def test_unet_input_errors_name_the_fix():
+  model = build_model("unet", num_classes=2, features=(4, 8, 16))
+  with pytest.raises(ValueError, match="must divide by 4"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 18, 16, 1)))
+  with pytest.raises(ValueError, match="use unet3d"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 8, 1)))
+
+
+def test_text_cnn_reads_token_ids():
+  model = build_model("text_cnn", num_classes=2, vocab_size=50, embed_dim=8, features=(6, 6), kernel_size=3)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (3, 20), 1, 50)
+  variables = quick_variables(model, tokens)
+  logits = model.apply(variables, tokens)
+  assert logits.shape == (3, 2)
+  # Token ids stored as floats (the zeros the train state is initialized with) read the same.
+  np.testing.assert_allclose(model.apply(variables, tokens.astype(jnp.float32)), logits, rtol=1e-6)
+  with pytest.raises(ValueError, match="token ids of shape"):
+    model.apply(variables, tokens[..., None])
+
+
+def test_in_model_augmentation_trains_and_is_off_in_eval():
+  # No dropout and no BatchNorm: only the augmentation layer can make two training passes differ.
+  model = build_model("simple_cnn", num_classes=3, augment_crop_padding=2, augment_flip=True, dropout_rate=0.0,
+                      norm_kind="none")
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
+  variables = quick_variables(model, x)
+  np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+  train_logits = [model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(seed)})
+                  for seed in (1, 2)]
+  assert not np.allclose(train_logits[0], train_logits[1])

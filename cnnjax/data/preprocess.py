@@ -20,6 +20,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from cnnjax.imageops import crop_batch, flip_batch, rotate_batch
+
 PIXEL_MAX = 255.0
 
 
@@ -80,38 +82,6 @@ def _pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return resized[..., None] if resized.ndim == 2 else resized
 
 
-def rotate_batch(images: np.ndarray, angles_degrees: np.ndarray) -> np.ndarray:
-  """Rotates each image about its center by its own angle; bilinear, zeros outside."""
-  batch, height, width, _ = images.shape
-  theta = np.deg2rad(angles_degrees)[:, None, None]
-  cos, sin = np.cos(theta), np.sin(theta)
-  center_y, center_x = (height - 1) / 2.0, (width - 1) / 2.0
-  yy, xx = np.meshgrid(np.arange(height) - center_y, np.arange(width) - center_x, indexing="ij")
-  # Inverse map: the output pixel (y, x) reads the input at the point rotated back.
-  src_y = cos * yy - sin * xx + center_y
-  src_x = sin * yy + cos * xx + center_x
-  y0, x0 = np.floor(src_y).astype(np.int64), np.floor(src_x).astype(np.int64)
-  wy, wx = (src_y - y0)[..., None], (src_x - x0)[..., None]
-  batch_index = np.arange(batch)[:, None, None]
-  out = np.zeros_like(images)
-  for dy, dx, weight in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx),
-                         (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
-    y, x = y0 + dy, x0 + dx
-    inside = ((y >= 0) & (y < height) & (x >= 0) & (x < width))[..., None]
-    values = images[batch_index, np.clip(y, 0, height - 1), np.clip(x, 0, width - 1)]
-    out += np.where(inside, values, 0.0) * weight
-  return out.astype(images.dtype)
-
-
-def crop_batch(images: np.ndarray, padding: int, offsets: np.ndarray) -> np.ndarray:
-  """Zero-pads each image by `padding` and crops the original size at offsets (B, 2) in [0, 2p]."""
-  batch, height, width, _ = images.shape
-  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  rows = offsets[:, 0:1] + np.arange(height)[None, :]
-  cols = offsets[:, 1:2] + np.arange(width)[None, :]
-  return padded[np.arange(batch)[:, None, None], rows[:, :, None], cols[:, None, :]]
-
-
 @dataclasses.dataclass(frozen=True)
 class Augment:
   """Training-time augmentation: random crop with zero padding, flip, small rotation."""
@@ -124,19 +94,26 @@ class Augment:
   def enabled(self) -> bool:
     return bool(self.crop_padding or self.flip or self.rotation_degrees)
 
+  def draw(self, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """Per-example draws (B, 4): rotation in [-1, 1], crop row and column offsets, flip; example i uses rngs[i]."""
+    return np.array([(rng.uniform(-1.0, 1.0), rng.integers(0, 2 * self.crop_padding + 1),
+                      rng.integers(0, 2 * self.crop_padding + 1), rng.integers(0, 2))
+                     for rng in rngs], dtype=np.float64).reshape(len(rngs), 4)
+
+  def apply(self, images: np.ndarray, draws: np.ndarray, *, order: str = "bilinear",
+            fill: float = 0.0) -> np.ndarray:
+    """Applies `draws` to a batch (B, H, W, ...): images bilinear with zeros, masks nearest with their background."""
+    if self.rotation_degrees:
+      images = rotate_batch(images, draws[:, 0] * self.rotation_degrees, order=order, fill=fill)
+    if self.crop_padding:
+      images = crop_batch(images, self.crop_padding, draws[:, 1:3].astype(np.int64), fill=fill)
+    if self.flip:
+      images = flip_batch(images, draws[:, 3].astype(bool))
+    return images
+
   def __call__(self, images: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
     """Augments a float batch (B, H, W, C); example i draws from rngs[i] only."""
-    draws = np.array([(rng.uniform(-1.0, 1.0), rng.integers(0, 2 * self.crop_padding + 1),
-                       rng.integers(0, 2 * self.crop_padding + 1), rng.integers(0, 2))
-                      for rng in rngs], dtype=np.float64).reshape(len(rngs), 4)
-    if self.rotation_degrees:
-      images = rotate_batch(images, draws[:, 0] * self.rotation_degrees)
-    if self.crop_padding:
-      images = crop_batch(images, self.crop_padding, draws[:, 1:3].astype(np.int64))
-    if self.flip:
-      flipped = draws[:, 3].astype(bool)
-      images = np.where(flipped[:, None, None, None], images[:, :, ::-1], images)
-    return images
+    return self.apply(images, self.draw(rngs))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cnnjax.nn import Norm
+from cnnjax.nn import AvgPool, Norm
 
 
 class LeNet5(nn.Module):
@@ -29,9 +29,9 @@ class LeNet5(nn.Module):
     norm = self.norm(train)
     x = x.astype(self.dtype)
     x = self.act(norm(name="norm1")(nn.Conv(6, (5, 5), padding="VALID", dtype=self.dtype, name="c1")(x)))
-    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = AvgPool(2, name="s2")(x)
     x = self.act(norm(name="norm3")(nn.Conv(16, (5, 5), padding="VALID", dtype=self.dtype, name="c3")(x)))
-    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = AvgPool(2, name="s4")(x)
     x = self.act(norm(name="norm5")(nn.Conv(120, (5, 5), padding="VALID", dtype=self.dtype, name="c5")(x)))
     x = x.reshape((x.shape[0], -1))
     x = self.act(nn.Dense(84, dtype=self.dtype, name="f6")(x))

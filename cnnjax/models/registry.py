@@ -12,8 +12,10 @@ from typing import Any, Callable
 
 from flax import linen as nn
 
-from cnnjax.models import lenet, mlp, resnet, simple_cnn
-from cnnjax.nn import get_activation
+from cnnjax.models import alexnet, googlenet, lenet, mlp, resnet, simple_cnn, text_cnn, unet, vgg
+from cnnjax.nn import Norm, get_activation
+
+BATCH_NORM = Norm(kind="batch")
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp.MLP,
@@ -29,6 +31,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3), bottleneck=True),
     "resnet101": functools.partial(resnet.ResNet, stage_sizes=(3, 4, 23, 3), bottleneck=True),
     "resnet152": functools.partial(resnet.ResNet, stage_sizes=(3, 8, 36, 3), bottleneck=True),
+    # The plain baselines of He et al. 2015 (Figure 6): ResNet-20/56 without their shortcuts.
+    "plain20": functools.partial(resnet.CifarResNet, blocks_per_stage=3, residual=False),
+    "plain56": functools.partial(resnet.CifarResNet, blocks_per_stage=9, residual=False),
+    "alexnet": alexnet.AlexNet,
+    **{name: functools.partial(vgg.VGG, stage_sizes=stages) for name, stages in vgg.VGG_STAGES.items()},
+    **{f"{name}_bn": functools.partial(vgg.VGG, stage_sizes=stages, norm=BATCH_NORM)
+       for name, stages in vgg.VGG_STAGES.items()},
+    "googlenet": googlenet.GoogLeNet,
+    "unet": unet.UNet,
+    "unet3d": functools.partial(unet.UNet, ndim=3, features=(32, 64, 128, 256), norm=BATCH_NORM),
+    "text_cnn": text_cnn.TextCNN,
 }
 
 
@@ -47,7 +60,8 @@ def build_model(name: str, *, num_classes: int, norm_kind: str = "", norm_option
     name: registry name.
     num_classes: size of the classifier.
     norm_kind: 'batch', 'group', 'layer', 'none', or '' for the architecture's own
-      normalization (BatchNorm for ResNets, none for LeNet-5 and the MLP).
+      normalization (BatchNorm for ResNets, GoogLeNet, the `_bn` VGGs and unet3d; none
+      for LeNet-5, the MLP, AlexNet, VGG, unet and text_cnn).
     norm_options: fields of `cnnjax.nn.Norm` other than `kind` (momentum, epsilon,
       BatchNorm statistic groups).
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cnnjax.nn import Norm
+from cnnjax.nn import GlobalPool, MaxPool, Norm
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -123,7 +123,7 @@ class CifarResNet(nn.Module):
         strides = 2 if stage > 0 and index == 0 else 1
         x = block(features, strides, conv, norm, self.act, shortcut="zero_pad",
                   name=f"stage{stage + 1}_block{index + 1}")(x)
-    x = jnp.mean(x, axis=(1, 2))
+    x = GlobalPool("avg", name="global_pool")(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
     return x.astype(jnp.float32)
 
@@ -145,12 +145,12 @@ class ResNet(nn.Module):
     norm = self.norm(train)
     x = conv(self.stage_features[0], (7, 7), (2, 2), padding=_padding(7), name="stem_conv")(x.astype(self.dtype))
     x = self.act(norm(name="stem_norm")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_padding(3))
+    x = MaxPool(3, 2, padding=_padding(3), name="stem_pool")(x)
     block = BottleneckBlock if self.bottleneck else BasicBlock
     for stage, (blocks, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
       for index in range(blocks):
         strides = 2 if stage > 0 and index == 0 else 1
         x = block(features, strides, conv, norm, self.act, name=f"stage{stage + 1}_block{index + 1}")(x)
-    x = jnp.mean(x, axis=(1, 2))
+    x = GlobalPool("avg", name="global_pool")(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
     return x.astype(jnp.float32)

@@ -1,0 +1,65 @@
+"""Image geometry shared by host preprocessing (NumPy) and the in-model augmentation layer (jax.numpy).
+
+Every function takes the array module `xp` (`numpy` or `jax.numpy`), so that the
+augmentation applied in the input pipeline and the one applied inside a model
+at train time are the same arithmetic, tested once against each other. Images
+are batches (B, H, W, C); masks (B, H, W) follow with `order='nearest'`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+ORDERS = ("bilinear", "nearest")
+
+
+def rotate_batch(images: Any, angles_degrees: Any, *, order: str = "bilinear", fill: float = 0.0,
+                 xp: Any = np) -> Any:
+  """Rotates each image (B, H, W, ...) about its center by its own angle; `fill` outside.
+
+  `order='bilinear'` interpolates (images); `'nearest'` copies the closest pixel
+  (class masks, whose values must not be blended).
+  """
+  if order not in ORDERS:
+    raise ValueError(f"unknown interpolation order {order!r}; choose one of {', '.join(ORDERS)}")
+  batch, height, width = images.shape[:3]
+  trailing = (None,) * (images.ndim - 3)
+  theta = xp.deg2rad(xp.asarray(angles_degrees))[:, None, None]
+  cos, sin = xp.cos(theta), xp.sin(theta)
+  center_y, center_x = (height - 1) / 2.0, (width - 1) / 2.0
+  yy, xx = xp.meshgrid(xp.arange(height) - center_y, xp.arange(width) - center_x, indexing="ij")
+  # Inverse map: the output pixel (y, x) reads the input at the point rotated back.
+  src_y = cos * yy - sin * xx + center_y
+  src_x = sin * yy + cos * xx + center_x
+  batch_index = xp.arange(batch)[:, None, None]
+
+  def read(y, x):
+    inside = ((y >= 0) & (y < height) & (x >= 0) & (x < width))[(Ellipsis,) + trailing]
+    values = images[batch_index, xp.clip(y, 0, height - 1), xp.clip(x, 0, width - 1)]
+    return xp.where(inside, values, fill)
+
+  if order == "nearest":
+    return read(xp.round(src_y).astype(xp.int32), xp.round(src_x).astype(xp.int32)).astype(images.dtype)
+  y0, x0 = xp.floor(src_y).astype(xp.int32), xp.floor(src_x).astype(xp.int32)
+  wy, wx = (src_y - y0)[(Ellipsis,) + trailing], (src_x - x0)[(Ellipsis,) + trailing]
+  out = (read(y0, x0) * ((1 - wy) * (1 - wx)) + read(y0, x0 + 1) * ((1 - wy) * wx)
+         + read(y0 + 1, x0) * (wy * (1 - wx)) + read(y0 + 1, x0 + 1) * (wy * wx))
+  return out.astype(images.dtype)
+
+
+def crop_batch(images: Any, padding: int, offsets: Any, *, fill: float = 0.0, xp: Any = np) -> Any:
+  """Pads each image (B, H, W, ...) by `padding` with `fill` and crops the original size at offsets (B, 2) in [0, 2p]."""
+  batch, height, width = images.shape[:3]
+  pad = ((0, 0), (padding, padding), (padding, padding)) + ((0, 0),) * (images.ndim - 3)
+  padded = xp.pad(images, pad, constant_values=fill)
+  rows = offsets[:, 0:1] + xp.arange(height)[None, :]
+  cols = offsets[:, 1:2] + xp.arange(width)[None, :]
+  return padded[xp.arange(batch)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def flip_batch(images: Any, flipped: Any, *, xp: Any = np) -> Any:
+  """Mirrors left-right the images (B, H, W, ...) whose entry of the boolean `flipped` (B,) is set."""
+  where = flipped.reshape((-1,) + (1,) * (images.ndim - 1))
+  return xp.where(where, images[:, :, ::-1], images)
