@@ -36,10 +36,12 @@ from cnnjax import optim, parallel
 from cnnjax.checkpoint import Checkpointer
 from cnnjax.errors import ConfigError, NonFiniteError
 from cnnjax.models import build_model
+from cnnjax.train import engines
 from cnnjax.train.state import TrainState, count_params, create_train_state
 from cnnjax.train.step import eval_step, train_step
 
 SUMMARY_FILE = "summary.json"
+ERROR_FILE = "error.json"  # written when a run stops on a non-finite loss
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -52,7 +54,7 @@ class Experiment:
   config: ml_collections.ConfigDict
   dataset: data_lib.Dataset
   preprocess: data_lib.Preprocess
-  input_shape: tuple[int, int, int]
+  input_shape: tuple[int, ...]  # one example: (H, W, C), (D, H, W, C) or (L,)
   model: Any
   tx: Any
   schedule_shape: Any
@@ -111,17 +113,17 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
   dataset = data_lib.open_dataset(
       config.data.name, tfds_data_dir=config.data.tfds_data_dir, train_split=config.data.train_split,
       eval_split=config.data.eval_split, train_path=config.data.train_path,
-      eval_path=config.data.eval_path, num_classes=config.data.num_classes)
-  height, width, channels = dataset.image_shape
-  if config.data.image_size:
-    height = width = config.data.image_size
-  if height is None or width is None:
-    raise ConfigError(f"dataset {dataset.name!r} has images of varying size; set data.image_size")
+      eval_path=config.data.eval_path, num_classes=config.data.num_classes,
+      vocab_size=config.data.vocab_size, max_length=config.data.max_length)
+  augment = data_lib.Augment(crop_padding=config.data.crop_padding, flip=config.data.flip,
+                             rotation_degrees=config.data.rotation_degrees)
+  # (H, W, C) images, (D, H, W, C) volumes or (L,) token ids, after resizing.
+  input_shape = dataset.model_input_shape(config.data.image_size, augmented=augment.enabled,
+                                          random_resized_crop=config.data.random_resized_crop)
   preprocess = data_lib.Preprocess(
       image_size=config.data.image_size, mean=dataset.mean, std=dataset.std, seed=config.seed,
-      random_resized_crop=config.data.random_resized_crop,
-      augment=data_lib.Augment(crop_padding=config.data.crop_padding, flip=config.data.flip,
-                               rotation_degrees=config.data.rotation_degrees))
+      random_resized_crop=config.data.random_resized_crop, augment=augment, task=dataset.task,
+      mask_fill=dataset.background_class)
 
   norm_options = dict(momentum=config.model.bn_momentum, epsilon=config.model.bn_epsilon,
                       group_norm_groups=config.model.group_norm_groups,
@@ -129,7 +131,7 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
   try:
     model = build_model(config.model.name, num_classes=dataset.num_classes, norm_kind=config.model.norm,
                         norm_options=norm_options, dtype=_dtype(config.model.dtype),
-                        **config_lib.model_options(config))
+                        **{**config_lib.model_options(config), **dataset.model_options})
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e).splitlines()[0]) from None
 
@@ -146,31 +148,14 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
                             momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
                             b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps)
   return Experiment(
-      config=config, dataset=dataset, preprocess=preprocess, input_shape=(height, width, channels),
+      config=config, dataset=dataset, preprocess=preprocess, input_shape=input_shape,
       model=model, tx=tx, schedule_shape=shape, strategy=parallel.Strategy(layout),
       total_steps=total_steps,
       train_slice=data_lib.ProcessSlice(config.batch_size, jax.process_index(), process_count),
       eval_slice=data_lib.ProcessSlice(eval_batch, jax.process_index(), process_count))
 
 
-def evaluate(exp: Experiment, state: Any, eval_fn: Any) -> dict[str, float]:
-  """Loss and accuracy over every eval example exactly once (the padded last batch is masked)."""
-  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "examples": 0.0}
-  for batch in exp.eval_batches():
-    device_batch = exp.strategy.put_batch(_device_part(batch))
-    sums = exp.strategy.get_outputs(eval_fn(state, device_batch))
-    for key in totals:
-      totals[key] += float(sums[key])
-  count = max(totals["count"], 1.0)
-  return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
-          "examples": int(totals["examples"])}
-
-
-def _device_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {k: v for k, v in batch.items() if k not in data_lib.HOST_ONLY_KEYS}
-
-
-class _TrainLog:
+class TrainLog:
   """Per-step metrics fetched one step behind, averaged over each logging window."""
 
   def __init__(self):
@@ -187,11 +172,11 @@ class _TrainLog:
     return mean
 
 
-class _Throughput:
+class Throughput:
   """Examples per second of training steps, excluding compilation, evaluation and checkpointing."""
 
-  def __init__(self, global_batch: int):
-    self.global_batch = global_batch
+  def __init__(self, examples_per_step: int):
+    self.examples_per_step = examples_per_step
     self._start: float | None = None
     self._paused = 0.0
     self._steps = 0
@@ -220,72 +205,124 @@ class _Throughput:
     self.total_seconds += seconds
     self.total_steps += steps
     self.start()
-    return steps * self.global_batch / seconds if steps and seconds > 0 else 0.0
+    return steps * self.examples_per_step / seconds if steps and seconds > 0 else 0.0
 
   def overall(self) -> float:
-    return self.total_steps * self.global_batch / self.total_seconds if self.total_steps else 0.0
+    return self.total_steps * self.examples_per_step / self.total_seconds if self.total_steps else 0.0
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        devices: Sequence[Any] | None = None) -> dict[str, Any]:
-  """Trains and evaluates `config` in `workdir`, resuming if it holds checkpoints. Returns the summary."""
+class Member:
+  """One run's workdir (checkpoints, config.json, metrics.jsonl, summary.json) and its data stream."""
+
+  def __init__(self, exp: Experiment, workdir: str):
+    self.exp, self.config, self.workdir = exp, exp.config, workdir
+    self.is_writer = jax.process_index() == 0
+    self.checkpointer: Checkpointer | None = None
+    self.log = TrainLog()
+    self.error: str | None = None
+    self.last_eval: dict[str, float] | None = None
+    self.host_state: Any = None
+    self.data_state: dict[str, Any] | None = None
+    self.resumed = False
+
+  @property
+  def summary_path(self) -> str:
+    return os.path.join(self.workdir, SUMMARY_FILE)
+
+  def finished_summary(self) -> dict[str, Any] | None:
+    """The summary of a run that already reached its last step, if any."""
+    summary = metrics_lib.read_json(self.summary_path)
+    return summary if summary is not None and summary.get("step") == self.exp.total_steps else None
+
+  def restore(self) -> int:
+    """Opens the checkpoints, restores the newest if any; returns the step to start from."""
+    os.makedirs(self.workdir, exist_ok=True)
+    self.checkpointer = Checkpointer(os.path.join(self.workdir, CHECKPOINT_DIR),
+                                     max_to_keep=self.config.keep_checkpoints)
+    self.host_state = jax.device_get(self.exp.init_state())
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      self.host_state, self.data_state = self.checkpointer.restore(latest, self.host_state)
+      self.resumed = True
+    return int(self.host_state.step)
+
+  def open_outputs(self, start_step: int) -> metrics_lib.MetricsWriter:
+    if self.is_writer:
+      metrics_lib.write_json(os.path.join(self.workdir, CONFIG_FILE), json.loads(self.config.to_json_best_effort()))
+    writer = metrics_lib.MetricsWriter(os.path.join(self.workdir, METRICS_FILE), enabled=self.is_writer)
+    writer.truncate_after(start_step)
+    return writer
+
+  def close(self) -> None:
+    if self.checkpointer is not None:
+      self.checkpointer.close()
+
+
+def train_members(members: Sequence[Member], engine: Any, *, start_step: int) -> list[dict[str, Any] | None]:
+  """Trains restored members in lockstep from `start_step`; returns each one's summary (None if it failed).
+
+  A member whose loss or gradients stop being finite is marked failed at that
+  step (its last good checkpoint stays) and no longer logged or checkpointed;
+  when every member has failed, NonFiniteError is raised.
+  """
   wall_start = time.time()
-  exp = build(config, devices=devices)
-  is_writer = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  summary_path = os.path.join(workdir, SUMMARY_FILE)
-  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
-  host_state = jax.device_get(exp.init_state())
-  data_state = None
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    host_state, data_state = checkpointer.restore(latest, host_state)
-  start_step = int(host_state.step)
-  finished = metrics_lib.read_json(summary_path)
-  if start_step >= exp.total_steps and finished is not None and finished.get("step") == exp.total_steps:
-    checkpointer.close()
-    return finished
-
-  if is_writer:
-    metrics_lib.write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
-  writer = metrics_lib.MetricsWriter(os.path.join(workdir, METRICS_FILE), enabled=is_writer)
-  writer.truncate_after(start_step)
-  progress = metrics_lib.Progress(total=exp.total_steps, initial=start_step, enabled=is_writer,
+  total_steps = members[0].exp.total_steps
+  config = members[0].config
+  writers = [member.open_outputs(start_step) for member in members]
+  progress = metrics_lib.Progress(total=total_steps, initial=start_step, enabled=members[0].is_writer,
                                   allow_bar=config.progress_bar)
-  if latest is not None:
-    progress.message(f"resuming from step {start_step} ({checkpointer.directory})")
+  if members[0].resumed:
+    progress.message(f"resuming from step {start_step} ({members[0].checkpointer.directory})")
 
-  strategy = exp.strategy
-  state = strategy.put_state(host_state)
-  train_fn, eval_fn = exp.train_step_fn(), exp.eval_step_fn()
-  batches = exp.train_batches()
-  if data_state is not None:
-    batches.set_state(data_state)
-
-  log = _TrainLog()
-  timer = _Throughput(config.batch_size)
+  state = engine.put_state([member.host_state for member in members])
+  iterators = []
+  for member in members:
+    iterator = member.exp.train_batches()
+    if member.data_state is not None:
+      iterator.set_state(member.data_state)
+    iterators.append(iterator)
+  eval_fn = engine.eval_step_fn()
+  timer = Throughput(engine.global_batch * engine.num_members)
   compile_seconds = 0.0
   pending: tuple[int, Any] | None = None  # (step, device metrics) not yet checked
   last_reported = start_step
+
+  def alive() -> list[tuple[Member, metrics_lib.MetricsWriter]]:
+    return [(m, w) for m, w in zip(members, writers) if m.error is None]
 
   def check(entry: tuple[int, Any] | None) -> None:
     if entry is None:
       return
     step_index, device_metrics = entry
-    values = {k: float(v) for k, v in strategy.get_outputs(device_metrics).items()}
-    if values["finite"] < 1.0:
-      raise NonFiniteError(
-          f"loss or gradients became non-finite at step {step_index + 1} (loss={values['loss']}, "
-          f"grad_norm={values['grad_norm']}); the last good checkpoint is kept in {checkpointer.directory}; "
-          "lower optimizer.learning_rate or add warmup")
-    log.add(values)
+    for member, values in zip(members, engine.outputs(device_metrics)):
+      if member.error is not None:
+        continue
+      if values["finite"] < 1.0:
+        member.error = (
+            f"loss or gradients became non-finite at step {step_index + 1} (loss={values['loss']}, "
+            f"grad_norm={values['grad_norm']}); the last good checkpoint is kept in "
+            f"{member.checkpointer.directory}; lower optimizer.learning_rate or add warmup")
+        progress.message(f"{member.workdir}: {member.error}")
+        if member.is_writer:
+          metrics_lib.write_json(os.path.join(member.workdir, ERROR_FILE),
+                                 {"step": step_index + 1, "error": member.error})
+      else:
+        member.log.add(values)
+    if all(member.error is not None for member in members):
+      raise NonFiniteError(members[0].error)
+
+  def evaluate_alive(step: int) -> None:
+    for member, writer, totals in zip(members, writers, engine.eval_sums(state, eval_fn)):
+      if member.error is None:
+        member.last_eval = engines.eval_result(totals)
+        writer.write({"step": step, "split": "eval", **member.last_eval})
 
   try:
-    for step in range(start_step, exp.total_steps):
-      device_batch = strategy.put_batch(_device_part(next(batches)))
+    for step in range(start_step, total_steps):
+      device_batch = engine.put_batch([next(iterator) for iterator in iterators])
       if step == start_step:
         compile_start = time.time()
-        train_fn = train_fn.lower(state, device_batch).compile()
+        train_fn = engine.compile_train_step(state, device_batch)
         compile_seconds = time.time() - compile_start
       state, device_metrics = train_fn(state, device_batch)
       check(pending)
@@ -296,47 +333,73 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         timer.start()  # the first step is not timed: it includes one-off transfers
       else:
         timer.count_step()
-      if done % config.log_every_steps == 0 or done == exp.total_steps:
+      if done % config.log_every_steps == 0 or done == total_steps:
         check(pending)
         pending = None
-        throughput = timer.lap()
-        window = log.flush()
-        writer.write({"step": done, "split": "train", "loss": window["loss"], "accuracy": window["accuracy"],
-                      "learning_rate": window["learning_rate"], "grad_norm": window["grad_norm"],
-                      "examples_per_second": throughput})
-        progress.update(done, done - last_reported, window, throughput)
+        throughput = timer.lap() / engine.num_members
+        for member, writer in alive():
+          window = member.log.flush()
+          writer.write({"step": done, "split": "train", "loss": window["loss"], "accuracy": window["accuracy"],
+                        "learning_rate": window["learning_rate"], "grad_norm": window["grad_norm"],
+                        "examples_per_second": throughput})
+        progress.update(done, done - last_reported, alive()[0][0].log.last_window, throughput)
         last_reported = done
-      if config.eval_every_steps and done % config.eval_every_steps == 0 and done != exp.total_steps:
+      if config.eval_every_steps and done % config.eval_every_steps == 0 and done != total_steps:
         check(pending)
         pending = None
         with timer.paused():
-          result = evaluate(exp, state, eval_fn)
-        writer.write({"step": done, "split": "eval", **result})
-        progress.message(f"step {done}: eval accuracy {result['accuracy']:.4f} loss {result['loss']:.4f}")
-      if done % config.checkpoint_every_steps == 0 or done == exp.total_steps:
+          evaluate_alive(done)
+        first = alive()[0][0]
+        progress.message(f"step {done}: eval accuracy {first.last_eval['accuracy']:.4f} "
+                          f"loss {first.last_eval['loss']:.4f}")
+      if done % config.checkpoint_every_steps == 0 or done == total_steps:
         check(pending)
         pending = None
         with timer.paused():
-          checkpointer.save(done, strategy.get_state(state), batches.get_state())
+          host_states = engine.get_states(state)
+          for (member, iterator), host_state in zip(zip(members, iterators), host_states):
+            if member.error is None:
+              member.checkpointer.save(done, host_state, iterator.get_state())
   finally:
     progress.close()
 
-  result = evaluate(exp, state, eval_fn)
-  final_state = strategy.get_state(state)
-  writer.write({"step": exp.total_steps, "split": "eval", **result})
-  last = log.last_window or {}
-  summary = {
-      "eval_accuracy": result["accuracy"], "eval_loss": result["loss"], "eval_examples": result["examples"],
-      "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"),
-      "step": int(final_state.step), "examples_per_second": timer.overall(),
-      "compile_seconds": compile_seconds, "wall_seconds": time.time() - wall_start,
-      "param_checksum": metrics_lib.param_checksum(final_state.params),
-      "param_l2": metrics_lib.param_l2(final_state.params), "num_params": count_params(final_state.params),
-      "model": config.model.name, "data": config.data.name, "strategy": strategy.name,
-      "bn_sync": config.model.bn_sync, "num_devices": strategy.layout.num_devices,
-      "num_processes": jax.process_count(), "global_batch": config.batch_size,
-  }
-  if is_writer:
-    metrics_lib.write_json(summary_path, summary)
-  checkpointer.close()
-  return summary
+  evaluate_alive(total_steps)
+  final_states = engine.get_states(state)
+  summaries: list[dict[str, Any] | None] = []
+  for member, final_state in zip(members, final_states):
+    if member.error is not None:
+      summaries.append(None)
+      continue
+    last = member.log.last_window or {}
+    result = member.last_eval
+    summary = {
+        "eval_accuracy": result["accuracy"], "eval_loss": result["loss"], "eval_examples": result["examples"],
+        "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"),
+        "step": int(final_state.step), "examples_per_second": timer.overall() / engine.num_members,
+        "compile_seconds": compile_seconds, "wall_seconds": time.time() - wall_start,
+        "param_checksum": metrics_lib.param_checksum(final_state.params),
+        "param_l2": metrics_lib.param_l2(final_state.params), "num_params": count_params(final_state.params),
+        "model": member.config.model.name, "data": member.config.data.name,
+        "strategy": engine.strategy_name, "bn_sync": member.config.model.bn_sync,
+        "num_devices": engine.num_devices, "num_processes": jax.process_count(),
+        "global_batch": member.config.batch_size,
+    }
+    if member.is_writer:
+      metrics_lib.write_json(member.summary_path, summary)
+    summaries.append(summary)
+  return summaries
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        devices: Sequence[Any] | None = None) -> dict[str, Any]:
+  """Trains and evaluates `config` in `workdir`, resuming if it holds checkpoints. Returns the summary."""
+  exp = build(config, devices=devices)
+  member = Member(exp, workdir)
+  finished = member.finished_summary()
+  if finished is not None:
+    return finished
+  try:
+    start_step = member.restore()
+    return train_members([member], engines.SingleEngine(exp), start_step=start_step)[0]
+  finally:
+    member.close()
