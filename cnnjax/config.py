@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.crop_padding = 0  # random crop after zero padding by this many pixels; 0: off
   config.data.flip = False  # random horizontal flip
   config.data.rotation_degrees = 0.0  # random rotation in [-r, r] degrees; 0: off
+  config.data.vocab_size = 20_000  # text only: ids of the vocabulary built from the training split (padding, unknown included)
+  config.data.max_length = 256  # text only: tokens per example (longer ones cut, shorter ones padded)
   config.data.num_threads = 4  # host threads preparing batches
   config.data.prefetch_batches = 8
 
@@ -143,3 +145,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.data.num_threads > 0, f"data.num_threads={config.data.num_threads} must be positive")
   _require(config.data.prefetch_batches > 0, f"data.prefetch_batches={config.data.prefetch_batches} must be positive")
   _require(config.data.num_classes >= 0, f"data.num_classes={config.data.num_classes} must be >= 0")
+  _require(config.data.vocab_size > 2, f"data.vocab_size={config.data.vocab_size} must exceed 2 (padding and unknown)")
+  _require(config.data.max_length > 0, f"data.max_length={config.data.max_length} must be positive")

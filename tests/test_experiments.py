@@ -14,15 +14,32 @@ from helpers import EXPERIMENTS, load_experiment, read_jsonl, run_cli
 
 TINY = ["--config.num_train_steps=3", "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
         "--config.eval_every_steps=2", "--config.progress_bar=false", "--config.data.num_threads=2"]
-# experiment -> extra overrides that make it tiny, and whether its data is a mocked TFDS dataset.
+# experiment -> extra overrides that make it tiny, and whether its data is a mocked TFDS dataset
+# (True: tfds.testing.mock_data's random records; "realistic": records shaped like the real ones,
+# for trimaps and reviews, from tests/mock_tfds_realistic_main.py).
 CASES = {
     "lenet5_digits": ([], False),
     "simple_cnn_digits": ([], False),
     "resnet20_cifar10": (["--config.batch_size=8"], True),
     "resnet50_imagenet": (["--config.batch_size=4", "--config.data.image_size=32", "--config.eval_batch_size=8"],
                           True),
+    "unet_shapes": (["--config.batch_size=8", "--config.eval_batch_size=100", "--config.model.features=(4, 8)"],
+                    False),
+    "unet3d_shapes3d": (["--config.batch_size=4", "--config.model.features=(4, 8)", "--config.eval_batch_size=32"],
+                        False),
+    "unet_pets": (["--config.batch_size=4", "--config.data.image_size=32", "--config.model.features=(8, 16)"],
+                  "realistic"),
+    "text_cnn_imdb": (["--config.batch_size=8"], "realistic"),
+    "alexnet_imagenet": (["--config.batch_size=4", "--config.data.image_size=64", "--config.eval_batch_size=8",
+                          "--config.model.classifier_features=16"], True),
+    "vgg16_imagenet": (["--config.batch_size=4", "--config.data.image_size=32", "--config.eval_batch_size=8",
+                        "--config.model.classifier_features=16", "--config.model.stage_features=(8, 8, 8, 8, 8)"],
+                       True),
+    "googlenet_imagenet": (["--config.batch_size=4", "--config.data.image_size=32", "--config.eval_batch_size=8",
+                            '--config.model.inception_modules=(("3a", (8, 8, 8, 4, 4, 4)),)'], True),
 }
-MOCK_MAIN = os.path.join(os.path.dirname(__file__), "mock_tfds_main.py")
+MOCK_MAINS = {True: os.path.join(os.path.dirname(__file__), "mock_tfds_main.py"),
+              "realistic": os.path.join(os.path.dirname(__file__), "mock_tfds_realistic_main.py")}
 
 
 def experiment_names():
@@ -44,7 +61,7 @@ def test_experiment_end_to_end(tmp_path, tfds_data_dir, name):
   extra, mocked = CASES[name]
   workdir = tmp_path / name
   args = [f"--config=experiments/{name}.py", f"--workdir={workdir}"] + TINY + extra
-  result = run_cli("cnnjax.main", *args, wrapper=MOCK_MAIN if mocked else None)
+  result = run_cli("cnnjax.main", *args, wrapper=MOCK_MAINS[mocked] if mocked else None)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eval_accuracy=" in result.stdout
   summary = json.load(open(workdir / "summary.json"))

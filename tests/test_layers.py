@@ -25,7 +25,9 @@ def apply(module, x, **kwargs):
 def test_conv_output_size_matches_the_formula(padding, kernel, stride, dilation):
   size, channels, features = 11, 3, 4
   layer = conv(features, kernel, strides=stride, padding=padding, dilation=dilation)
-  y, variables = apply(layer, jnp.ones((1, size, size, channels)))
+  x = jnp.ones((1, size, size, channels))
+  variables = jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), x))
+  y = jax.eval_shape(layer.apply, variables, x)
   expected = conv_output_size(size, kernel, stride, padding, dilation)
   assert y.shape == (1, expected, expected, features)
   assert count_params(variables["params"]) == conv_params(channels, features, kernel)

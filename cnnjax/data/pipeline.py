@@ -15,7 +15,9 @@ eval example counts exactly once and none is dropped.
 
 Batches are dicts of NumPy arrays: `input` float32 (b, H, W, C), `label` int32
 (b,), `mask` float32 (b,), and `index` int64 (b,) (the dataset index of each
-example, kept on the host for data-integrity checks).
+example, kept on the host for data-integrity checks). Segmentation labels are
+per pixel, int32 (b, H, W) (or (b, D, H, W) for volumes); text inputs are
+token ids, int32 (b, L). `Preprocess.train_batch` / `eval_batch` decide.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ class ProcessSlice:
     return slice(start, start + self.local_batch)
 
 
-def _records_to_batch(records, images: np.ndarray, indices: np.ndarray, mask: np.ndarray) -> dict:
-  return {"input": images,
-          "label": np.asarray([record["label"] for record in records], np.int32),
+def _to_batch(inputs: np.ndarray, labels: np.ndarray, indices: np.ndarray, mask: np.ndarray) -> dict:
+  return {"input": inputs,
+          "label": labels,
           "mask": mask.astype(np.float32),
           "index": indices.astype(np.int64)}
 
@@ -63,9 +65,8 @@ def train_dataset(source: RandomAccessSource, preprocess: Preprocess, *, seed: i
 
   def load(step_batch: tuple[np.ndarray, np.ndarray]) -> dict:
     positions, indices = step_batch[0][rows], step_batch[1][rows]
-    records = read_records(source, indices)
-    images = preprocess.train([record["image"] for record in records], positions)
-    return _records_to_batch(records, images, indices, np.ones(len(indices)))
+    inputs, labels = preprocess.train_batch(read_records(source, indices), positions)
+    return _to_batch(inputs, labels, indices, np.ones(len(indices)))
 
   stream = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
             .map_with_index(lambda position, index: (position, index)))
@@ -82,9 +83,8 @@ def eval_dataset(source: RandomAccessSource, preprocess: Preprocess, *,
     positions = batch_index * batch.global_batch + np.arange(batch.global_batch)[rows]
     valid = positions < num_examples
     indices = np.where(valid, positions, 0)
-    records = read_records(source, indices)
-    images = preprocess.eval([record["image"] for record in records])
-    return _records_to_batch(records, images, indices, valid)
+    inputs, labels = preprocess.eval_batch(read_records(source, indices))
+    return _to_batch(inputs, labels, indices, valid)
 
   return grain.MapDataset.range(num_eval_batches(num_examples, batch.global_batch)).map(load)
 

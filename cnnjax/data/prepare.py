@@ -29,7 +29,8 @@ from PIL import Image
 from cnnjax.data import digits
 from cnnjax.errors import DataError
 
-PREPARABLE = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet2012")
+PREPARABLE = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet2012", "oxford_iiit_pet",
+              "imdb_reviews")
 FROM_FILES = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 
 # The original MNIST-format file names (the same for Fashion-MNIST).

@@ -10,6 +10,15 @@ Order of operations for a training batch: resize to the model's input size
 (or, with `random_resized_crop`, an Inception-style random crop), small random rotation, random crop from a zero-padded image, horizontal flip,
 then normalization with the dataset's per-channel mean and standard deviation.
 Evaluation batches are only resized and normalized.
+
+The task decides what a batch is made of (`Preprocess.train_batch` /
+`eval_batch` turn records into model inputs and labels):
+
+* classification: images as above, one label per example;
+* segmentation: masks are resized (nearest) and augmented with the very same
+  draws as their images (nearest-neighbour rotation; padding and corners take
+  the background class), so labels stay aligned with pixels;
+* text: token ids pass through unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from PIL import Image
 from cnnjax.imageops import crop_batch, flip_batch, rotate_batch
 
 PIXEL_MAX = 255.0
+TASKS = ("classification", "segmentation", "text")
 
 
 def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -48,12 +58,15 @@ def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
   return np.einsum("hH,bHWc,wW->bhwc", rows, images, cols, optimize=True)
 
 
-def resize_shorter_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """Resizes a uint8 image (H, W, C) of any shape to (size, size, C): shorter side, then center crop."""
+def resize_shorter_and_center_crop(image: np.ndarray, size: int, *, nearest: bool = False) -> np.ndarray:
+  """Resizes a uint8 image (H, W, C) of any shape to (size, size, C): shorter side, then center crop.
+
+  `nearest` copies pixels instead of blending them (class masks).
+  """
   height, width = image.shape[:2]
   scale = size / min(height, width)
   new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-  resized = _pil_resize(image, new_h, new_w)
+  resized = _pil_resize(image, new_h, new_w, Image.NEAREST if nearest else Image.BILINEAR)
   top, left = (new_h - size) // 2, (new_w - size) // 2
   return resized[top:top + size, left:left + size]
 
@@ -76,9 +89,9 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
   return resize_shorter_and_center_crop(image, size)
 
 
-def _pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def _pil_resize(image: np.ndarray, height: int, width: int, resample: int = Image.BILINEAR) -> np.ndarray:
   squeezed = image[..., 0] if image.shape[-1] == 1 else image
-  resized = np.asarray(Image.fromarray(squeezed).resize((width, height), Image.BILINEAR))
+  resized = np.asarray(Image.fromarray(squeezed).resize((width, height), resample))
   return resized[..., None] if resized.ndim == 2 else resized
 
 
@@ -126,6 +139,12 @@ class Preprocess:
   augment: Augment = Augment()
   random_resized_crop: bool = False  # training only; needs image_size
   seed: int = 0
+  task: str = "classification"  # classification / segmentation / text (see the module docstring)
+  mask_fill: int = 0  # segmentation: the class that augmentation pads masks with (the background)
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
 
   def _to_float_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
     shapes = {image.shape for image in images}
@@ -152,3 +171,40 @@ class Preprocess:
   def eval(self, images: Sequence[np.ndarray]) -> np.ndarray:
     """An evaluation batch: resized and normalized, never augmented."""
     return self._normalize(self._to_float_batch(images))
+
+  def train_batch(self, records: Sequence[dict], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs and labels of a training batch; `positions` seed each example's augmentation."""
+    if self.task == "segmentation":
+      return self._segmentation(records, positions)
+    if self.task == "text":
+      return _tokens(records), _labels(records)
+    return self.train([record["image"] for record in records], positions), _labels(records)
+
+  def eval_batch(self, records: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs and labels of an evaluation batch, never augmented."""
+    if self.task == "segmentation":
+      return self._segmentation(records, None)
+    if self.task == "text":
+      return _tokens(records), _labels(records)
+    return self.eval([record["image"] for record in records]), _labels(records)
+
+  def _segmentation(self, records: Sequence[dict], positions: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    images, masks = [record["image"] for record in records], [record["mask"] for record in records]
+    if self.image_size:
+      images = [resize_shorter_and_center_crop(image, self.image_size) for image in images]
+      masks = [resize_shorter_and_center_crop(mask[..., None], self.image_size, nearest=True)[..., 0]
+               for mask in masks]
+    batch, labels = np.stack(images).astype(np.float32), np.stack(masks).astype(np.int32)
+    if positions is not None and self.augment.enabled:
+      draws = self.augment.draw([np.random.default_rng((self.seed, int(p))) for p in positions])
+      batch = self.augment.apply(batch, draws)
+      labels = self.augment.apply(labels, draws, order="nearest", fill=self.mask_fill)
+    return self._normalize(batch), labels
+
+
+def _labels(records: Sequence[dict]) -> np.ndarray:
+  return np.asarray([record["label"] for record in records], np.int32)
+
+
+def _tokens(records: Sequence[dict]) -> np.ndarray:
+  return np.stack([record["tokens"] for record in records]).astype(np.int32)

@@ -1,9 +1,15 @@
-"""Random-access data sources: TFDS ArrayRecord datasets, the embedded digits, and npz files.
+"""Random-access data sources: TFDS ArrayRecord datasets, the embedded digits, npz files, and the
+synthetic segmentation sets.
 
-Every source ends up as a sequence of records `{'image': uint8 (H, W, C), 'label': int}`
-with `len()` and random access, which is what the grain pipeline reads. TFDS
-datasets are read with `tfds.data_source` (ArrayRecord, no TensorFlow); they must
-have been prepared once with `python -m cnnjax.prepare NAME`.
+Every source is a sequence of records with `len()` and random access, which is
+what the grain pipeline reads. The record depends on the dataset's task:
+
+* classification: `{'image': uint8 (H, W, C), 'label': int}`;
+* segmentation: `{'image': uint8 (H, W, C) or (D, H, W, C), 'mask': uint8 class ids (H, W) or (D, H, W)}`;
+* text: `{'tokens': int32 (L,), 'label': int}`.
+
+TFDS datasets are read with `tfds.data_source` (ArrayRecord, no TensorFlow);
+they must have been prepared once with `python -m cnnjax.prepare NAME`.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from cnnjax.errors import DataError
+from cnnjax.data import shapes, text
+from cnnjax.errors import ConfigError, DataError
 
 # Per-channel mean and standard deviation of the training images, in [0, 1] units.
 # Standard published values; the digits and npz sources compute theirs from the data.
@@ -25,7 +32,19 @@ TFDS_DATASETS: dict[str, dict[str, Any]] = {
     "cifar100": dict(eval_split="test", mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
     "imagenet2012": dict(eval_split="validation", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 }
-DATASET_NAMES = ("digits", "npz") + tuple(TFDS_DATASETS)
+# Segmentation on TFDS: the mask feature, the values it holds (class i is mask_values[i]), class names,
+# and the class that padding and rotation corners take. Photos: ImageNet's normalization statistics.
+TFDS_SEGMENTATION: dict[str, dict[str, Any]] = {
+    # The Oxford-IIIT Pet trimap stores 1 pet, 2 background, 3 border.
+    "oxford_iiit_pet": dict(eval_split="test", mask_feature="segmentation_mask", mask_values=(1, 2, 3),
+                            classes=("pet", "background", "border"), background_class=1,
+                            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+}
+# Text classification on TFDS: reviews in a 'text' feature, a 'label' class.
+TFDS_TEXT: dict[str, dict[str, Any]] = {"imdb_reviews": dict(eval_split="test")}
+SYNTHETIC = ("shapes", "shapes3d")  # generated in cnnjax.data.shapes, nothing to download
+DATASET_NAMES = ("digits", "npz") + SYNTHETIC + tuple(TFDS_DATASETS) + tuple(TFDS_SEGMENTATION) + tuple(TFDS_TEXT)
+UNMAPPED = 255  # marks mask values outside a dataset's mask_values
 # Images used to estimate normalization statistics of sources without published ones.
 STATS_SAMPLE = 10_000
 
@@ -45,9 +64,36 @@ class Dataset:
   train: RandomAccessSource
   eval: RandomAccessSource
   num_classes: int
-  image_shape: tuple[int | None, int | None, int]
+  image_shape: tuple[int | None, ...]  # (H, W, C); (D, H, W, C) for volumes; (L,) for text
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  task: str = "classification"  # one of cnnjax.data.preprocess.TASKS
+  background_class: int = 0  # segmentation: the class of pixels that augmentation pads in
+  vocab_size: int = 0  # text: the ids the model's embedding must hold
+
+  @property
+  def model_options(self) -> dict[str, Any]:
+    """Model options the data decides (the text CNN's vocabulary size)."""
+    return {"vocab_size": self.vocab_size} if self.task == "text" else {}
+
+  def model_input_shape(self, image_size: int, *, augmented: bool = False,
+                        random_resized_crop: bool = False) -> tuple[int, ...]:
+    """The per-example input shape the model is built for; raises ConfigError when preprocessing cannot apply."""
+    if self.task == "text" or len(self.image_shape) == 4:
+      what = "token sequences" if self.task == "text" else "volumes"
+      if image_size or augmented or random_resized_crop:
+        raise ConfigError(f"dataset {self.name!r} holds {what}: resizing and augmentation are for 2D images; "
+                          "leave data.image_size=0, crop_padding=0, flip=False, rotation_degrees=0")
+      return tuple(self.image_shape)
+    if random_resized_crop and self.task == "segmentation":
+      raise ConfigError(f"data.random_resized_crop does not move masks; turn it off for {self.name!r} "
+                        "(crop_padding, flip and rotation_degrees move masks with the images)")
+    height, width, channels = self.image_shape
+    if image_size:
+      height = width = image_size
+    if height is None or width is None:
+      raise ConfigError(f"dataset {self.name!r} has images of varying size; set data.image_size")
+    return (height, width, channels)
 
 
 class ArraySource:
@@ -75,11 +121,21 @@ def default_tfds_data_dir() -> str:
 
 def open_dataset(name: str, *, tfds_data_dir: str = "", train_split: str = "train",
                  eval_split: str = "", train_path: str = "", eval_path: str = "",
-                 num_classes: int = 0) -> Dataset:
-  """Opens a dataset by name: 'digits', 'npz', or a TFDS name in `TFDS_DATASETS`."""
+                 num_classes: int = 0, vocab_size: int = text.DEFAULT_VOCAB_SIZE,
+                 max_length: int = text.DEFAULT_MAX_LENGTH) -> Dataset:
+  """Opens a dataset by name: 'digits', 'npz', 'shapes', 'shapes3d', or a TFDS name of `DATASET_NAMES`.
+
+  `vocab_size` and `max_length` apply to text datasets only.
+  """
   data_dir = tfds_data_dir or default_tfds_data_dir()
   if name == "npz":
     return _open_npz(train_path, eval_path, num_classes)
+  if name in SYNTHETIC:
+    return _open_synthetic(name, train_split, eval_split or "test")
+  if name in TFDS_SEGMENTATION:
+    return _open_tfds_segmentation(name, data_dir, train_split, eval_split)
+  if name in TFDS_TEXT:
+    return _open_tfds_text(name, data_dir, train_split, eval_split, vocab_size, max_length)
   if name == "digits":
     from cnnjax.data import digits  # pylint: disable=import-outside-toplevel
     digits.prepare(data_dir)
@@ -93,10 +149,10 @@ def open_dataset(name: str, *, tfds_data_dir: str = "", train_split: str = "trai
                     known["mean"], known["std"])
 
 
-def _open_tfds(name, data_dir, train_split, eval_split, mean, std) -> Dataset:
+def _tfds_sources(name: str, data_dir: str, splits: Sequence[str]) -> dict[str, Any]:
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   sources = {}
-  for split in (train_split, eval_split):
+  for split in splits:
     try:
       # download=False: an unprepared dataset fails at once instead of retrying a download.
       sources[split] = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -105,11 +161,81 @@ def _open_tfds(name, data_dir, train_split, eval_split, mean, std) -> Dataset:
           f"dataset {name!r} split {split!r} is not prepared in {data_dir} ({type(e).__name__}); "
           f"prepare it once with `python -m cnnjax.prepare {name} --data_dir={data_dir}` "
           f"on a machine with network access, or point data.tfds_data_dir at a prepared copy") from None
-  info = tfds.builder(name, data_dir=data_dir).info
+  return sources
+
+
+def _tfds_info(name: str, data_dir: str) -> Any:
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  return tfds.builder(name, data_dir=data_dir).info
+
+
+def _open_tfds(name, data_dir, train_split, eval_split, mean, std) -> Dataset:
+  sources = _tfds_sources(name, data_dir, (train_split, eval_split))
+  info = _tfds_info(name, data_dir)
   image_shape = tuple(info.features["image"].shape)
   num_classes = info.features["label"].num_classes
   return Dataset(name, sources[train_split], sources[eval_split], num_classes, image_shape,
                  mean or (), std or ())
+
+
+class MaskSource:
+  """A TFDS segmentation source read as `{'image', 'mask'}`, mask values mapped to class ids."""
+
+  def __init__(self, source: RandomAccessSource, name: str, mask_feature: str, mask_values: Sequence[int]):
+    self.source, self.name, self.mask_feature, self.mask_values = source, name, mask_feature, tuple(mask_values)
+    self.lookup = np.full(256, UNMAPPED, np.uint8)
+    for class_id, value in enumerate(self.mask_values):
+      self.lookup[value] = class_id
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self.source[index]
+    raw = np.asarray(record[self.mask_feature])
+    raw = raw[..., 0] if raw.ndim == 3 else raw
+    mask = self.lookup[raw]
+    if (mask == UNMAPPED).any():
+      unexpected = sorted(set(np.unique(raw[mask == UNMAPPED]).tolist()))
+      raise DataError(f"{self.name} example {index}: mask values {unexpected[:5]} are not among "
+                      f"{self.mask_values}; the prepared copy is not this dataset's mask, prepare it again")
+    return {"image": record["image"], "mask": mask}
+
+
+def _open_synthetic(name: str, train_split: str, eval_split: str) -> Dataset:
+  for split in (train_split, eval_split):
+    if split not in shapes.SPLIT_SEEDS:
+      raise DataError(f"dataset {name!r} has splits {', '.join(shapes.SPLIT_SEEDS)}, not {split!r}")
+  train = shapes.open_split(name, train_split)
+  mean, std = _estimate_stats(train)
+  return Dataset(name, train, shapes.open_split(name, eval_split), shapes.num_classes(name),
+                 tuple(train.images.shape[1:]), mean, std, task="segmentation", background_class=0)
+
+
+def _open_tfds_segmentation(name: str, data_dir: str, train_split: str, eval_split: str) -> Dataset:
+  spec = TFDS_SEGMENTATION[name]
+  eval_split = eval_split or spec["eval_split"]
+  sources = _tfds_sources(name, data_dir, (train_split, eval_split))
+  wrap = lambda source: MaskSource(source, name, spec["mask_feature"], spec["mask_values"])  # pylint: disable=unnecessary-lambda-assignment
+  image_shape = tuple(_tfds_info(name, data_dir).features["image"].shape)
+  return Dataset(name, wrap(sources[train_split]), wrap(sources[eval_split]), len(spec["classes"]), image_shape,
+                 spec["mean"], spec["std"], task="segmentation", background_class=spec["background_class"])
+
+
+def _open_tfds_text(name: str, data_dir: str, train_split: str, eval_split: str, vocab_size: int,
+                    max_length: int) -> Dataset:
+  if max_length <= 0:
+    raise DataError(f"data.max_length={max_length} must be positive (tokens per example)")
+  eval_split = eval_split or TFDS_TEXT[name]["eval_split"]
+  sources = _tfds_sources(name, data_dir, (train_split, eval_split))
+  train = sources[train_split]
+  # The vocabulary comes from the training split only, so evaluation never shapes it.
+  vocabulary = text.Vocabulary.build((record["text"] for record in read_records(train, range(len(train)))),
+                                     vocab_size)
+  num_classes = _tfds_info(name, data_dir).features["label"].num_classes
+  return Dataset(name, text.TextSource(train, vocabulary, max_length),
+                 text.TextSource(sources[eval_split], vocabulary, max_length), num_classes, (max_length,),
+                 (), (), task="text", vocab_size=len(vocabulary))
 
 
 def _load_npz(path: str, role: str) -> tuple[np.ndarray, np.ndarray]:

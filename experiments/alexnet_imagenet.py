@@ -1,0 +1,42 @@
+"""AlexNet on ImageNet (ILSVRC 2012), torchvision's layout and recipe (config only).
+
+Recipe (torchvision's reference scripts for AlexNet and VGG): global batch 256,
+SGD momentum 0.9, learning rate 0.01 divided by 10 every 30 epochs, 90 epochs,
+weight decay 1e-4, 224x224 random resized crops and horizontal flips, dropout 0.5.
+
+Data: TFDS `imagenet2012` needs a manual download of the ILSVRC 2012 tar files; then, once:
+  pip install 'cnnjax[prepare]' && python -m cnnjax.prepare imagenet2012 --manual_dir=DIR
+Command:
+  python -m cnnjax.main --config=experiments/alexnet_imagenet.py --workdir=/tmp/cnnjax/alexnet_imagenet \
+      --config.parallel.strategy=jit
+Expected: about 56.5% top-1 (torchvision's AlexNet reference: 56.52%).
+Cost: 450k steps at batch 256; 61,100,840 parameters and 0.71 GMACs per 224x224 image
+(python -m cnnjax.summary alexnet --input_shape=224,224,3 --num_classes=1000). Not run here (no ImageNet).
+"""
+
+from cnnjax.config import base_config
+
+
+def get_config():
+  config = base_config()
+  config.model.name = "alexnet"
+  config.model.classifier_features = 4096
+  config.model.dropout_rate = 0.5
+  config.data.name = "imagenet2012"
+  config.data.image_size = 224
+  config.data.random_resized_crop = True
+  config.data.flip = True
+  config.data.num_threads = 16
+  config.batch_size = 256
+  config.num_epochs = 90
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 0.01
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.schedule = "piecewise"
+  config.optimizer.decay_boundaries = (30 / 90, 60 / 90)
+  config.optimizer.decay_factor = 0.1
+  config.log_every_steps = 100
+  config.eval_every_steps = 5_000
+  config.checkpoint_every_steps = 5_000
+  return config
