@@ -110,7 +110,7 @@ def run_reporting_errors(fn: Callable[[], Any]) -> Any:
     fail(str(e))
 
 
-def run_training(config: Any, workdir: str, distributed: dict[str, Any]) -> dict[str, Any]:
+def run_training(config: Any, workdir: str, distributed: dict[str, Any], *, fresh: bool = False) -> dict[str, Any]:
   """Starts jax.distributed if asked, trains, and prints the final numbers."""
   configure_logging()
   from cnnjax.parallel import distributed as distributed_lib  # pylint: disable=import-outside-toplevel
@@ -121,7 +121,7 @@ def run_training(config: Any, workdir: str, distributed: dict[str, Any]) -> dict
   def go():
     distributed_lib.initialize(**distributed)
     try:
-      return run(config, workdir)
+      return run(config, workdir, fresh=fresh)
     except jax.errors.JaxRuntimeError as e:
       if jax.process_count() == 1:
         raise

@@ -14,6 +14,8 @@ unknown model name, a batch that does not divide over devices) and raises a
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 from cnnjax.data import DATASET_NAMES
@@ -90,6 +92,31 @@ def base_config() -> ml_collections.ConfigDict:
   config.parallel.strategy = "none"  # none / pmap / shard_map / jit
   config.parallel.num_devices = 0  # 0: all devices
   return config
+
+
+# Keys that may change when a run resumes: they decide where, how often and how fast outputs
+# are written, not what is computed. Any other change means a different run.
+RESUME_SAFE_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                    "progress_bar", "data.num_threads", "data.prefetch_batches", "data.tfds_data_dir",
+                    "parallel.strategy", "parallel.num_devices")
+
+
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
+  """{dotted key: value} of a config or of its JSON form."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def resume_differences(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, object, object]]:
+  """(key, saved value, new value) for every key that differs and may not change on resume."""
+  old, new = flatten(saved), flatten(json.loads(config.to_json_best_effort()))
+  return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+          if key not in RESUME_SAFE_KEYS and old.get(key) != new.get(key)]
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict:

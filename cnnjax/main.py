@@ -19,12 +19,13 @@ from cnnjax import cli
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/NAME.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
+flags.DEFINE_bool("fresh", False, "Start over: move an earlier run in --workdir aside (into replaced-<time>/) first.")
 cli.define_distributed_flags()
 
 
 def main(argv: list[str]) -> None:
   del argv
-  cli.run_training(FLAGS.config, FLAGS.workdir, cli.distributed_flags(FLAGS))
+  cli.run_training(FLAGS.config, FLAGS.workdir, cli.distributed_flags(FLAGS), fresh=FLAGS.fresh)
 
 
 if __name__ == "__main__":

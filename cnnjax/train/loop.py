@@ -19,8 +19,10 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -33,18 +35,23 @@ from cnnjax import config as config_lib
 from cnnjax import data as data_lib
 from cnnjax import metrics as metrics_lib
 from cnnjax import optim, parallel
+from cnnjax import checkpoint as checkpoint_lib
 from cnnjax.checkpoint import Checkpointer
-from cnnjax.errors import ConfigError, NonFiniteError
+from cnnjax.errors import CheckpointError, ConfigError, NonFiniteError
 from cnnjax.models import build_model
+from cnnjax.models.validation import InputTooSmallError, check_input_shape
 from cnnjax.train import engines
 from cnnjax.train.state import TrainState, count_params, create_train_state
 from cnnjax.train.step import eval_step, train_step
 
 SUMMARY_FILE = "summary.json"
 ERROR_FILE = "error.json"  # written when a run stops on a non-finite loss
+UNREADABLE_DIR = checkpoint_lib.UNREADABLE_DIR
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+# What a run writes into its workdir; `--fresh` moves these aside.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, ERROR_FILE, CHECKPOINT_DIR, UNREADABLE_DIR)
 
 
 @dataclasses.dataclass
@@ -134,6 +141,10 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
                         **{**config_lib.model_options(config), **dataset.model_options})
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e).splitlines()[0]) from None
+  try:
+    check_input_shape(model, input_shape, config.model.name)
+  except InputTooSmallError as e:
+    raise ConfigError(str(e)) from None
 
   if config.num_train_steps > 0:
     total_steps = config.num_train_steps
@@ -234,15 +245,39 @@ class Member:
     summary = metrics_lib.read_json(self.summary_path)
     return summary if summary is not None and summary.get("step") == self.exp.total_steps else None
 
+  def check_same_run(self) -> None:
+    """Refuses a workdir that holds a run of another config (before anything is read or written)."""
+    saved = metrics_lib.read_json(os.path.join(self.workdir, CONFIG_FILE))
+    if saved is None:
+      return
+    differences = config_lib.resume_differences(saved, self.config)
+    if differences:
+      shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:3])
+      more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+      raise CheckpointError(
+          f"{self.workdir} holds a run with a different config ({shown}{more}); use a new --workdir, "
+          "or pass --fresh to set the old run aside and start over")
+
+  def set_aside(self) -> str | None:
+    """Moves an earlier run's files into `replaced-<time>/` inside the workdir (nothing is deleted)."""
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(self.workdir, name))]
+    if not present or not self.is_writer:
+      return None
+    target = os.path.join(self.workdir, f"replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(target)
+    for name in present:
+      shutil.move(os.path.join(self.workdir, name), os.path.join(target, name))
+    return target
+
   def restore(self) -> int:
-    """Opens the checkpoints, restores the newest if any; returns the step to start from."""
+    """Opens the checkpoints, restores the newest readable one if any; returns the step to start from."""
     os.makedirs(self.workdir, exist_ok=True)
     self.checkpointer = Checkpointer(os.path.join(self.workdir, CHECKPOINT_DIR),
                                      max_to_keep=self.config.keep_checkpoints)
     self.host_state = jax.device_get(self.exp.init_state())
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      self.host_state, self.data_state = self.checkpointer.restore(latest, self.host_state)
+    restored = self.checkpointer.restore_latest(self.host_state)
+    if restored is not None:
+      _, self.host_state, self.data_state = restored
       self.resumed = True
     return int(self.host_state.step)
 
@@ -390,14 +425,24 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int) ->
   return summaries
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        devices: Sequence[Any] | None = None) -> dict[str, Any]:
-  """Trains and evaluates `config` in `workdir`, resuming if it holds checkpoints. Returns the summary."""
+def run(config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[Any] | None = None,
+        fresh: bool = False) -> dict[str, Any]:
+  """Trains and evaluates `config` in `workdir`, resuming if it holds checkpoints. Returns the summary.
+
+  A workdir holding a run of a different config is refused unless `fresh`, which
+  first moves the earlier run's files into `workdir/replaced-<time>/`.
+  """
   exp = build(config, devices=devices)
   member = Member(exp, workdir)
-  finished = member.finished_summary()
-  if finished is not None:
-    return finished
+  if fresh:
+    moved = member.set_aside()
+    if moved:
+      logging.getLogger("cnnjax").info("moved the earlier run in %s to %s", workdir, moved)
+  else:
+    member.check_same_run()
+    finished = member.finished_summary()
+    if finished is not None:
+      return finished
   try:
     start_step = member.restore()
     return train_members([member], engines.SingleEngine(exp), start_step=start_step)[0]

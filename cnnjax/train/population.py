@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from cnnjax import config as config_lib
 from cnnjax.errors import ConfigError, NonFiniteError
 from cnnjax.train import engines
 from cnnjax.train.loop import Member, build, train_members
@@ -28,20 +29,9 @@ VECTORIZABLE_KEYS = ("optimizer.learning_rate", "optimizer.weight_decay", "label
 IGNORED_KEYS = ("parallel.strategy", "parallel.num_devices", "progress_bar")
 
 
-def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in config.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict):
-      flat.update(_flatten(value, path + "."))
-    else:
-      flat[path] = value
-  return flat
-
-
 def non_vectorizable_differences(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, list[Any]]:
   """The keys whose values differ between configs and that a population cannot vary."""
-  flats = [_flatten(c) for c in configs]
+  flats = [config_lib.flatten(c) for c in configs]
   keys = sorted(set().union(*flats))
   differing = {}
   for key in keys:
@@ -62,7 +52,7 @@ def check_vectorizable(configs: Sequence[ml_collections.ConfigDict]) -> None:
         f"differ only in {', '.join(VECTORIZABLE_KEYS)}; run these trials sequentially or partitioned")
 
 
-def _member_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def member_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A member trains on one device's share of the population: its own batch is never split."""
   member = config.copy_and_resolve_references()
   with member.unlocked():
@@ -82,7 +72,7 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
   if len(configs) != len(workdirs) or not configs:
     raise ValueError("give one workdir per config, and at least one config")
   check_vectorizable(configs)
-  experiments = [build(_member_config(config)) for config in configs]
+  experiments = [build(member_config(config)) for config in configs]
   summaries: list[dict[str, Any] | None] = [None] * len(configs)
   members = [Member(exp, workdir) for exp, workdir in zip(experiments, workdirs)]
   by_start = collections.defaultdict(list)

@@ -32,12 +32,17 @@ class TrainState:
   rng: jax.Array
 
 
+# Initialization runs once, so its speed does not matter but its compile time does: XLA's
+# optimizations multiply the compile time of the many random initializers (measured 9.5 s -> 1.2 s
+# for ResNet-20 on a 2-core CPU).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def create_train_state(seed: int, model: nn.Module, tx: optax.GradientTransformation,
                        input_shape: tuple[int, ...]) -> TrainState:
   """Initializes parameters, BatchNorm statistics and the optimizer state from `seed`."""
   init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
 
-  @jax.jit
   def init():
     variables = model.init({"params": init_key}, jnp.zeros((1,) + tuple(input_shape), jnp.float32),
                            train=False)
@@ -46,7 +51,7 @@ def create_train_state(seed: int, model: nn.Module, tx: optax.GradientTransforma
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       rng=run_key)
 
-  return init()
+  return jax.jit(init).lower().compile(compiler_options=INIT_COMPILER_OPTIONS)()
 
 
 def count_params(params: Any) -> int:
