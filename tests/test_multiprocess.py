@@ -17,7 +17,7 @@ import pytest
 
 from cnnjax import train
 from cnnjax.checkpoint import Checkpointer
-from helpers import REPO_ROOT, SUBPROCESS_TIMEOUT, experiment_config, run_cli
+from helpers import REPO_ROOT, SUBPROCESS_TIMEOUT, experiment_config, read_jsonl, run_cli
 
 DEVICES_PER_PROCESS = 2
 PROCESSES = 2
@@ -32,18 +32,22 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(args, process_id, port, devices=DEVICES_PER_PROCESS):
+def start(args, process_id, port, devices=DEVICES_PER_PROCESS, fault=None):
+  """Starts one process of a run; with `fault`, through tests/fault_main.py (which kills itself)."""
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  entry = [os.path.join(os.path.dirname(__file__), "fault_main.py")] if fault else ["-m", "cnnjax.main"]
+  if fault:
+    env["CNNJAX_FAULT"] = fault
   return subprocess.Popen(
-      [sys.executable, "-m", "cnnjax.main", *args, f"--coordinator_address=127.0.0.1:{port}",
+      [sys.executable, *entry, *args, f"--coordinator_address=127.0.0.1:{port}",
        f"--num_processes={PROCESSES}", f"--process_id={process_id}"],
       cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def start_pair(args):
+def start_pair(args, faults=(None, None)):
   """Starts process 0 and process 1 of one run, meeting at a free local port."""
   port = free_port()
-  return [start(args, process_id, port) for process_id in range(PROCESSES)]
+  return [start(args, process_id, port, fault=fault) for process_id, fault in enumerate(faults)]
 
 
 def finish(processes, timeout):
@@ -114,6 +118,24 @@ def test_a_dead_peer_stops_the_others_within_a_bounded_time(tmp_path, tfds_data_
         p.wait(timeout=30)
   assert rc != 0 and elapsed < 6 * peer_timeout
   assert ("lost a peer process" in err or "another task died" in err), err[-3000:]
+
+
+def test_a_save_interrupted_on_one_process_leaves_only_complete_checkpoints(tmp_path, tfds_data_dir):
+  workdir = tmp_path / "run"
+  args = COMMON + ["--config.num_train_steps=9", "--config.parallel.strategy=jit", f"--workdir={workdir}",
+                   "--peer_timeout_seconds=10"]
+  # Process 0, which commits checkpoints, dies with checkpoint 6 fully written but not yet renamed into
+  # place; process 1 must give up, and checkpoint 6 must not count.
+  results = finish(start_pair(args, faults=("save_commit:6", None)), SUBPROCESS_TIMEOUT)
+  assert results[0][0] == -signal.SIGKILL and results[1][0] != 0
+  assert Checkpointer(str(workdir / "checkpoints"), max_to_keep=3).all_steps() == [3]
+  resumed = finish(start_pair(args), SUBPROCESS_TIMEOUT)
+  for rc, _, err in resumed:
+    assert rc == 0, err[-3000:]
+  assert "resuming from step 3" in resumed[0][2]
+  assert json.load(open(workdir / "summary.json"))["step"] == 9
+  steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"]
+  assert steps == [2, 4, 6, 8, 9]
 
 
 def test_partial_multiprocess_flags_are_one_line_errors(tmp_path):
