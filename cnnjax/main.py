@@ -8,8 +8,6 @@ and exit status 2, before anything is written.
 
 from __future__ import annotations
 
-import logging
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any
 
+import jax
 import numpy as np
 import tqdm
 
@@ -21,7 +22,6 @@ logger = logging.getLogger("cnnjax")
 
 def param_checksum(params: Any) -> str:
   """sha256 of the parameters' bytes (float32, little-endian) in tree order."""
-  import jax  # pylint: disable=import-outside-toplevel  (keeps this module light for readers)
   digest = hashlib.sha256()
   for leaf in jax.tree.leaves(params):
     digest.update(np.ascontiguousarray(np.asarray(leaf), dtype="<f4").tobytes())
@@ -30,7 +30,6 @@ def param_checksum(params: Any) -> str:
 
 def param_l2(params: Any) -> float:
   """The L2 norm of all parameters together."""
-  import jax  # pylint: disable=import-outside-toplevel
   return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(params))))
 
 

@@ -1,6 +1,5 @@
 """Layers: BatchNorm's explicit statistic groups against a NumPy reference; the norm factory."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -8,11 +8,9 @@ processes these tests start are affected.
 
 import json
 import os
-import shutil
 import signal
 import time
 
-import jax
 import numpy as np
 import pytest
 

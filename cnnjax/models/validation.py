@@ -9,7 +9,7 @@ it, with the smallest square input that works.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
