@@ -90,12 +90,13 @@ class Profile:
                  f"{self.params:,}", f"{self.macs:,}", str(self.receptive_field or "-")))
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     numeric = {4, 5}
+    rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
     lines = []
     for index, row in enumerate([header] + rows):
       cells = [cell.rjust(w) if i in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
       lines.append("  ".join(cells).rstrip())
-      if index == 0 or index == len(rows) - 1:
-        lines.append("-" * len(lines[-1]))
+      if index in (0, len(rows) - 1):  # under the header, above the total
+        lines.append(rule)
     return "\n".join(lines)
 
 

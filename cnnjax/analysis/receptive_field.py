@@ -30,7 +30,7 @@ from jax.extend import core as jex_core
 
 # Primitives that reduce over `axes`.
 REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
-              "argmax", "argmin", "reduce_precision_sum")
+              "argmax", "argmin")
 WINDOW_REDUCTIONS = ("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window")
 
 

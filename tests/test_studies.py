@@ -1,0 +1,84 @@
+"""The studies of the notes' claims, at tiny scale: equivariance of conv stacks, shifted digits, the
+filter bank on a real photo, and every script's command line end to end (deep image prior included)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cnnjax import train
+from cnnjax.analysis import equivariance, filters, shift_study
+from cnnjax.analysis.trained import restore_run, segmentation_scores
+from helpers import experiment_config, run_cli, tiny
+
+def test_convolution_is_equivariant_exactly_where_the_notes_say():
+  rows = equivariance.measure(cases=(("circular", 1), ("same", 1), ("circular", 2)), shifts=(1, 2), size=16,
+                              depth=2)
+  error = {(r.padding, r.stride, r.shift): (r.error, r.interior_error) for r in rows}
+  assert error["circular", 1, 1][0] < 1e-6 and error["circular", 1, 2][0] < 1e-6
+  assert error["same", 1, 1][0] > 1e-2 and error["same", 1, 1][1] < 1e-6  # zero padding: only the border
+  assert error["circular", 2, 2][0] < 1e-6  # stride 2: a 2-pixel shift is a 1-pixel output shift
+  assert error["circular", 2, 1][0] > 0.3  # an odd shift has no output shift to match
+
+
+def test_translate_moves_content_and_fills_with_black():
+  images = np.arange(2 * 5 * 5).reshape(2, 5, 5, 1)
+  moved = shift_study.translate(images, 1, -2)
+  np.testing.assert_array_equal(moved[:, 1:, :3], images[:, :4, 2:])
+  assert (moved[:, 0] == 0).all() and (moved[:, :, 3:] == 0).all()
+  np.testing.assert_array_equal(shift_study.translate(images, 0, 0), images)
+
+
+def test_centred_digits_leave_room_to_shift(tfds_data_dir):
+  data = shift_study.centred_digits(tfds_data_dir)
+  images, labels = data["train"]
+  assert images.shape == (1437, 32, 32, 1) and labels.shape == (1437,) and len(data["test"][0]) == 360
+  margin = (32 - 16) // 2
+  assert images[:, :margin].max() == 0 and images[:, -margin:].max() == 0  # 8 black rows each side
+
+
+def test_filter_bank_blurs_lower_and_sharpening_raises_sharpness():
+  photo = filters.sample_photo()[:96, :128]
+  filtered = filters.apply_bank(photo)
+  report = filters.filter_report(photo, filtered)
+  np.testing.assert_allclose(filtered["identity"], photo, atol=1e-6)
+  assert report["identity"] == pytest.approx(1.0)
+  assert report["gaussian_blur_5x5"] < report["gaussian_blur_3x3"] < 1 and report["box_blur"] < 1 < report["sharpen"]
+
+
+@pytest.mark.parametrize("script,args,outputs", [
+    ("filter_bank", [], ["filter_bank.png", "filter_bank.json"]),
+    ("deep_image_prior", ["--size=16", "--steps=20", "--log_every=10", "--features=4,8"],
+     ["deep_image_prior.png", "deep_image_prior.json"]),
+    ("mlp_vs_cnn", ["--steps=2", "--variants=MLP (128 hidden)"], ["mlp_vs_cnn.png", "mlp_vs_cnn.json"]),
+    ("equivariance", ["--steps=2", "--variants=max pooling + global average"],
+     ["equivariance.png", "equivariance.json"]),
+    ("degradation", ["--steps=2", "--models=plain20"], ["degradation.png", "degradation.json"]),
+])
+def test_scripts_run_end_to_end_at_tiny_scale(tmp_path, tfds_data_dir, script, args, outputs):
+  result = run_cli("", f"--workdir={tmp_path}", *args, wrapper=f"scripts/{script}.py", timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in outputs:
+    assert (tmp_path / name).stat().st_size > 0, name
+  payload = json.loads((tmp_path / outputs[1]).read_text())
+  assert payload
+  if script == "deep_image_prior":
+    assert payload["iterations"] == [10, 20] and 19 < payload["noisy_psnr"] < 23  # sigma 25/255, clipped
+    assert payload["psnr_noisy"][-1] > payload["psnr_noisy"][0]  # the fit approaches its noisy target
+
+
+def test_segmentation_scores_agree_with_the_loop_and_the_script(tmp_path, tfds_data_dir):
+  config = tiny(experiment_config("unet_shapes"), num_train_steps=2, **{"model.features": (4, 8),
+                                                                       "batch_size": 8, "eval_batch_size": 100})
+  summary = train.run(config, str(tmp_path))
+  scores = segmentation_scores(*restore_run(config, str(tmp_path)))
+  assert scores["pixels"] == 200 * 32 * 32
+  assert scores["pixel_accuracy"] == pytest.approx(summary["eval_accuracy"], abs=1e-6)
+  assert len(scores["per_class_iou"]) == 4 and 0 <= scores["mean_iou"] <= 1
+  result = run_cli("", "--config=experiments/unet_shapes.py", f"--workdir={tmp_path}", "--config.model.features=(4, 8)",
+                   "--config.num_train_steps=2", "--config.batch_size=8", "--config.eval_batch_size=100",
+                   "--config.log_every_steps=2", "--config.checkpoint_every_steps=2", "--config.eval_every_steps=0",
+                   "--config.progress_bar=false", "--config.data.num_threads=2",
+                   wrapper="scripts/segmentation_scores.py", timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads(result.stdout)["mean_iou"] == pytest.approx(scores["mean_iou"])
