@@ -10,7 +10,8 @@ per-member host values:
 * `PopulationEngine`: M members that differ only in values that need no
   recompilation (learning rate, weight decay, label smoothing, seed), stacked on a
   leading member axis and trained by one compiled step, `jax.vmap` over members,
-  with the member axis sharded over devices. The member axis is never a
+  with the member axis sharded over devices (`jax.shard_map`: each device steps
+  its own block of members, with no communication). The member axis is never a
   BatchNorm axis: the step is vmapped with no axis name, so each member's
   BatchNorm normalizes over that member's own batch only.
 """
@@ -117,18 +118,21 @@ class PopulationEngine:
       return train_step(member_state, member_batch, model=base.model, tx=base.tx,
                         schedule_shape=base.schedule_shape, label_smoothing=label_smoothing, axis_name=None)
 
-    stepped = jax.jit(jax.vmap(member_step), donate_argnums=(0,),
-                      in_shardings=(self.member_sharding,) * 3,
-                      out_shardings=(self.member_sharding, self.member_sharding))
+    # shard_map makes each device step only its own block of members. Left to the SPMD partitioner,
+    # the vmapped convolutions (grouped over members) were not split by member: every device computed
+    # every member, measured 14x slower than the same members one after another on 8 CPU devices.
+    mesh = self.member_sharding.mesh
+    stepped = jax.jit(jax.shard_map(jax.vmap(member_step), mesh=mesh, in_specs=(P(MEMBER_AXIS),) * 3,
+                                    out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS))), donate_argnums=(0,))
     compiled = stepped.lower(state, batch, self.label_smoothing).compile()
     return lambda s, b: compiled(s, b, self.label_smoothing)
 
   def eval_step_fn(self) -> Any:
     base = self.exp
     member_eval = functools.partial(eval_step, model=base.model, axis_name=None)
-    # Every member sees the same eval batch.
-    return jax.jit(jax.vmap(member_eval, in_axes=(0, None)),
-                   in_shardings=(self.member_sharding, self.replicated), out_shardings=self.member_sharding)
+    # Every member sees the same eval batch; each device evaluates its own members (as in training).
+    return jax.jit(jax.shard_map(jax.vmap(member_eval, in_axes=(0, None)), mesh=self.member_sharding.mesh,
+                                 in_specs=(P(MEMBER_AXIS), P()), out_specs=P(MEMBER_AXIS)))
 
   def eval_sums(self, state: PyTree, eval_fn: Any) -> list[dict[str, float]]:
     totals = [_zero_sums() for _ in range(self.num_members)]

@@ -1,0 +1,229 @@
+"""Summarizing a sweep: results.csv and results.md (one row per trial, the best marked) and plots.
+
+Rows come from each trial's own `summary.json` (or `error.json`), so the tables
+can be rebuilt at any time, also for trials that ran elsewhere (for example a
+cluster running the commands of `--print_commands`). The best trial is the
+finished one with the highest `metric`, or the lowest for losses. When seeds are
+swept, results.md adds the mean and spread over seeds of every other
+combination, and each swept value other than a seed gets a plot of the metric
+against it (every trial a point, the line through the means).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import math
+import os
+import re
+import statistics
+from typing import Any, Sequence
+
+from cnnjax import metrics as metrics_lib
+from cnnjax.errors import ConfigError
+from cnnjax.sweep.declare import Trial
+from cnnjax.train.loop import CHECKPOINT_DIR, ERROR_FILE, SUMMARY_FILE
+
+CSV_FILE = "results.csv"
+MARKDOWN_FILE = "results.md"
+# Metrics a sweep can be ranked by: every run's summary has them.
+METRICS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss")
+# Summary values shown for every trial, after its overrides.
+SUMMARY_COLUMNS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss", "step", "wall_seconds",
+                   "examples_per_second", "strategy", "num_devices")
+# A numeric axis is drawn logarithmic when its positive values span at least this ratio.
+LOG_AXIS_RATIO = 10.0
+PLOT_SIZE_INCHES = (5.0, 3.5)
+PLOT_DPI = 100
+# How a trial stands, as its directory shows it.
+FINISHED, DIVERGED, INCOMPLETE, NOT_STARTED = "finished", "diverged", "incomplete", "not started"
+
+
+@dataclasses.dataclass
+class Row:
+  """One trial in the tables: what it overrides, how it ended, its summary."""
+
+  trial: Trial
+  status: str
+  summary: dict[str, Any] | None
+
+
+def check_metric(metric: str) -> None:
+  if metric not in METRICS:
+    raise ConfigError(f"--metric={metric} is unknown; rank trials by one of {', '.join(METRICS)}")
+
+
+def lower_is_better(metric: str) -> bool:
+  return metric.endswith("loss")
+
+
+def file_status(trial_dir: str) -> str:
+  """What a trial's directory says about it: finished, diverged, incomplete (checkpoints only) or not started."""
+  if os.path.exists(os.path.join(trial_dir, SUMMARY_FILE)):
+    return FINISHED
+  if os.path.exists(os.path.join(trial_dir, ERROR_FILE)):
+    return DIVERGED
+  return INCOMPLETE if has_checkpoints(trial_dir) else NOT_STARTED
+
+
+def has_checkpoints(trial_dir: str) -> bool:
+  checkpoints = os.path.join(trial_dir, CHECKPOINT_DIR)
+  return os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
+
+
+def read_rows(trials: Sequence[Trial], workdir: str) -> list[Row]:
+  """Each trial's row from its directory: finished (summary.json), diverged (error.json) or not."""
+  rows = []
+  for trial in trials:
+    trial_dir = os.path.join(workdir, trial.name)
+    rows.append(Row(trial, file_status(trial_dir), metrics_lib.read_json(os.path.join(trial_dir, SUMMARY_FILE))))
+  return rows
+
+
+def best_row(rows: Sequence[Row], metric: str) -> Row | None:
+  """The finished trial with the best `metric`; ties (accuracies on small eval sets often tie) go to the
+  lower eval loss, or for a loss metric to the higher eval accuracy, then to declaration order."""
+  scored = [r for r in rows if r.summary is not None and _finite(r.summary.get(metric))]
+  if not scored:
+    return None
+  sign = 1.0 if lower_is_better(metric) else -1.0
+  tie_break = "eval_accuracy" if lower_is_better(metric) else "eval_loss"
+
+  def rank(row: Row) -> tuple[float, float]:
+    second = row.summary.get(tie_break)
+    second = second if _finite(second) else -sign * math.inf  # a missing value ranks last
+    return sign * row.summary[metric], (-sign) * second
+
+  return min(scored, key=rank)
+
+
+def _finite(value: Any) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def swept_keys(rows: Sequence[Row]) -> list[str]:
+  """Every key any trial overrides, in order of first appearance."""
+  return list(dict.fromkeys(key for row in rows for key in row.trial.overrides))
+
+
+def _is_seed(key: str) -> bool:
+  return key.split(".")[-1] == "seed"
+
+
+def write_results(workdir: str, trials: Sequence[Trial], metric: str = "eval_accuracy") -> dict[str, Any]:
+  """Writes results.csv, results.md and the plots into `workdir`; returns their paths and the best trial."""
+  check_metric(metric)
+  rows = read_rows(trials, workdir)
+  best = best_row(rows, metric)
+  keys = swept_keys(rows)
+  csv_path = os.path.join(workdir, CSV_FILE)
+  with open(csv_path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["trial", *keys, "status", *SUMMARY_COLUMNS, "best"])
+    for row in rows:
+      summary = row.summary or {}
+      writer.writerow([row.trial.name, *(_cell(row.trial.overrides.get(k, "")) for k in keys), row.status,
+                       *(summary.get(c, "") for c in SUMMARY_COLUMNS), row is best])
+  plots = write_plots(workdir, rows, keys, metric)
+  markdown_path = os.path.join(workdir, MARKDOWN_FILE)
+  with open(markdown_path, "w") as f:
+    f.write(_markdown(os.path.basename(os.path.abspath(workdir)), rows, keys, metric, best, plots))
+  return {"csv": csv_path, "markdown": markdown_path, "plots": plots,
+          "best": best.trial.name if best is not None else None}
+
+
+def _cell(value: Any) -> str:
+  return str(tuple(value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _number(value: Any, key: str) -> str:
+  if value is None or value == "":
+    return ""
+  if isinstance(value, float):
+    return f"{value:.4f}" if key.endswith(("accuracy", "loss")) else f"{value:.4g}"
+  return str(value)
+
+
+def _markdown(title: str, rows: Sequence[Row], keys: Sequence[str], metric: str, best: Row | None,
+              plots: Sequence[str]) -> str:
+  counts = collections.Counter(row.status for row in rows)
+  direction = "lower" if lower_is_better(metric) else "higher"
+  lines = [f"# Sweep results: {title}", "",
+           f"{len(rows)} trials: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + ".",
+           f"Best by {metric} ({direction} is better): "
+           + (f"**{best.trial.name}** ({best.summary[metric]:.4f})." if best else "none finished yet."), ""]
+  shown = ("eval_accuracy", "eval_loss", "train_loss", "step", "wall_seconds")
+  lines += _table(["", "trial", *keys, "status", *shown],
+                  [["**best**" if row is best else "", row.trial.name,
+                    *(_cell(row.trial.overrides.get(k, "")) for k in keys), row.status,
+                    *(_number((row.summary or {}).get(c), c) for c in shown)] for row in rows])
+  seed_keys = [k for k in keys if _is_seed(k)]
+  if seed_keys:
+    lines += ["", f"## {metric} over seeds", ""]
+    lines += _table([*[k for k in keys if not _is_seed(k)], "finished trials", "mean", "std", "min", "max"],
+                    _over_seeds(rows, keys, metric))
+  if plots:
+    lines += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+  return "\n".join(lines) + "\n"
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def _over_seeds(rows: Sequence[Row], keys: Sequence[str], metric: str) -> list[list[str]]:
+  others = [k for k in keys if not _is_seed(k)]
+  groups: dict[tuple[str, ...], list[float]] = {}
+  for row in rows:
+    values = groups.setdefault(tuple(_cell(row.trial.overrides.get(k, "")) for k in others), [])
+    if row.summary is not None and _finite(row.summary.get(metric)):
+      values.append(float(row.summary[metric]))
+  body = []
+  for combination, values in groups.items():
+    stats = ([f"{statistics.fmean(values):.4f}", f"{statistics.stdev(values):.4f}" if len(values) > 1 else "",
+              f"{min(values):.4f}", f"{max(values):.4f}"] if values else ["", "", "", ""])
+    body.append([*combination, str(len(values)), *stats])
+  return body
+
+
+def write_plots(workdir: str, rows: Sequence[Row], keys: Sequence[str], metric: str) -> list[str]:
+  """One PNG per swept key (seeds aside) with at least two values among finished trials; file names."""
+  import matplotlib  # pylint: disable=import-outside-toplevel  (only summaries need it)
+  matplotlib.use("Agg")
+  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+  finished = [r for r in rows if r.summary is not None and _finite(r.summary.get(metric))]
+  names = []
+  for key in keys:
+    points = [(r.trial.overrides[key], float(r.summary[metric])) for r in finished if key in r.trial.overrides]
+    distinct = list(dict.fromkeys(_cell(value) for value, _ in points))
+    if _is_seed(key) or len(distinct) < 2:
+      continue
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in points)
+    if numeric:
+      xs = [float(v) for v, _ in points]
+    else:
+      xs = [float(distinct.index(_cell(v))) for v, _ in points]
+    ys = [y for _, y in points]
+    means = collections.defaultdict(list)
+    for x, y in zip(xs, ys):
+      means[x].append(y)
+    line_x = sorted(means)
+    figure, axes = pyplot.subplots(figsize=PLOT_SIZE_INCHES)
+    axes.scatter(xs, ys, alpha=0.6, label="trials")
+    axes.plot(line_x, [statistics.fmean(means[x]) for x in line_x], marker="o", label="mean")
+    if numeric and min(xs) > 0 and max(xs) / min(xs) >= LOG_AXIS_RATIO:
+      axes.set_xscale("log")
+    if not numeric:
+      axes.set_xticks(range(len(distinct)), distinct)
+    axes.set_xlabel(key)
+    axes.set_ylabel(metric)
+    axes.set_title(f"{metric} vs {key} ({len(points)} trials)")
+    axes.legend()
+    figure.tight_layout()
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"plot_{metric}_vs_{key}.png")
+    figure.savefig(os.path.join(workdir, name), dpi=PLOT_DPI)
+    pyplot.close(figure)
+    names.append(name)
+  return names
