@@ -63,7 +63,7 @@ class PriorFit:
   clean: np.ndarray
   noisy: np.ndarray
   iterations: list[int]
-  psnr_clean: list[float]  # the output against the clean photo
+  psnr_clean: list[float]  # the output of iteration i (the one its step fits) against the clean photo
   psnr_noisy: list[float]  # the output against the noisy target it is fitted to
   best_iteration: int
   best_output: np.ndarray
@@ -99,19 +99,23 @@ def fit(clean: np.ndarray, *, steps: int, features: Sequence[int] = DEFAULT_FEAT
 
   @jax.jit
   def step(params, opt_state, stats):
-    loss, grads = jax.value_and_grad(lambda p: jnp.mean((output(p, stats)[None] - target) ** 2))(params)
+    # Returns the output this step fits (before its update), so that reading it costs no second program.
+    def loss_fn(p):
+      image = output(p, stats)
+      return jnp.mean((image[None] - target) ** 2), image
+
+    (_, image), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, image
 
   params, stats = variables["params"], variables["batch_stats"]
   opt_state = tx.init(params)
-  read = jax.jit(output)
   iterations, to_clean, to_noisy = [], [], []
   best = (-math.inf, 0, None)
   for iteration in range(1, steps + 1):
-    params, opt_state, _ = step(params, opt_state, stats)
+    params, opt_state, fitted = step(params, opt_state, stats)
     if iteration % log_every == 0 or iteration == steps:
-      image = np.asarray(read(params, stats))
+      image = np.asarray(fitted)
       iterations.append(iteration)
       to_clean.append(psnr(image, clean))
       to_noisy.append(psnr(image, noisy))
