@@ -4,6 +4,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -30,6 +31,13 @@ def test_grid_zipped_and_product_compose():
     product(grid({"seed": (0,)}), grid({"seed": (1,)}))
   with pytest.raises(ConfigError, match="non-empty list"):
     grid({"a": 0.1})
+
+
+def test_numpy_values_become_plain_config_values():
+  trials = make_trials(grid({"optimizer.learning_rate": np.logspace(-3, -1, 3), "seed": np.arange(2)}))
+  assert [t.name for t in trials[:2]] == ["learning_rate=0.001,seed=0", "learning_rate=0.001,seed=1"]
+  assert all(type(t.overrides["seed"]) is int and type(t.overrides["optimizer.learning_rate"]) is float
+             for t in trials)
 
 
 def test_random_search_is_seeded_and_stays_in_range():

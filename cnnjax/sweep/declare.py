@@ -130,6 +130,8 @@ def random_search(space: Mapping[str, Any], *, num_trials: int, seed: int) -> li
 
 def _values(axes: Mapping[str, Sequence[Any]], key: str) -> list[Any]:
   values = axes[key]
+  if isinstance(values, np.ndarray):
+    values = values.tolist()  # e.g. np.logspace(-4, -1, 4): Python numbers, as configs hold them
   if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
     raise ConfigError(f"sweep axis {key!r} must be a non-empty list or tuple of values, got {values!r}")
   return list(values)
@@ -158,7 +160,7 @@ def trial_name(overrides: Mapping[str, Any]) -> str:
   name = ",".join(f"{short[key]}={_name_value(overrides[key])}" for key in keys)
   name = _UNSAFE_NAME_CHARS.sub("_", name)
   if len(name) > MAX_NAME_CHARS:
-    digest = hashlib.sha256(json.dumps(_canonical(overrides), sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(_canonical(overrides), sort_keys=True, default=str).encode()).hexdigest()
     name = f"{name[:MAX_NAME_CHARS - NAME_HASH_CHARS - 1]}-{digest[:NAME_HASH_CHARS]}"
   return name
 
@@ -194,6 +196,15 @@ def _canonical(value: Any) -> Any:
   return value
 
 
+def _plain(value: Any) -> Any:
+  """Config-ready values: NumPy scalars as Python numbers, lists as tuples."""
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
+
+
 def make_trials(declared: Sequence[Mapping[str, Any]]) -> list[Trial]:
   """Names the declared overrides; refuses malformed entries, repeated trials and colliding names."""
   if isinstance(declared, Mapping) or not isinstance(declared, Sequence) or not declared:
@@ -204,7 +215,8 @@ def make_trials(declared: Sequence[Mapping[str, Any]]) -> list[Trial]:
     if not isinstance(overrides, Mapping) or not all(isinstance(k, str) and k for k in overrides):
       raise ConfigError(f"sweep() returned {overrides!r}; every trial must be a dict from dotted config keys "
                         "(e.g. 'optimizer.learning_rate') to values")
-    trial = Trial(trial_name(overrides), {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    plain = {k: _plain(v) for k, v in overrides.items()}
+    trial = Trial(trial_name(plain), plain)
     if trial.name in by_name:
       same = by_name[trial.name] == trial.overrides
       raise ConfigError(

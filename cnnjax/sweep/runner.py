@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -61,6 +62,9 @@ MODES = ("auto", "sequential", "partitioned", "vectorized")
 LOCK_FILE = ".sweep.lock"
 LOG_FILE = "sweep_log.jsonl"
 SWEEP_FILE = "sweep.json"
+# How often the main thread wakes while workers train, so that Ctrl-C reaches it promptly.
+JOIN_POLL_SECONDS = 1.0
+LOG_TIME_DECIMALS = 3  # sweep_log.jsonl timestamps, in seconds
 
 logger = logging.getLogger("cnnjax")
 _context = threading.local()  # the trial a thread is training, for its log lines
@@ -245,7 +249,7 @@ class _TrialProgress:
 def _log_event(workdir: str, lock: threading.Lock, event: dict[str, Any]) -> None:
   """Appends one line to the sweep's log (threads share it, hence the lock)."""
   with lock, open(os.path.join(workdir, LOG_FILE), "a") as f:
-    f.write(json.dumps({"time": round(time.time(), 3), **event}, sort_keys=True) + "\n")
+    f.write(json.dumps({"time": round(time.time(), LOG_TIME_DECIMALS), **event}, sort_keys=True) + "\n")
 
 
 def _train_alone(run: TrialRun, devices: Sequence[Any], mode: str, log: Callable[[dict], None]) -> None:
@@ -304,7 +308,7 @@ def _run_groups(pending: Sequence[TrialRun], groups: Sequence[tuple[Any, ...]], 
       thread.start()
     for thread in threads:
       while thread.is_alive():
-        thread.join(timeout=1.0)
+        thread.join(timeout=JOIN_POLL_SECONDS)
   if errors:
     raise errors[0]
 
@@ -365,13 +369,12 @@ def run_sweep(base_config: ml_collections.ConfigDict, trials: Sequence[Trial], w
     metrics_lib.write_json(os.path.join(workdir, SWEEP_FILE), {
         **(record or {}), "mode": mode,
         "trials": [{"name": r.trial.name, "overrides": r.trial.overrides} for r in runs]})
-    event_lock = threading.Lock()
-    log = lambda event: _log_event(workdir, event_lock, event)  # pylint: disable=unnecessary-lambda-assignment
-    progress = _TrialProgress(runs)
+    log = functools.partial(_log_event, workdir, threading.Lock())
     where = (f"{len(groups)} groups of {len(groups[0])} device(s)" if mode == "partitioned" else
              f"{len(devices)} devices")
     logger.info("sweep of %d trials in %s mode on %s: %d finished or diverged, %d to train", len(runs), mode,
                 where, len(runs) - len(pending), len(pending))
+    progress = _TrialProgress(runs)  # after the line above: a bar must not share its line
     with progress.showing():
       if pending and mode == "vectorized":
         _run_vectorized(pending, devices, population_size, progress, log)
