@@ -156,11 +156,15 @@ def test_killed_sweep_completes_on_rerun_with_every_trial_exactly_once(tmp_path,
   assert (first / "summary.json").exists() and not (second / "summary.json").exists()
   first_summary = (first / "summary.json").read_text()
 
-  rerun = run_cli("cnnjax.sweep", *args)
+  # Re-run vectorized: the interrupted trial resumes at its step as a population of one, the two not
+  # started train together from step 0 (a trial may change mode between runs, never its config).
+  rerun = run_cli("cnnjax.sweep", *[a.replace("--mode=sequential", "--mode=vectorized") for a in args])
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "1 finished or diverged, 3 to train" in rerun.stderr
-  assert f"[{trials[1].name}] resuming from step" in rerun.stderr
+  assert "[population of 3] resuming from step" in rerun.stderr
   assert (first / "summary.json").read_text() == first_summary  # not trained again
+  assert [json.load(open(sweep_dir / t.name / "summary.json"))["strategy"] for t in trials] == [
+      "none", "vectorized", "vectorized", "vectorized"]
   for trial in trials:
     records = read_jsonl(sweep_dir / trial.name / "metrics.jsonl")
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(every, steps + 1, every))
