@@ -7,6 +7,7 @@ are bound to the step functions with `functools.partial`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -38,20 +39,28 @@ class TrainState:
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_init(model: nn.Module, input_shape: tuple[int, ...]):
+  """model.init as a compiled function of the key, one compile per (model, input shape).
+
+  Flax modules compare by value, so the equal models of a population's members
+  or of repeated builds share one compiled initializer.
+  """
+  def init(key):
+    return model.init({"params": key}, jnp.zeros((1,) + input_shape, jnp.float32), train=False)
+
+  key_shape = jax.ShapeDtypeStruct(jax.random.PRNGKey(0).shape, jax.random.PRNGKey(0).dtype)
+  return jax.jit(init).lower(key_shape).compile(compiler_options=INIT_COMPILER_OPTIONS)
+
+
 def create_train_state(seed: int, model: nn.Module, tx: optax.GradientTransformation,
                        input_shape: tuple[int, ...]) -> TrainState:
   """Initializes parameters, BatchNorm statistics and the optimizer state from `seed`."""
   init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
-
-  def init():
-    variables = model.init({"params": init_key}, jnp.zeros((1,) + tuple(input_shape), jnp.float32),
-                           train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      rng=run_key)
-
-  return jax.jit(init).lower().compile(compiler_options=INIT_COMPILER_OPTIONS)()
+  variables = _compiled_init(model, tuple(input_shape))(init_key)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params), rng=run_key)
 
 
 def count_params(params: Any) -> int:
