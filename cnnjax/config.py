@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.crop_padding = 0  # random crop after zero padding by this many pixels; 0: off
   config.data.flip = False  # random horizontal flip
   config.data.rotation_degrees = 0.0  # random rotation in [-r, r] degrees; 0: off
-  config.data.vocab_size = 20_000  # text only: ids of the vocabulary built from the training split (padding, unknown included)
+  config.data.vocab_size = 20_000  # text only: vocabulary ids from the training split, padding and unknown included
   config.data.max_length = 256  # text only: tokens per example (longer ones cut, shorter ones padded)
   config.data.num_threads = 4  # host threads preparing batches
   config.data.prefetch_batches = 8

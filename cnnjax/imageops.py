@@ -50,7 +50,7 @@ def rotate_batch(images: Any, angles_degrees: Any, *, order: str = "bilinear", f
 
 
 def crop_batch(images: Any, padding: int, offsets: Any, *, fill: float = 0.0, xp: Any = np) -> Any:
-  """Pads each image (B, H, W, ...) by `padding` with `fill` and crops the original size at offsets (B, 2) in [0, 2p]."""
+  """Pads images (B, H, W, ...) by `padding` with `fill`; crops the original size at offsets (B, 2) in [0, 2p]."""
   batch, height, width = images.shape[:3]
   pad = ((0, 0), (padding, padding), (padding, padding)) + ((0, 0),) * (images.ndim - 3)
   padded = xp.pad(images, pad, constant_values=fill)

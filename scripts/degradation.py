@@ -11,8 +11,8 @@ Expected: after 500 steps (seed 0; training loss averaged over the last 50 steps
 plain-56 1.35, ResNet-20 0.0008, ResNet-56 0.0087; test accuracy 98.3%, 55.0%, 98.6%, 98.3%. The
 deeper plain network degrades, as in He et al. 2015; with shortcuts the 56-layer network trains
 (here still a little behind ResNet-20 at this budget).
-Cost: 29 s (plain-20), 84 s (plain-56), 31 s (ResNet-20), 91 s (ResNet-56): about 4 minutes on
-2 CPU cores with compilation.
+Cost: 23 s (plain-20), 52 s (plain-56), 26 s (ResNet-20), 63 s (ResNet-56) of training; 3 minutes
+in all on 2 CPU cores with compilation and evaluation.
 """
 
 import json

@@ -50,7 +50,8 @@ def test_inception_5x5_branch_cost_and_its_1x1_reduction():
   assert reduced == 12_443_648 and 0.09 < reduced / direct < 0.11  # "about a tenth"
   # The same numbers read off GoogLeNet's module 3a with the paper's 5x5 kernel (28x28x192 in).
   profile = profile_registered("googlenet", (224, 224, 3), 1000, wide_kernel=5)
-  reduce_row, conv_row = layer(profile, "inception3a/branch3_reduce/conv"), layer(profile, "inception3a/branch3_conv/conv")
+  reduce_row = layer(profile, "inception3a/branch3_reduce/conv")
+  conv_row = layer(profile, "inception3a/branch3_conv/conv")
   assert reduce_row.input_shape == (28, 28, 192) and conv_row.output_shape == (28, 28, 32)
   assert reduce_row.macs + conv_row.macs == reduced
 

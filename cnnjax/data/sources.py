@@ -216,10 +216,11 @@ def _open_tfds_segmentation(name: str, data_dir: str, train_split: str, eval_spl
   spec = TFDS_SEGMENTATION[name]
   eval_split = eval_split or spec["eval_split"]
   sources = _tfds_sources(name, data_dir, (train_split, eval_split))
-  wrap = lambda source: MaskSource(source, name, spec["mask_feature"], spec["mask_values"])  # pylint: disable=unnecessary-lambda-assignment
+  train, evaluation = (MaskSource(sources[split], name, spec["mask_feature"], spec["mask_values"])
+                       for split in (train_split, eval_split))
   image_shape = tuple(_tfds_info(name, data_dir).features["image"].shape)
-  return Dataset(name, wrap(sources[train_split]), wrap(sources[eval_split]), len(spec["classes"]), image_shape,
-                 spec["mean"], spec["std"], task="segmentation", background_class=spec["background_class"])
+  return Dataset(name, train, evaluation, len(spec["classes"]), image_shape, spec["mean"], spec["std"],
+                 task="segmentation", background_class=spec["background_class"])
 
 
 def _open_tfds_text(name: str, data_dir: str, train_split: str, eval_split: str, vocab_size: int,
