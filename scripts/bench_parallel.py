@@ -33,7 +33,8 @@ def main() -> None:
                              f" --xla_force_host_platform_device_count={args.devices}").strip()
 
   import jax  # pylint: disable=import-outside-toplevel  (after XLA_FLAGS)
-  from cnnjax import benchmarking, config as config_lib, train  # pylint: disable=import-outside-toplevel
+  from cnnjax import config as config_lib, train
+  from cnnjax.bench import timing  # pylint: disable=import-outside-toplevel
 
   results = []
   for strategy in ("none", "pmap", "shard_map", "jit"):
@@ -49,7 +50,7 @@ def main() -> None:
       exp = train.build(config)
       record = {"strategy": strategy, "bn_sync": bn_sync, "devices": exp.strategy.layout.num_devices,
                 "model": args.model, "batch": args.batch,
-                **benchmarking.time_train_step(exp, warmup_steps=args.warmup_steps, timed_steps=args.timed_steps)}
+                **timing.time_train_step(exp, warmup_steps=args.warmup_steps, timed_steps=args.timed_steps)}
       results.append(record)
       print(f"{strategy:>9} {bn_sync:>6} on {record['devices']} devices: "
             f"{record['median_step_seconds'] * 1000:7.1f} ms/step  {record['images_per_second']:7.1f} img/s  "

@@ -1,0 +1,255 @@
+"""The benchmark harness behind `scripts/benchmark.py`: cases, the PyTorch reference, the input pipeline.
+
+Each case (model x batch x strategy x dtype) runs in its own child process
+(`python -m cnnjax.bench.harness --case=...`), so that its peak memory is its
+own, single-device cases get a plain one-device JAX (all host cores), and
+multi-device cases get 8 simulated devices. In the child: the cnnjax train step
+is compiled and timed on a fixed batch (median of the timed steps after warm-up,
+device synchronized before the clock is read), its FLOPs counted by XLA, and for
+float32 single-device cases the PyTorch twin is timed in the same process,
+eager and channels_last, with as many threads as the host has cores (XLA's CPU
+default).
+
+The parent measures the machine's float32 matmul peak and the real input
+pipeline (decode, augment, batch, on the host) for each input kind, and writes
+one JSON with every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+SIMULATED_DEVICES = 8
+STRATEGIES = ("none", "pmap", "shard_map", "jit")
+DTYPES = ("float32", "bfloat16")
+PIPELINE_EXAMPLES = 2048  # examples in each synthetic dataset the pipeline benchmark reads
+PIPELINE_WARMUP_BATCHES = 2
+PIPELINE_TIMED_BATCHES = 10
+CASE_TIMEOUT_SECONDS = 1800
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  model: str
+  batch: int
+  image_size: int
+  channels: int
+  num_classes: int
+  strategy: str
+  dtype: str
+  input_kind: str
+
+  @property
+  def devices(self) -> int:
+    return 1 if self.strategy == "none" else SIMULATED_DEVICES
+
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.channels)
+
+  @property
+  def has_torch_reference(self) -> bool:
+    return self.strategy == "none" and self.dtype == "float32"
+
+
+def cases(quick: bool) -> list[Case]:
+  """The benchmark's cases; --quick keeps ResNet-20 and LeNet-5 whole and the ImageNet nets small."""
+  imagenet_size = 64 if quick else 224
+  families = [("resnet20", 128, 32, 3, 10, "cifar"), ("lenet5", 256, 32, 1, 10, "mnist"),
+              ("resnet18", 32, imagenet_size, 3, 1000, "imagenet"), ("resnet50", 32, imagenet_size, 3, 1000, "imagenet")]
+  selected = []
+  for model, batch, size, channels, classes, kind in families:
+    for strategy in STRATEGIES:
+      for dtype in DTYPES:
+        if quick and model in ("resnet18", "resnet50") and (strategy, dtype) != ("none", "float32"):
+          continue
+        if quick and model == "lenet5" and dtype != "float32":
+          continue
+        selected.append(Case(model, batch, size, channels, classes, strategy, dtype, kind))
+  return selected
+
+
+def write_npz(path: str, num_examples: int, shape: tuple[int, int, int], num_classes: int, seed: int) -> str:
+  rng = np.random.default_rng(seed)
+  np.savez(path, image=rng.integers(0, 256, (num_examples,) + shape, dtype=np.uint8),
+           label=rng.integers(0, num_classes, num_examples))
+  return path
+
+
+def case_config(case: Case, workdir: str) -> Any:
+  """A config that trains the case's model on random arrays of its input shape (npz source)."""
+  from cnnjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.base_config()
+  config.model.name = case.model
+  config.model.dtype = case.dtype
+  config.data.name = "npz"
+  config.data.num_classes = case.num_classes
+  for role in ("train", "eval"):
+    config.data[f"{role}_path"] = write_npz(os.path.join(workdir, f"{role}.npz"), case.batch, case.input_shape,
+                                            case.num_classes, seed=0 if role == "train" else 1)
+  config.batch_size = case.batch
+  config.num_train_steps = 1
+  config.parallel.strategy = case.strategy
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 1e-4
+  return config
+
+
+def run_case(case: Case, *, warmup_steps: int, timed_steps: int, torch_reference: bool) -> dict[str, Any]:
+  """Times one case in this process (a child of the harness)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from cnnjax import train  # pylint: disable=import-outside-toplevel
+  from cnnjax.bench import timing  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as workdir:
+    exp = train.build(case_config(case, workdir))
+    record = dataclasses.asdict(case)
+    record["devices"] = exp.strategy.layout.num_devices
+    record.update(timing.time_train_step(exp, warmup_steps=warmup_steps, timed_steps=timed_steps))
+    record["flops_per_step"] = timing.step_flops(exp)
+    record["peak_host_memory_mb"] = timing.peak_rss_megabytes()
+    record["backend"] = jax.default_backend()
+  if torch_reference and case.has_torch_reference:
+    record.update(_torch_reference(case, warmup_steps=warmup_steps, timed_steps=timed_steps))
+  return record
+
+
+def _torch_reference(case: Case, *, warmup_steps: int, timed_steps: int) -> dict[str, Any]:
+  try:
+    from cnnjax.bench import torch_models  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return {"torch_reference": "not installed (pip install '.[torch]')"}
+  results = {}
+  for layout, key in ((False, "torch_eager"), (True, "torch_channels_last")):
+    timed = torch_models.time_train_step(case.model, batch=case.batch, input_shape=case.input_shape,
+                                         num_classes=case.num_classes, channels_last=layout,
+                                         threads=os.cpu_count(), warmup_steps=warmup_steps,
+                                         timed_steps=timed_steps)
+    results[f"{key}_images_per_second"] = timed["images_per_second"]
+    results["torch_version"] = timed["torch_version"]
+  return results
+
+
+def run_case_in_child(case: Case, *, warmup_steps: int, timed_steps: int, torch_reference: bool) -> dict[str, Any]:
+  """Runs `case` in a fresh Python process with its own device count; returns its record."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "case.json")
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={case.devices}"}
+    command = [sys.executable, "-m", "cnnjax.bench.harness", f"--case={json.dumps(dataclasses.asdict(case))}",
+               f"--out={out}", f"--warmup_steps={warmup_steps}", f"--timed_steps={timed_steps}",
+               f"--torch_reference={int(torch_reference)}"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CASE_TIMEOUT_SECONDS)
+    if result.returncode != 0:
+      return {**dataclasses.asdict(case), "error": _last_error(result.stderr)}
+    with open(out) as f:
+      return json.load(f)
+
+
+def _last_error(stderr: str) -> str:
+  """The exception line of a child's traceback (or its last line)."""
+  lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+  errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+  return (errors or lines or ["failed without output"])[-1][:500]
+
+
+def pipeline_throughput(kind: str, batch: int, image_size: int, data_root: str) -> float:
+  """Images per second of the real host pipeline (decode, augment, batch) for an input kind."""
+  from cnnjax import train  # pylint: disable=import-outside-toplevel
+  from cnnjax.bench.datasets import pipeline_config  # pylint: disable=import-outside-toplevel
+  config = pipeline_config(kind, batch=batch, image_size=image_size, root=data_root,
+                           num_examples=PIPELINE_EXAMPLES)
+  exp = train.build(config)
+  batches = exp.train_batches()
+  for _ in range(PIPELINE_WARMUP_BATCHES):
+    next(batches)
+  start = time.perf_counter()
+  for _ in range(PIPELINE_TIMED_BATCHES):
+    next(batches)
+  return PIPELINE_TIMED_BATCHES * batch / (time.perf_counter() - start)
+
+
+def machine() -> dict[str, Any]:
+  import jax  # pylint: disable=import-outside-toplevel
+  cpu = platform.processor() or platform.machine()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+  return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+          "backend": jax.default_backend(), "devices": [str(d) for d in jax.local_devices()],
+          "jax": jax.__version__, "python": sys.version.split()[0]}
+
+
+def benchmark(*, quick: bool, torch_reference: bool, warmup_steps: int, timed_steps: int,
+              progress: Any = print) -> dict[str, Any]:
+  """Runs every case and the pipelines; returns the JSON payload."""
+  from cnnjax.bench import timing  # pylint: disable=import-outside-toplevel
+  peak = timing.peak_matmul_flops_per_second()
+  progress(f"float32 matmul peak: {peak / 1e9:.0f} GFLOP/s")
+  records, pipelines = [], {}
+  with tempfile.TemporaryDirectory() as data_root:
+    for case in cases(quick):
+      key = (case.input_kind, case.batch, case.image_size)
+      if key not in pipelines:
+        pipelines[key] = pipeline_throughput(case.input_kind, case.batch, case.image_size, data_root)
+      record = run_case_in_child(case, warmup_steps=warmup_steps, timed_steps=timed_steps,
+                                 torch_reference=torch_reference)
+      if "error" not in record:
+        seconds = record["median_step_seconds"]
+        record["fraction_of_peak"] = record["flops_per_step"] / seconds / peak
+        record["pipeline_images_per_second"] = pipelines[key]
+        record["pipeline_over_step"] = pipelines[key] / record["images_per_second"]
+        if "torch_eager_images_per_second" in record:
+          record["ratio_vs_torch_eager"] = record["images_per_second"] / record["torch_eager_images_per_second"]
+          record["ratio_vs_torch_channels_last"] = (record["images_per_second"] /
+                                                     record["torch_channels_last_images_per_second"])
+      records.append(record)
+      progress(describe(record))
+  return {"machine": machine(), "peak_matmul_flops_per_second": peak, "quick": quick,
+          "warmup_steps": warmup_steps, "timed_steps": timed_steps, "cases": records,
+          "pipelines": [{"input_kind": k[0], "batch": k[1], "image_size": k[2], "images_per_second": v}
+                        for k, v in pipelines.items()]}
+
+
+def describe(record: dict[str, Any]) -> str:
+  name = f"{record['model']:>9} b{record['batch']:<3} {record['image_size']:>3}px {record['strategy']:>9} {record['dtype']:>8}"
+  if "error" in record:
+    return f"{name}: failed: {record['error']}"
+  line = (f"{name}: {record['images_per_second']:7.1f} img/s  {record['median_step_seconds'] * 1e3:8.1f} ms/step  "
+          f"compile {record['compile_seconds']:5.1f} s  {record['fraction_of_peak'] * 100:4.1f}% of peak  "
+          f"pipeline x{record['pipeline_over_step']:.1f}")
+  if "ratio_vs_torch_eager" in record:
+    line += (f"  torch eager {record['torch_eager_images_per_second']:.1f}, channels_last "
+             f"{record['torch_channels_last_images_per_second']:.1f} img/s -> x{record['ratio_vs_torch_eager']:.2f}")
+  return line
+
+
+def _child_main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--case", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--warmup_steps", type=int, required=True)
+  parser.add_argument("--timed_steps", type=int, required=True)
+  parser.add_argument("--torch_reference", type=int, required=True)
+  args = parser.parse_args()
+  record = run_case(Case(**json.loads(args.case)), warmup_steps=args.warmup_steps, timed_steps=args.timed_steps,
+                    torch_reference=bool(args.torch_reference))
+  with open(args.out, "w") as f:
+    json.dump(record, f)
+
+
+if __name__ == "__main__":
+  _child_main()
