@@ -19,6 +19,7 @@ TINY = ["--config.num_train_steps=3", "--config.log_every_steps=1", "--config.ch
 # for trimaps and reviews, from tests/mock_tfds_realistic_main.py).
 CASES = {
     "lenet5_digits": ([], False),
+    "bn_base": ([], False),  # the BatchNorm study's reference run; its bn_* sweeps run in tests/test_bn_study.py
     "simple_cnn_digits": ([], False),
     "resnet20_cifar10": (["--config.batch_size=8"], True),
     "resnet50_imagenet": (["--config.batch_size=4", "--config.data.image_size=32", "--config.eval_batch_size=8"],

@@ -35,6 +35,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 NORM_KINDS = ("batch", "group", "layer", "none")
+# The collection into which BatchNorm sows, in training mode, the statistics it normalized with
+# (`mean` and `var`, each (groups, features), after combining devices). Nothing is stored unless a
+# caller makes the collection mutable, as the BatchNorm study's probes do.
+BATCH_MOMENTS = "batch_moments"
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -87,6 +91,8 @@ class BatchNorm(nn.Module):
       var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
       if not self.is_initializing():
         self._update_running_stats(ra_mean, ra_var, mean, var)
+        self.sow(BATCH_MOMENTS, "mean", mean)
+        self.sow(BATCH_MOMENTS, "var", var)
       expand = (slice(None),) + (None,) * len(reduce_axes)
       y = (groups - mean[expand]) * jax.lax.rsqrt(var[expand] + self.epsilon)
       y = y.reshape(x.shape)

@@ -1,0 +1,194 @@
+"""What the BatchNorm study runs: its scales, the trials of each experiment file, and their directories.
+
+The study's configs live in experiment files (`experiments/bn_*.py`), each with
+`get_config(scale)` and `sweep()`, so that one experiment can be rerun alone with
+`python -m cnnjax.sweep`. This module turns them into concrete trials: the file's
+config for the scale's config argument, the scale's overrides (a few steps for
+`tiny`), then each trial's overrides; every trial trains into
+`<study workdir>/<experiment key>/<trial name>/`, the directory
+`python -m cnnjax.sweep --workdir=<study workdir>/<experiment key>` would use.
+
+A task is one unit of the study's progress bar: a training run, or a measurement
+on finished runs whose result is cached as JSON next to them. Both know whether
+they are done, so a rerun of the study skips them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+
+from cnnjax import metrics as metrics_lib
+from cnnjax import train
+from cnnjax.errors import NonFiniteError
+from cnnjax.sweep import Trial, apply_overrides, load_experiment_file, make_trials
+from cnnjax.train.loop import ERROR_FILE, SUMMARY_FILE
+
+PROBE_DIR = "probes"  # inside an experiment's directory: cached measurements, one JSON per task
+# How a run or a measurement stands, as the report shows it.
+FINISHED, DIVERGED, MISSING = "finished", "diverged", "missing"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """How big the study is.
+
+  config_arg: the argument every experiment file's `get_config` receives.
+  overrides: dotted config keys set on every run (after the file, before the trial).
+  keep: per experiment key, the trial names to run (None: all of them).
+  leakage_examples: examples in the cross-example gradient measurement.
+  divergence_batches: training batches over which devices' batch statistics are compared.
+  """
+
+  name: str
+  config_arg: str
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  keep: Mapping[str, Sequence[str]] | None = None
+  leakage_examples: int = 16
+  divergence_batches: int = 4
+
+  def keeps(self, experiment: str, trial_name: str) -> bool:
+    return self.keep is None or trial_name in self.keep.get(experiment, ())
+
+
+SCALES = {
+    # The default: the digits on CPU, every trial (the README quotes this run).
+    "small": Scale("small", "small"),
+    # CIFAR-10 and ResNet-20 on an accelerator host with 8 devices.
+    "full": Scale("full", "full", leakage_examples=32, divergence_batches=8),
+    # A smoke test of the whole pipeline: a few steps, a few trials per experiment.
+    "tiny": Scale("tiny", "small", overrides={"num_train_steps": 3, "checkpoint_every_steps": 2,
+                                              "log_every_steps": 1, "data.num_threads": 2},
+                  keep={"sync_vs_devices": ("bn_sync=global,num_devices=8", "bn_sync=local,num_devices=8"),
+                        "per_device_batch": ("norm=group",),
+                        "vmap_leakage": ("norm=batch", "norm=group"),
+                        "ensemble": ("seed=0", "seed=1"),
+                        "train_vs_eval": ("bn_momentum=0.99",),
+                        "ghost_batch": ("bn_group_size=8",)},
+                  leakage_examples=4, divergence_batches=1),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialPlan:
+  """One training run of the study: its trial (name and overrides), full config and directory."""
+
+  trial: Trial
+  config: ml_collections.ConfigDict
+  workdir: str
+
+  @property
+  def name(self) -> str:
+    return self.trial.name
+
+  def summary(self) -> dict[str, Any] | None:
+    """The run's summary if it reached its last step, else None."""
+    summary = metrics_lib.read_json(os.path.join(self.workdir, SUMMARY_FILE))
+    return summary if summary is not None and summary.get("step") == self.config.num_train_steps else None
+
+  def status(self) -> str:
+    if self.summary() is not None:
+      return FINISHED
+    return DIVERGED if os.path.exists(os.path.join(self.workdir, ERROR_FILE)) else MISSING
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """Where the study writes, at which scale, and where its experiment files are."""
+
+  workdir: str
+  scale: Scale
+  experiments_dir: str
+
+  def experiment_dir(self, key: str) -> str:
+    return os.path.join(self.workdir, key)
+
+  def module(self, experiment_file: str) -> Any:
+    return load_experiment_file(os.path.join(self.experiments_dir, experiment_file))
+
+  def base_config(self, experiment_file: str) -> ml_collections.ConfigDict:
+    """The file's config at this scale, with the scale's overrides and no progress bar of its own."""
+    config = self.module(experiment_file).get_config(self.scale.config_arg)
+    config = apply_overrides(config, Trial(f"scale {self.scale.name}", dict(self.scale.overrides)))
+    with config.unlocked():
+      config.progress_bar = False  # the study's bar counts runs
+    return config
+
+  def trials(self, key: str, experiment_file: str) -> list[TrialPlan]:
+    """The file's sweep at this scale: every trial, or the scale's subset of them."""
+    base = self.base_config(experiment_file)
+    trials = make_trials(self.module(experiment_file).sweep())
+    return [TrialPlan(trial, apply_overrides(base, trial), os.path.join(self.experiment_dir(key), trial.name))
+            for trial in trials if self.scale.keeps(key, trial.name)]
+
+  def probe_path(self, key: str, name: str) -> str:
+    return os.path.join(self.experiment_dir(key), PROBE_DIR, f"{name}.json")
+
+  def read_probe(self, key: str, name: str, *sources: TrialPlan) -> dict[str, Any] | None:
+    """A cached measurement, if it was made on the runs' current final parameters."""
+    probe = metrics_lib.read_json(self.probe_path(key, name))
+    if probe is None:
+      return None
+    return probe if probe.get("sources") == source_checksums(*sources) else None
+
+  def write_probe(self, key: str, name: str, payload: dict[str, Any], *sources: TrialPlan) -> None:
+    path = self.probe_path(key, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    metrics_lib.write_json(path, {**payload, "sources": source_checksums(*sources)})
+
+
+def source_checksums(*sources: TrialPlan) -> dict[str, str | None]:
+  """The final parameter checksum of each run a measurement reads (None while a run is unfinished),
+  keyed by experiment and trial so that a study directory can be moved."""
+  return {f"{os.path.basename(os.path.dirname(plan.workdir))}/{plan.name}":
+          (plan.summary() or {}).get("param_checksum") for plan in sources}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One unit of the study's progress: `run()` does it and returns a one-line result; `done()` says
+  whether an earlier invocation already did."""
+
+  experiment: str
+  name: str
+  done: Callable[[], bool]
+  run: Callable[[], str]
+
+
+def train_task(experiment: str, plan: TrialPlan) -> Task:
+  """Trains one run through `cnnjax.train.run` (which resumes an interrupted one from its checkpoints).
+
+  A run that needs more devices than this host has is skipped and stays missing
+  (the full scale's 8-device runs on a smaller host); a diverged run keeps its
+  error.json and is not retried.
+  """
+  def run() -> str:
+    needed, available = plan.config.parallel.num_devices, jax.device_count()
+    if needed > available:
+      return f"skipped: needs {needed} devices, this host has {available}"
+    try:
+      summary = train.run(plan.config, plan.workdir)
+    except NonFiniteError as e:
+      return f"diverged: {e}"
+    return f"eval accuracy {summary['eval_accuracy']:.4f}"
+
+  return Task(experiment, plan.name, done=lambda: plan.status() != MISSING, run=run)
+
+
+# Summary values every run record carries (None while the run is missing).
+RUN_METRICS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss", "eval_examples", "wall_seconds")
+
+
+def run_record(plan: TrialPlan) -> dict[str, Any]:
+  """The trial's name and status and its final metrics; `train_eval_gap` is train minus eval accuracy
+  (training mode on the last logged training batches against eval mode on the eval split)."""
+  summary = plan.summary() or {}
+  record = {"trial": plan.name, "status": plan.status(), **{key: summary.get(key) for key in RUN_METRICS}}
+  train_accuracy, eval_accuracy = record["train_accuracy"], record["eval_accuracy"]
+  record["train_eval_gap"] = (train_accuracy - eval_accuracy
+                              if train_accuracy is not None and eval_accuracy is not None else None)
+  return record

@@ -1,0 +1,180 @@
+"""The BatchNorm study: the invariants its numbers rely on, and the report built end to end at tiny scale.
+
+The invariants hold by construction, so they are asserted to float tolerance:
+synchronized statistics are the full batch's, unsynchronized devices each
+normalize with their own slice's (and diverge); vmap with a named axis is the
+batched computation; cross-example gradients are exactly zero in eval mode,
+for GroupNorm and for vmap without an axis name, and not in training mode; a
+vectorized ensemble member is its solo run. Most are read from one tiny study
+(a few steps of a few trials of every experiment) that also checks the report,
+results.json, resuming and how missing runs show.
+"""
+
+import io
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax import study, train
+from cnnjax.errors import ConfigError
+from cnnjax.study import probes
+from cnnjax.study.plan import Context
+from helpers import EXPERIMENTS, REPO_ROOT, run_cli
+
+DEVICES = 8
+TOLERANCE = 1e-5  # float32 rounding of one forward pass
+SCRIPT = os.path.join(REPO_ROOT, "scripts", "bn_study.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compilation():
+  """Numerics, not speed: most XLA optimizations off halves the study's compile time."""
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, tfds_data_dir):
+  """The whole study at tiny scale, run once: (workdir, results.json contents)."""
+  workdir = str(tmp_path_factory.mktemp("bn_study"))
+  return workdir, study.run_study(workdir, "tiny", experiments_dir=EXPERIMENTS)
+
+
+def test_synced_statistics_are_the_full_batch_ones_and_local_ones_each_slices_own(tmp_path, tfds_data_dir):
+  ctx = Context(str(tmp_path), study.SCALES["tiny"], EXPERIMENTS)
+  plans = {p.config.model.bn_sync: p for p in ctx.trials("sync_vs_devices", "bn_sync_vs_devices.py")}
+  one_device = plans["global"].config.copy_and_resolve_references()
+  one_device.parallel.strategy, one_device.parallel.num_devices = "none", 0
+  reference = train.build(one_device)
+  state = jax.device_get(reference.init_state())
+  batch = probes.train_batches(reference, 1)[0]
+  full = probes.normalization_moments(reference, state, [batch])[0]  # {layer: (1, 2, 1, features)}
+  per_device = len(batch["input"]) // DEVICES
+  slices = [probes.normalization_moments(reference, state, [{k: v[d * per_device:(d + 1) * per_device]
+                                                              for k, v in batch.items()}])[0] for d in range(DEVICES)]
+  for bn_sync, plan in plans.items():
+    exp = train.build(plan.config)
+    assert exp.strategy.layout.num_devices == DEVICES and exp.strategy.name == "shard_map"
+    moments = probes.normalization_moments(exp, state, [batch])[0]  # {layer: (devices, 2, 1, features)}
+    assert moments.keys() == full.keys() and len(moments) == 2
+    divergences = []
+    for layer, value in moments.items():
+      expected = (np.broadcast_to(full[layer], value.shape) if bn_sync == "global"
+                  else np.concatenate([s[layer] for s in slices]))
+      np.testing.assert_allclose(value, expected, rtol=TOLERANCE, atol=TOLERANCE, err_msg=f"{bn_sync} {layer}")
+      divergences.append(probes.stat_divergence(value, plan.config.model.bn_epsilon)[0])
+    if bn_sync == "global":
+      assert divergences == [0.0, 0.0]  # identical statistics on every device, exactly
+    else:
+      assert min(divergences) > 0.01, divergences
+
+
+def test_tiny_study_writes_the_report_results_and_plots(tiny_study):
+  workdir, results = tiny_study
+  assert results == study.read_results(workdir)
+  assert results["study"]["tasks_run"] == results["study"]["tasks_total"] > 0
+  report = open(os.path.join(workdir, "report.md")).read()
+  for experiment in study.EXPERIMENTS:
+    assert f"## {experiment.TITLE}" in report
+    assert f"![{experiment.TITLE}]({experiment.KEY}.png)" in report
+    assert os.path.getsize(os.path.join(workdir, f"{experiment.KEY}.png")) > 0
+  assert report.count("**Question.**") == report.count("**Reading.**") == len(study.EXPERIMENTS)
+  assert "| missing" not in report and "Missing" not in report  # every run of the tiny scale finished
+  for record in results["sync_vs_devices"]:
+    assert {"devices", "bn_sync", "eval_accuracy", "replica_stat_divergence"} <= record.keys()
+    assert 0.0 <= record["eval_accuracy"] <= 1.0
+  assert {r["mode"] for r in results["vmap_leakage"]} == set(probes.LEAKAGE_MODES)
+  assert isinstance(results["ensemble_member_vs_solo_max_abs_diff"], float)
+  # Each experiment's runs are a sweep directory the normal tools read.
+  assert os.path.exists(os.path.join(workdir, "per_device_batch", "results.md"))
+  # The reading is computed from the numbers: e.g. the local run's divergence appears in it.
+  local = next(r for r in results["sync_vs_devices"] if r["bn_sync"] == "local")
+  assert study.report.num(local["replica_stat_divergence"]) in report
+
+
+def test_study_invariants_hold_in_its_measurements(tiny_study):
+  _, results = tiny_study
+  divergence = {r["bn_sync"]: r["replica_stat_divergence"] for r in results["sync_vs_devices"]}
+  assert divergence["global"] == 0.0 and divergence["local"] > 0.01
+
+  leakage = {r["mode"]: r for r in results["vmap_leakage"]}
+  for mode in ("batchnorm_eval", "groupnorm", "batchnorm_vmap_no_axis"):
+    assert leakage[mode]["cross_example_grad_norm"] == 0.0, mode
+  batched, named = leakage["batchnorm_train"], leakage["batchnorm_vmap_named_axis"]
+  assert batched["cross_example_grad_norm"] > 0.01 * batched["self_grad_norm"]
+  np.testing.assert_allclose(named["cross_example_grad_norm"], batched["cross_example_grad_norm"], rtol=1e-4)
+  for mode in ("batchnorm_vmap_named_axis", "batchnorm_eval", "groupnorm"):
+    record = leakage[mode]
+    assert record["losses_vs_batched_max_abs_diff"] <= TOLERANCE, mode
+    assert record["grad_mean_vs_batched_max_abs_diff"] <= TOLERANCE * record["batched_grad_max_abs"] * 10, mode
+  unnamed = leakage["batchnorm_vmap_no_axis"]
+  assert unnamed["grad_mean_vs_batched_max_abs_diff"] > 0.01 * unnamed["batched_grad_max_abs"]
+
+  ensemble = results["ensemble"]
+  scale = ensemble["solo_max_abs_value"]
+  assert results["ensemble_member_vs_solo_max_abs_diff"] <= TOLERANCE * scale
+  assert ensemble["confused_vs_solo_max_abs_diff"] > 1e-3 * scale
+  assert ensemble["confused_running_stats_identical"] is True
+
+  (final, *_) = sorted(results["train_vs_eval"], key=lambda p: -p["step"])
+  assert final["running_mean_gap"] > 0 and 0.0 <= final["eval_accuracy_precise"] <= 1.0
+
+
+def test_a_second_run_does_nothing_and_a_missing_run_shows_as_missing(tiny_study, tmp_path):
+  workdir, results = tiny_study
+  copy = str(tmp_path / "study")
+  shutil.copytree(workdir, copy)
+  again = study.run_study(copy, "tiny", experiments_dir=EXPERIMENTS)
+  assert again["study"]["tasks_run"] == 0
+  assert again["sync_vs_devices"] == results["sync_vs_devices"]
+
+  local = next(r for r in results["sync_vs_devices"] if r["bn_sync"] == "local")
+  shutil.rmtree(os.path.join(copy, "sync_vs_devices", local["trial"]))
+  ghost = results["ghost_batch"][0]
+  summary_path = os.path.join(copy, "ghost_batch", ghost["trial"], "summary.json")
+  os.remove(summary_path)
+  # A measurement made on other weights than the run's current ones is stale, hence missing too.
+  solo_summary = os.path.join(copy, "ensemble", "solo", "seed=1", "summary.json")
+  summary = json.load(open(solo_summary))
+  summary["param_checksum"] = "0" * len(summary["param_checksum"])
+  json.dump(summary, open(solo_summary, "w"))
+
+  written = run_cli("bn_study", f"--workdir={copy}", "--scale=tiny", "--report_only", wrapper=SCRIPT)
+  assert written.returncode == 0, written.stderr[-2000:]
+  assert "runs or measurements missing" in written.stdout
+  partial = study.read_results(copy)
+  record = next(r for r in partial["sync_vs_devices"] if r["bn_sync"] == "local")
+  assert record["status"] == "missing" and record["eval_accuracy"] is None and record["replica_stat_divergence"] is None
+  assert partial["ghost_batch"][0]["status"] == "missing" and partial["ghost_batch"][0]["eval_accuracy"] is None
+  assert partial["ensemble_member_vs_solo_max_abs_diff"] is None
+  assert partial["ensemble"]["confused_vs_solo_max_abs_diff"] is None
+  report = open(os.path.join(copy, "report.md")).read()
+  row = next(line for line in report.splitlines() if line.startswith("| 8 | local |"))
+  assert row.count("missing") >= 3, row
+  assert f"Missing: {local['trial']}." in report
+  assert "sync_vs_devices/" + local["trial"] in report.split("## ")[0]  # listed up front
+
+
+def test_unknown_experiments_and_scales_are_one_line_errors(tmp_path):
+  with pytest.raises(ConfigError, match=r"--only names unknown experiments \['bogus'\]; choose from sync_vs"):
+    study.run_study(str(tmp_path), "tiny", experiments_dir=EXPERIMENTS, only=["bogus"])
+  with pytest.raises(ConfigError, match=r"--scale=huge is unknown; choose one of small, full, tiny"):
+    study.run_study(str(tmp_path), "huge", experiments_dir=EXPERIMENTS)
+  assert not os.listdir(tmp_path)
+
+
+def test_the_progress_bar_counts_runs_and_measurements(monkeypatch, capsys):
+  terminal = io.StringIO()
+  terminal.isatty = lambda: True
+  monkeypatch.setattr("sys.stderr", terminal)
+  progress = study.study.StudyProgress(total=3, done=1)
+  with progress.showing():
+    progress.finished(study.Task("ghost_batch", "bn_group_size=8", done=lambda: True, run=lambda: ""), "ok", 1.0)
+  shown = terminal.getvalue()
+  assert "BatchNorm study" in shown and "2/3" in shown, shown
+  assert "[2/3] ghost_batch / bn_group_size=8: ok" in shown + capsys.readouterr().err
