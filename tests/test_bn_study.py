@@ -160,12 +160,15 @@ def test_a_second_run_does_nothing_and_a_missing_run_shows_as_missing(tiny_study
   assert "sync_vs_devices/" + local["trial"] in report.split("## ")[0]  # listed up front
 
 
-def test_unknown_experiments_and_scales_are_one_line_errors(tmp_path):
+def test_unknown_experiments_and_scales_are_one_line_errors(tiny_study, tmp_path):
   with pytest.raises(ConfigError, match=r"--only names unknown experiments \['bogus'\]; choose from sync_vs"):
     study.run_study(str(tmp_path), "tiny", experiments_dir=EXPERIMENTS, only=["bogus"])
   with pytest.raises(ConfigError, match=r"--scale=huge is unknown; choose one of small, full, tiny"):
     study.run_study(str(tmp_path), "huge", experiments_dir=EXPERIMENTS)
   assert not os.listdir(tmp_path)
+  workdir, _ = tiny_study
+  with pytest.raises(ConfigError, match=r"holds a study at --scale=tiny, not small; pass --scale=tiny"):
+    study.write_study_report(Context(workdir, study.SCALES["small"], EXPERIMENTS))
 
 
 def test_the_progress_bar_counts_runs_and_measurements(monkeypatch, capsys):

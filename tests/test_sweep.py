@@ -29,6 +29,11 @@ SWEEP_CASES = {
     "lr_sweep_digits": "test_lr_sweep_vectorized_end_to_end_and_a_member_equals_its_printed_solo_command",
     "norm_sweep_digits": "test_norm_sweep_partitioned_runs_trials_at_once_on_disjoint_devices",
 }
+# The BatchNorm study's sweeps (experiments/bn_*.py) run end to end, a few trials each, in the tiny study of
+# tests/test_bn_study.py (through the study, which trains their trials into sweep directories).
+BN_STUDY_TEST = "test_tiny_study_writes_the_report_results_and_plots"
+SWEEPS_RUN_BY_THE_BN_STUDY = ("bn_ensemble", "bn_ghost_batch", "bn_per_device_batch", "bn_sync_vs_devices",
+                              "bn_train_vs_eval", "bn_vmap_leakage")
 # How long a test waits for a sweep it started to reach the point where it is killed.
 KILL_WAIT_SECONDS = 300
 
@@ -36,8 +41,10 @@ KILL_WAIT_SECONDS = 300
 def test_every_sweep_experiment_runs_here():
   names = sorted(n[:-3] for n in os.listdir(EXPERIMENTS) if n.endswith(".py") and hasattr(load_experiment(n[:-3]),
                                                                                          "sweep"))
-  assert names == sorted(SWEEP_CASES)
+  assert names == sorted(list(SWEEP_CASES) + list(SWEEPS_RUN_BY_THE_BN_STUDY))
   assert all(test in globals() for test in SWEEP_CASES.values())
+  with open(os.path.join(REPO_ROOT, "tests", "test_bn_study.py")) as f:
+    assert f"def {BN_STUDY_TEST}(" in f.read()
 
 
 def final_params(workdir, config):

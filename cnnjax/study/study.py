@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from cnnjax import metrics as metrics_lib
 from cnnjax.errors import ConfigError
 from cnnjax.study import (ensembles, ghost_batch, per_device_batch, report, sync_vs_devices, train_vs_eval,
                           vmap_leakage)
@@ -33,6 +34,7 @@ EXPERIMENTS = (sync_vs_devices, per_device_batch, vmap_leakage, ensembles, train
 EXPERIMENT_KEYS = tuple(e.KEY for e in EXPERIMENTS)
 
 logger = logging.getLogger("cnnjax")
+STUDY_FILE = "study.json"  # in the workdir: the scale it holds, so that scales are never mixed in one directory
 STUDY_LINE = "bn_study_line"  # marks the study's own log records (kept while the runs' step lines are not)
 
 
@@ -102,6 +104,9 @@ def run_study(workdir: str, scale: str | Scale = "small", *, experiments_dir: st
   started = time.time()
   ctx = Context(os.path.abspath(workdir), resolve_scale(scale), os.path.abspath(experiments_dir))
   selected = select(only)
+  check_scale(ctx)
+  os.makedirs(ctx.workdir, exist_ok=True)
+  metrics_lib.write_json(os.path.join(ctx.workdir, STUDY_FILE), {"scale": ctx.scale.name})
   tasks = [task for experiment in selected for task in experiment.tasks(ctx)]
   pending = [task for task in tasks if not task.done()]
   progress = StudyProgress(len(tasks), len(tasks) - len(pending))
@@ -120,7 +125,16 @@ def run_study(workdir: str, scale: str | Scale = "small", *, experiments_dir: st
                                            "wall_seconds": time.time() - started})
 
 
+def check_scale(ctx: Context) -> None:
+  """Refuses a workdir that holds a study of another scale (its runs would all read as missing)."""
+  held = (metrics_lib.read_json(os.path.join(ctx.workdir, STUDY_FILE)) or {}).get("scale")
+  if held is not None and held != ctx.scale.name:
+    raise ConfigError(f"{ctx.workdir} holds a study at --scale={held}, not {ctx.scale.name}; pass --scale={held} "
+                      "or use another --workdir")
+
+
 def write_study_report(ctx: Context, run_info: dict[str, Any] | None = None) -> dict[str, Any]:
   """results.json, report.md and the plots from whatever the study's directory holds; trains nothing."""
+  check_scale(ctx)
   return report.write_report(ctx, EXPERIMENTS, run_info or {"tasks_total": None, "tasks_run": None,
                                                             "wall_seconds": None})
