@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.vocab_size = 20_000  # text only: vocabulary ids from the training split, padding and unknown included
   config.data.max_length = 256  # text only: tokens per example (longer ones cut, shorter ones padded)
   config.data.num_threads = 4  # host threads preparing batches
+  config.data.cache_megabytes = 1024  # decode fixed-size image datasets into RAM once when they fit; 0: never
   config.data.prefetch_batches = 8
 
   config.optimizer = ml_collections.ConfigDict()
@@ -98,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
 # are written, not what is computed. Any other change means a different run.
 RESUME_SAFE_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                     "progress_bar", "data.num_threads", "data.prefetch_batches", "data.tfds_data_dir",
+                    "data.cache_megabytes",
                     "parallel.strategy", "parallel.num_devices")
 
 
@@ -169,6 +171,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "data.random_resized_crop needs data.image_size > 0 (the crop's output size)")
   _require(config.data.crop_padding >= 0, f"data.crop_padding={config.data.crop_padding} must be >= 0")
   _require(config.data.rotation_degrees >= 0, f"data.rotation_degrees={config.data.rotation_degrees} must be >= 0")
+  _require(config.data.cache_megabytes >= 0, f"data.cache_megabytes={config.data.cache_megabytes} must be >= 0")
   _require(config.data.num_threads > 0, f"data.num_threads={config.data.num_threads} must be positive")
   _require(config.data.prefetch_batches > 0, f"data.prefetch_batches={config.data.prefetch_batches} must be positive")
   _require(config.data.num_classes >= 0, f"data.num_classes={config.data.num_classes} must be >= 0")

@@ -26,19 +26,24 @@ def rotate_batch(images: Any, angles_degrees: Any, *, order: str = "bilinear", f
     raise ValueError(f"unknown interpolation order {order!r}; choose one of {', '.join(ORDERS)}")
   batch, height, width = images.shape[:3]
   trailing = (None,) * (images.ndim - 3)
-  theta = xp.deg2rad(xp.asarray(angles_degrees))[:, None, None]
+  # Coordinates in float32 on both sides: the host pipeline and the in-model layer agree, and
+  # the host moves half the bytes it would in float64.
+  theta = xp.deg2rad(xp.asarray(angles_degrees, xp.float32))[:, None, None]
   cos, sin = xp.cos(theta), xp.sin(theta)
   center_y, center_x = (height - 1) / 2.0, (width - 1) / 2.0
-  yy, xx = xp.meshgrid(xp.arange(height) - center_y, xp.arange(width) - center_x, indexing="ij")
+  yy, xx = xp.meshgrid(xp.arange(height, dtype=xp.float32) - center_y, xp.arange(width, dtype=xp.float32) - center_x,
+                       indexing="ij")
   # Inverse map: the output pixel (y, x) reads the input at the point rotated back.
   src_y = cos * yy - sin * xx + center_y
   src_x = sin * yy + cos * xx + center_x
   batch_index = xp.arange(batch)[:, None, None]
+  # One flat gather per corner: on NumPy several times faster than indexing three axes at once.
+  flat = images.reshape((batch * height * width,) + images.shape[3:])
 
   def read(y, x):
     inside = ((y >= 0) & (y < height) & (x >= 0) & (x < width))[(Ellipsis,) + trailing]
-    values = images[batch_index, xp.clip(y, 0, height - 1), xp.clip(x, 0, width - 1)]
-    return xp.where(inside, values, fill)
+    index = (batch_index * height + xp.clip(y, 0, height - 1)) * width + xp.clip(x, 0, width - 1)
+    return xp.where(inside, flat[index], fill)
 
   if order == "nearest":
     return read(xp.round(src_y).astype(xp.int32), xp.round(src_x).astype(xp.int32)).astype(images.dtype)

@@ -14,6 +14,9 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests check numbers and wiring, not speed: most of their time is XLA compiling tiny steps, which
+# its optimization passes multiply. Runs compared with each other always share this setting.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 # A private TFDS directory: the digits are written there once per test session.
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="cnnjax-tfds-")
 

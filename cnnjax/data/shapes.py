@@ -101,6 +101,11 @@ class SegmentationArraySource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     return {"image": self.images[index], "mask": self.masks[index]}
 
+  @property
+  def columns(self) -> dict[str, np.ndarray]:
+    """Every field as one array, for batched reads without a Python loop."""
+    return {"image": self.images, "mask": self.masks}
+
 
 def open_split(name: str, split: str) -> SegmentationArraySource:
   """The `split` ('train' or 'test') of `name` ('shapes' or 'shapes3d')."""

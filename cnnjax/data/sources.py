@@ -15,6 +15,7 @@ they must have been prepared once with `python -m cnnjax.prepare NAME`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Protocol, Sequence
 
@@ -108,10 +109,50 @@ class ArraySource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     return {"image": self.images[index], "label": int(self.labels[index])}
 
+  @property
+  def columns(self) -> dict[str, np.ndarray]:
+    """Every field as one array, for batched reads without a Python loop."""
+    return {"image": self.images, "label": self.labels}
+
 
 def read_records(source: RandomAccessSource, indices: Sequence[int]) -> list[dict[str, Any]]:
   """Reads and decodes records one by one (ArrayRecord's batched read measured no faster on local files)."""
   return [source[int(i)] for i in indices]
+
+
+def read_columns(source: RandomAccessSource, indices: np.ndarray) -> dict[str, Any]:
+  """The records at `indices` as columns: one array per field where every record's field has one
+  shape (images of a fixed size, labels), else a list (images of varying sizes).
+
+  In-memory sources (`columns`) answer with one fancy-indexing read per field.
+  """
+  columns = getattr(source, "columns", None)
+  if columns is not None:
+    return {key: values[indices] for key, values in columns.items()}
+  records = read_records(source, indices)
+  out: dict[str, Any] = {}
+  for key in records[0]:
+    values = [np.asarray(record[key]) for record in records]
+    out[key] = np.stack(values) if len({v.shape for v in values}) == 1 else values
+  return out
+
+
+def in_memory(source: RandomAccessSource, max_bytes: int) -> RandomAccessSource:
+  """The source decoded once into RAM (`ArraySource`) when its fixed-size images fit in `max_bytes`.
+
+  Decoding a small PNG costs about 100 us per example, more than augmenting it:
+  datasets such as the digits, MNIST or CIFAR are decoded once instead of once
+  per epoch. Values are unchanged. Sources of varying image sizes stay as they are.
+  """
+  if max_bytes <= 0 or isinstance(source, ArraySource) or len(source) == 0:
+    return source
+  first = np.asarray(source[0]["image"])
+  if first.size * first.itemsize * len(source) > max_bytes:
+    return source
+  columns = read_columns(source, np.arange(len(source)))
+  if not isinstance(columns["image"], np.ndarray):
+    return source
+  return ArraySource(columns["image"], np.asarray(columns["label"]))
 
 
 def default_tfds_data_dir() -> str:
@@ -122,11 +163,13 @@ def default_tfds_data_dir() -> str:
 def open_dataset(name: str, *, tfds_data_dir: str = "", train_split: str = "train",
                  eval_split: str = "", train_path: str = "", eval_path: str = "",
                  num_classes: int = 0, vocab_size: int = text.DEFAULT_VOCAB_SIZE,
-                 max_length: int = text.DEFAULT_MAX_LENGTH) -> Dataset:
+                 max_length: int = text.DEFAULT_MAX_LENGTH, cache_megabytes: int = 0) -> Dataset:
   """Opens a dataset by name: 'digits', 'npz', 'shapes', 'shapes3d', or a TFDS name of `DATASET_NAMES`.
 
-  `vocab_size` and `max_length` apply to text datasets only.
+  `vocab_size` and `max_length` apply to text datasets only. Image classification
+  splits whose decoded images fit in `cache_megabytes` are decoded once into RAM.
   """
+  cache_bytes = cache_megabytes * 2 ** 20
   data_dir = tfds_data_dir or default_tfds_data_dir()
   if name == "npz":
     return _open_npz(train_path, eval_path, num_classes)
@@ -137,16 +180,26 @@ def open_dataset(name: str, *, tfds_data_dir: str = "", train_split: str = "trai
   if name in TFDS_TEXT:
     return _open_tfds_text(name, data_dir, train_split, eval_split, vocab_size, max_length)
   if name == "digits":
-    from cnnjax.data import digits  # pylint: disable=import-outside-toplevel
-    digits.prepare(data_dir)
-    dataset = _open_tfds("digits", data_dir, train_split, eval_split or "test", None, None)
-    mean, std = _estimate_stats(dataset.train)
-    return dataclasses.replace(dataset, mean=mean, std=std)
+    return _open_digits(data_dir, train_split, eval_split or "test", cache_bytes)
   if name not in TFDS_DATASETS:
     raise DataError(f"unknown dataset {name!r}; set data.name to one of {', '.join(DATASET_NAMES)}")
   known = TFDS_DATASETS[name]
-  return _open_tfds(name, data_dir, train_split, eval_split or known["eval_split"],
-                    known["mean"], known["std"])
+  dataset = _open_tfds(name, data_dir, train_split, eval_split or known["eval_split"],
+                       known["mean"], known["std"])
+  return dataclasses.replace(dataset, train=in_memory(dataset.train, cache_bytes),
+                             eval=in_memory(dataset.eval, cache_bytes))
+
+
+@functools.lru_cache(maxsize=None)
+def _open_digits(data_dir: str, train_split: str, eval_split: str, cache_bytes: int) -> Dataset:
+  """The digits, opened once per process: they are fixed by their builder, so every run shares them."""
+  from cnnjax.data import digits  # pylint: disable=import-outside-toplevel
+  digits.prepare(data_dir)
+  dataset = _open_tfds("digits", data_dir, train_split, eval_split, None, None)
+  dataset = dataclasses.replace(dataset, train=in_memory(dataset.train, cache_bytes),
+                                eval=in_memory(dataset.eval, cache_bytes))
+  mean, std = _estimate_stats(dataset.train)
+  return dataclasses.replace(dataset, mean=mean, std=std)
 
 
 def _tfds_sources(name: str, data_dir: str, splits: Sequence[str]) -> dict[str, Any]:
@@ -291,7 +344,7 @@ def _estimate_stats(source: RandomAccessSource) -> tuple[tuple[float, ...], tupl
   """Per-channel mean and std in [0, 1] units, from (a fixed sample of) the training images."""
   count = min(len(source), STATS_SAMPLE)
   indices = np.linspace(0, len(source) - 1, count).round().astype(np.int64)
-  images = np.stack([record["image"] for record in read_records(source, indices)]).astype(np.float64)
+  images = np.asarray(read_columns(source, indices)["image"], np.float64)
   images /= 255.0
   axes = tuple(range(images.ndim - 1))
   std = np.maximum(images.std(axis=axes), 1e-3)

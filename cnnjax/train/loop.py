@@ -121,7 +121,8 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
       config.data.name, tfds_data_dir=config.data.tfds_data_dir, train_split=config.data.train_split,
       eval_split=config.data.eval_split, train_path=config.data.train_path,
       eval_path=config.data.eval_path, num_classes=config.data.num_classes,
-      vocab_size=config.data.vocab_size, max_length=config.data.max_length)
+      vocab_size=config.data.vocab_size, max_length=config.data.max_length,
+      cache_megabytes=config.data.cache_megabytes)
   augment = data_lib.Augment(crop_padding=config.data.crop_padding, flip=config.data.flip,
                              rotation_degrees=config.data.rotation_degrees)
   # (H, W, C) images, (D, H, W, C) volumes or (L,) token ids, after resizing.
