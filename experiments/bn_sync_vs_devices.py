@@ -7,9 +7,10 @@ one `pmean` of the moments per layer) or `local` (each device its own slice:
 (within a device's slice; across two devices). `scripts/bn_study.py` adds how
 far the devices' batch statistics drift apart (`replica_stat_divergence`).
 
-Command (alone, with the normal tools; on CPU simulate 8 devices first):
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m cnnjax.sweep \
-    --config=experiments/bn_sync_vs_devices.py --workdir=/tmp/cnnjax/bn_study/sync_vs_devices --mode=sequential
+Command (alone, with the normal tools; on CPU simulate 8 devices first with
+XLA_FLAGS=--xla_force_host_platform_device_count=8):
+  python -m cnnjax.sweep --config=experiments/bn_sync_vs_devices.py \
+    --workdir=/tmp/cnnjax/bn_study/sync_vs_devices --mode=sequential
   (full scale: --config=experiments/bn_sync_vs_devices.py:full on a host with 8 accelerators)
 As part of the study: python scripts/bn_study.py --workdir=DIR (section 1 of DIR/report.md).
 Expected (measured, small scale, seed 0): eval accuracy 98.89% for global and
