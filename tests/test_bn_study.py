@@ -32,17 +32,12 @@ SCRIPT = os.path.join(REPO_ROOT, "scripts", "bn_study.py")
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_compilation():
-  """Numerics, not speed: most XLA optimizations off halves the study's compile time."""
+  """Numerics, not speed: most XLA optimizations off halves the study's compile time (conftest.py may have
+  turned them off already; whatever was set is restored)."""
+  before = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", True)
   yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
-
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory, tfds_data_dir):
-  """The whole study at tiny scale, run once: (workdir, results.json contents)."""
-  workdir = str(tmp_path_factory.mktemp("bn_study"))
-  return workdir, study.run_study(workdir, "tiny", experiments_dir=EXPERIMENTS)
+  jax.config.update("jax_disable_most_optimizations", before)
 
 
 def test_synced_statistics_are_the_full_batch_ones_and_local_ones_each_slices_own(tmp_path, tfds_data_dir):
@@ -74,8 +69,19 @@ def test_synced_statistics_are_the_full_batch_ones_and_local_ones_each_slices_ow
       assert min(divergences) > 0.01, divergences
 
 
-def test_tiny_study_writes_the_report_results_and_plots(tiny_study):
-  workdir, results = tiny_study
+def test_tiny_study_end_to_end(tmp_path, tfds_data_dir):
+  """One test, so that parallel test workers never run the study twice: the report, the invariants in its
+  measurements, resuming, how missing runs show, and the scale a workdir holds."""
+  workdir = str(tmp_path / "study")
+  results = study.run_study(workdir, "tiny", experiments_dir=EXPERIMENTS)
+  check_report(workdir, results)
+  check_invariants(results)
+  check_rerun_and_missing(workdir, results, str(tmp_path / "copy"))
+  with pytest.raises(ConfigError, match=r"holds a study at --scale=tiny, not small; pass --scale=tiny"):
+    study.write_study_report(Context(workdir, study.SCALES["small"], EXPERIMENTS))
+
+
+def check_report(workdir, results):
   assert results == study.read_results(workdir)
   assert results["study"]["tasks_run"] == results["study"]["tasks_total"] > 0
   report = open(os.path.join(workdir, "report.md")).read()
@@ -97,8 +103,7 @@ def test_tiny_study_writes_the_report_results_and_plots(tiny_study):
   assert study.report.num(local["replica_stat_divergence"]) in report
 
 
-def test_study_invariants_hold_in_its_measurements(tiny_study):
-  _, results = tiny_study
+def check_invariants(results):
   divergence = {r["bn_sync"]: r["replica_stat_divergence"] for r in results["sync_vs_devices"]}
   assert divergence["global"] == 0.0 and divergence["local"] > 0.01
 
@@ -125,9 +130,7 @@ def test_study_invariants_hold_in_its_measurements(tiny_study):
   assert final["running_mean_gap"] > 0 and 0.0 <= final["eval_accuracy_precise"] <= 1.0
 
 
-def test_a_second_run_does_nothing_and_a_missing_run_shows_as_missing(tiny_study, tmp_path):
-  workdir, results = tiny_study
-  copy = str(tmp_path / "study")
+def check_rerun_and_missing(workdir, results, copy):
   shutil.copytree(workdir, copy)
   again = study.run_study(copy, "tiny", experiments_dir=EXPERIMENTS)
   assert again["study"]["tasks_run"] == 0
@@ -160,15 +163,12 @@ def test_a_second_run_does_nothing_and_a_missing_run_shows_as_missing(tiny_study
   assert "sync_vs_devices/" + local["trial"] in report.split("## ")[0]  # listed up front
 
 
-def test_unknown_experiments_and_scales_are_one_line_errors(tiny_study, tmp_path):
+def test_unknown_experiments_and_scales_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match=r"--only names unknown experiments \['bogus'\]; choose from sync_vs"):
     study.run_study(str(tmp_path), "tiny", experiments_dir=EXPERIMENTS, only=["bogus"])
   with pytest.raises(ConfigError, match=r"--scale=huge is unknown; choose one of small, full, tiny"):
     study.run_study(str(tmp_path), "huge", experiments_dir=EXPERIMENTS)
   assert not os.listdir(tmp_path)
-  workdir, _ = tiny_study
-  with pytest.raises(ConfigError, match=r"holds a study at --scale=tiny, not small; pass --scale=tiny"):
-    study.write_study_report(Context(workdir, study.SCALES["small"], EXPERIMENTS))
 
 
 def test_the_progress_bar_counts_runs_and_measurements(monkeypatch, capsys):

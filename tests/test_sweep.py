@@ -31,7 +31,7 @@ SWEEP_CASES = {
 }
 # The BatchNorm study's sweeps (experiments/bn_*.py) run end to end, a few trials each, in the tiny study of
 # tests/test_bn_study.py (through the study, which trains their trials into sweep directories).
-BN_STUDY_TEST = "test_tiny_study_writes_the_report_results_and_plots"
+BN_STUDY_TEST = "test_tiny_study_end_to_end"
 SWEEPS_RUN_BY_THE_BN_STUDY = ("bn_ensemble", "bn_ghost_batch", "bn_per_device_batch", "bn_sync_vs_devices",
                               "bn_train_vs_eval", "bn_vmap_leakage")
 # How long a test waits for a sweep it started to reach the point where it is killed.
