@@ -30,16 +30,6 @@ TOLERANCE = 1e-5  # float32 rounding of one forward pass
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "bn_study.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation():
-  """Numerics, not speed: most XLA optimizations off halves the study's compile time (conftest.py may have
-  turned them off already; whatever was set is restored)."""
-  before = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
-
-
 def test_synced_statistics_are_the_full_batch_ones_and_local_ones_each_slices_own(tmp_path, tfds_data_dir):
   ctx = Context(str(tmp_path), study.SCALES["tiny"], EXPERIMENTS)
   plans = {p.config.model.bn_sync: p for p in ctx.trials("sync_vs_devices", "bn_sync_vs_devices.py")}

@@ -37,14 +37,6 @@ def small_resnet_config(strategy: str, bn_sync: str, group: int = 0):
   return config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation():
-  """These tests compare numerics, not speed: skip most XLA optimizations to halve compile time."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
-
 _RUNS: dict = {}
 
 
