@@ -5,8 +5,9 @@ Command:
 PyTorch (the reference) is an optional extra: pip install '.[torch]'.
 Expected: one line per case (model x batch x strategy x dtype) with images per
 second, step time, compile time, fraction of the float32 matmul peak, the input
-pipeline's speed over the step's, and for float32 single-device cases PyTorch's
-eager and channels_last images per second and the ratio; the same in the JSON
+pipeline's speed over the step's, and PyTorch's eager and channels_last images
+per second for the same model and batch (float32, one process, all cores) with
+the ratios; the same in the JSON
 (`cases`, one object per case). docs/performance.md shows a real run.
 Cost: --quick under 5 minutes on 2 CPU cores; the full run (224x224 ResNet-18/50,
 every strategy and dtype) about an hour there.
@@ -33,7 +34,7 @@ def main() -> None:
   parser.add_argument("--timed_steps", type=int, default=None, help="default: 5 with --quick, 10 otherwise")
   args = parser.parse_args()
   timed = args.timed_steps or (5 if args.quick else 10)
-  payload = harness.benchmark(quick=args.quick, torch_reference=not args.no_torch, warmup_steps=args.warmup_steps,
+  payload = harness.benchmark(harness.cases(args.quick), quick=args.quick, torch_reference=not args.no_torch, warmup_steps=args.warmup_steps,
                               timed_steps=timed, progress=lambda line: print(line, flush=True))
   with open(args.json, "w") as f:
     json.dump(payload, f, indent=2)

@@ -3,12 +3,19 @@
 Each case (model x batch x strategy x dtype) runs in its own child process
 (`python -m cnnjax.bench.harness --case=...`), so that its peak memory is its
 own, single-device cases get a plain one-device JAX (all host cores), and
-multi-device cases get 8 simulated devices. In the child: the cnnjax train step
+multi-device cases get 8 simulated devices. In the child the cnnjax train step
 is compiled and timed on a fixed batch (median of the timed steps after warm-up,
-device synchronized before the clock is read), its FLOPs counted by XLA, and for
-float32 single-device cases the PyTorch twin is timed in the same process,
-eager and channels_last, with as many threads as the host has cores (XLA's CPU
-default).
+device synchronized before the clock is read) and its FLOPs counted by XLA.
+
+The PyTorch twin of each model is timed once per (model, batch, input size), in
+its own child, eager and channels_last, float32, with as many threads as the
+host has cores (XLA's CPU default); every case of that model carries the ratio.
+
+Children run with glibc's allocator told to keep freed memory
+(`ALLOCATOR_ENV`): XLA's CPU runtime allocates its temporary buffers anew at
+every step, and glibc otherwise returns them to the kernel and faults fresh
+pages in again (16% of a ResNet-20 step's CPU time in kernel page faults,
+measured with `perf`; the setting made the step 5-8% faster).
 
 The parent measures the machine's float32 matmul peak and the real input
 pipeline (decode, augment, batch, on the host) for each input kind, and writes
@@ -38,6 +45,10 @@ PIPELINE_EXAMPLES = 2048  # examples in each synthetic dataset the pipeline benc
 PIPELINE_WARMUP_BATCHES = 2
 PIPELINE_TIMED_BATCHES = 10
 CASE_TIMEOUT_SECONDS = 1800
+# glibc malloc: serve buffers up to 32 MiB from the heap and never trim it, so that freed step
+# buffers are reused instead of unmapped and faulted in again.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2 ** 20), "MALLOC_TRIM_THRESHOLD_": str(2 ** 30),
+                 "MALLOC_TOP_PAD_": str(256 * 2 ** 20)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +71,9 @@ class Case:
     return (self.image_size, self.image_size, self.channels)
 
   @property
-  def has_torch_reference(self) -> bool:
-    return self.strategy == "none" and self.dtype == "float32"
+  def reference_key(self) -> tuple[str, int, int, int, int]:
+    """What the PyTorch reference of this case depends on."""
+    return (self.model, self.batch, self.image_size, self.channels, self.num_classes)
 
 
 def cases(quick: bool) -> list[Case]:
@@ -109,25 +121,26 @@ def case_config(case: Case, workdir: str) -> Any:
   return config
 
 
-def run_case(case: Case, *, warmup_steps: int, timed_steps: int, torch_reference: bool) -> dict[str, Any]:
+def run_case(case: Case, *, warmup_steps: int, timed_steps: int) -> dict[str, Any]:
   """Times one case in this process (a child of the harness)."""
   import jax  # pylint: disable=import-outside-toplevel
   from cnnjax import train  # pylint: disable=import-outside-toplevel
   from cnnjax.bench import timing  # pylint: disable=import-outside-toplevel
+  from cnnjax.train.state import count_params  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as workdir:
     exp = train.build(case_config(case, workdir))
     record = dataclasses.asdict(case)
     record["devices"] = exp.strategy.layout.num_devices
+    record["params"] = count_params(exp.init_state().params)
     record.update(timing.time_train_step(exp, warmup_steps=warmup_steps, timed_steps=timed_steps))
     record["flops_per_step"] = timing.step_flops(exp)
     record["peak_host_memory_mb"] = timing.peak_rss_megabytes()
     record["backend"] = jax.default_backend()
-  if torch_reference and case.has_torch_reference:
-    record.update(_torch_reference(case, warmup_steps=warmup_steps, timed_steps=timed_steps))
   return record
 
 
-def _torch_reference(case: Case, *, warmup_steps: int, timed_steps: int) -> dict[str, Any]:
+def run_torch_reference(case: Case, *, warmup_steps: int, timed_steps: int) -> dict[str, Any]:
+  """Times the case's PyTorch twin in this process (a child of the harness), eager and channels_last."""
   try:
     from cnnjax.bench import torch_models  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -140,17 +153,18 @@ def _torch_reference(case: Case, *, warmup_steps: int, timed_steps: int) -> dict
                                          timed_steps=timed_steps)
     results[f"{key}_images_per_second"] = timed["images_per_second"]
     results["torch_version"] = timed["torch_version"]
+    results["torch_params"] = timed["params"]
   return results
 
 
-def run_case_in_child(case: Case, *, warmup_steps: int, timed_steps: int, torch_reference: bool) -> dict[str, Any]:
-  """Runs `case` in a fresh Python process with its own device count; returns its record."""
+def run_in_child(case: Case, *, what: str, warmup_steps: int, timed_steps: int) -> dict[str, Any]:
+  """Runs `case` ('jax' step or 'torch' reference) in a fresh Python process; returns its record."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "case.json")
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={case.devices}"}
+    env = {**os.environ, **ALLOCATOR_ENV,
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={case.devices}"}
     command = [sys.executable, "-m", "cnnjax.bench.harness", f"--case={json.dumps(dataclasses.asdict(case))}",
-               f"--out={out}", f"--warmup_steps={warmup_steps}", f"--timed_steps={timed_steps}",
-               f"--torch_reference={int(torch_reference)}"]
+               f"--what={what}", f"--out={out}", f"--warmup_steps={warmup_steps}", f"--timed_steps={timed_steps}"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CASE_TIMEOUT_SECONDS)
     if result.returncode != 0:
       return {**dataclasses.asdict(case), "error": _last_error(result.stderr)}
@@ -193,25 +207,34 @@ def machine() -> dict[str, Any]:
           "jax": jax.__version__, "python": sys.version.split()[0]}
 
 
-def benchmark(*, quick: bool, torch_reference: bool, warmup_steps: int, timed_steps: int,
+def benchmark(case_list: list[Case], *, quick: bool, torch_reference: bool, warmup_steps: int, timed_steps: int,
               progress: Any = print) -> dict[str, Any]:
-  """Runs every case and the pipelines; returns the JSON payload."""
+  """Runs the cases (see `cases`), their PyTorch references and input pipelines; returns the JSON payload."""
   from cnnjax.bench import timing  # pylint: disable=import-outside-toplevel
   peak = timing.peak_matmul_flops_per_second()
   progress(f"float32 matmul peak: {peak / 1e9:.0f} GFLOP/s")
-  records, pipelines = [], {}
+  records, pipelines, references = [], {}, {}
   with tempfile.TemporaryDirectory() as data_root:
-    for case in cases(quick):
+    for case in case_list:
       key = (case.input_kind, case.batch, case.image_size)
       if key not in pipelines:
         pipelines[key] = pipeline_throughput(case.input_kind, case.batch, case.image_size, data_root)
-      record = run_case_in_child(case, warmup_steps=warmup_steps, timed_steps=timed_steps,
-                                 torch_reference=torch_reference)
+      if torch_reference and case.reference_key not in references:
+        references[case.reference_key] = run_in_child(case, what="torch", warmup_steps=warmup_steps,
+                                                      timed_steps=timed_steps)
+      record = run_in_child(case, what="jax", warmup_steps=warmup_steps, timed_steps=timed_steps)
       if "error" not in record:
-        seconds = record["median_step_seconds"]
-        record["fraction_of_peak"] = record["flops_per_step"] / seconds / peak
+        record["fraction_of_peak"] = record["flops_per_step"] / record["median_step_seconds"] / peak
         record["pipeline_images_per_second"] = pipelines[key]
         record["pipeline_over_step"] = pipelines[key] / record["images_per_second"]
+        reference = references.get(case.reference_key, {})
+        for field in ("torch_eager_images_per_second", "torch_channels_last_images_per_second", "torch_version",
+                      "torch_params", "torch_reference"):
+          if field in reference:
+            record[field] = reference[field]
+        if "torch_params" in record:
+          # The twin must be the same architecture, or the ratio compares different work.
+          record["torch_params_match"] = record["torch_params"] == record["params"]
         if "torch_eager_images_per_second" in record:
           record["ratio_vs_torch_eager"] = record["images_per_second"] / record["torch_eager_images_per_second"]
           record["ratio_vs_torch_channels_last"] = (record["images_per_second"] /
@@ -219,7 +242,8 @@ def benchmark(*, quick: bool, torch_reference: bool, warmup_steps: int, timed_st
       records.append(record)
       progress(describe(record))
   return {"machine": machine(), "peak_matmul_flops_per_second": peak, "quick": quick,
-          "warmup_steps": warmup_steps, "timed_steps": timed_steps, "cases": records,
+          "warmup_steps": warmup_steps, "timed_steps": timed_steps, "allocator_env": ALLOCATOR_ENV,
+          "cases": records,
           "pipelines": [{"input_kind": k[0], "batch": k[1], "image_size": k[2], "images_per_second": v}
                         for k, v in pipelines.items()]}
 
@@ -232,8 +256,9 @@ def describe(record: dict[str, Any]) -> str:
           f"compile {record['compile_seconds']:5.1f} s  {record['fraction_of_peak'] * 100:4.1f}% of peak  "
           f"pipeline x{record['pipeline_over_step']:.1f}")
   if "ratio_vs_torch_eager" in record:
-    line += (f"  torch eager {record['torch_eager_images_per_second']:.1f}, channels_last "
-             f"{record['torch_channels_last_images_per_second']:.1f} img/s -> x{record['ratio_vs_torch_eager']:.2f}")
+    line += (f"  vs torch eager {record['torch_eager_images_per_second']:.1f} img/s: x{record['ratio_vs_torch_eager']:.2f}"
+             f", channels_last {record['torch_channels_last_images_per_second']:.1f}: "
+             f"x{record['ratio_vs_torch_channels_last']:.2f}")
   return line
 
 
@@ -243,10 +268,10 @@ def _child_main() -> None:
   parser.add_argument("--out", required=True)
   parser.add_argument("--warmup_steps", type=int, required=True)
   parser.add_argument("--timed_steps", type=int, required=True)
-  parser.add_argument("--torch_reference", type=int, required=True)
+  parser.add_argument("--what", choices=("jax", "torch"), required=True)
   args = parser.parse_args()
-  record = run_case(Case(**json.loads(args.case)), warmup_steps=args.warmup_steps, timed_steps=args.timed_steps,
-                    torch_reference=bool(args.torch_reference))
+  run = run_case if args.what == "jax" else run_torch_reference
+  record = run(Case(**json.loads(args.case)), warmup_steps=args.warmup_steps, timed_steps=args.timed_steps)
   with open(args.out, "w") as f:
     json.dump(record, f)
 

@@ -1,0 +1,61 @@
+"""The benchmark harness (scripts/benchmark.py): its cases and the fields of its JSON, on tiny cases.
+
+Speed itself is never asserted here (the brief: benchmarks measure, tests check
+behaviour); these tests check that a run produces every field the README and
+docs/performance.md promise, that the multi-device and bfloat16 paths run, and
+that the PyTorch twin, where PyTorch is installed, is the same architecture.
+"""
+
+import importlib.util
+
+from cnnjax.bench import harness
+
+REQUIRED_FIELDS = ("model", "batch", "strategy", "dtype", "images_per_second", "compile_seconds",
+                   "flops_per_step", "fraction_of_peak", "median_step_seconds", "peak_host_memory_mb",
+                   "pipeline_images_per_second", "pipeline_over_step", "params")
+TORCH_FIELDS = ("torch_eager_images_per_second", "torch_channels_last_images_per_second", "ratio_vs_torch_eager",
+                "ratio_vs_torch_channels_last")
+
+
+def test_full_case_list_covers_models_strategies_and_dtypes():
+  full = harness.cases(quick=False)
+  shapes = {(c.model, c.batch, c.image_size) for c in full}
+  assert shapes == {("resnet20", 128, 32), ("lenet5", 256, 32), ("resnet18", 32, 224), ("resnet50", 32, 224)}
+  for model in ("resnet20", "lenet5", "resnet18", "resnet50"):
+    combos = {(c.strategy, c.dtype) for c in full if c.model == model}
+    assert combos == {(s, d) for s in harness.STRATEGIES for d in harness.DTYPES}, model
+
+
+def test_quick_case_list_keeps_resnet20_whole_and_shrinks_imagenet_inputs():
+  quick = harness.cases(quick=True)
+  assert {(c.strategy, c.dtype) for c in quick if c.model == "resnet20"} == {
+      (s, d) for s in harness.STRATEGIES for d in harness.DTYPES}
+  assert {c.image_size for c in quick if c.model in ("resnet18", "resnet50")} == {64}
+
+
+def test_benchmark_run_has_every_field_on_one_and_eight_devices():
+  tiny = [harness.Case("lenet5", 16, 32, 1, 10, "none", "float32", "mnist"),
+          harness.Case("lenet5", 16, 32, 1, 10, "pmap", "bfloat16", "mnist")]
+  has_torch = importlib.util.find_spec("torch") is not None
+  lines = []
+  payload = harness.benchmark(tiny, quick=True, torch_reference=True, warmup_steps=1, timed_steps=2,
+                              progress=lines.append)
+  assert payload["peak_matmul_flops_per_second"] > 0
+  assert payload["machine"]["cpu_count"] >= 1
+  assert len(payload["cases"]) == 2 and len(lines) == 3  # the peak, then one line per case
+  single, multi = payload["cases"]
+  for record in payload["cases"]:
+    assert "error" not in record, record
+    missing = [f for f in REQUIRED_FIELDS if f not in record]
+    assert not missing, missing
+    assert record["images_per_second"] > 0 and record["flops_per_step"] > 0
+    assert 0 < record["fraction_of_peak"]
+    assert record["params"] == 61_706  # LeNet-5 at 10 classes, the pinned count
+    if has_torch:
+      assert all(f in record for f in TORCH_FIELDS), record
+      assert record["torch_params_match"], (record["torch_params"], record["params"])
+    else:
+      assert "not installed" in record["torch_reference"]
+  assert single["devices"] == 1 and multi["devices"] == harness.SIMULATED_DEVICES
+  # FLOPs are counted for the whole global step, so the strategy does not change them much.
+  assert abs(multi["flops_per_step"] / single["flops_per_step"] - 1) < 0.5
