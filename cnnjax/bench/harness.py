@@ -124,6 +124,7 @@ def case_config(case: Case, workdir: str) -> Any:
 def run_case(case: Case, *, warmup_steps: int, timed_steps: int) -> dict[str, Any]:
   """Times one case in this process (a child of the harness)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   from cnnjax import train  # pylint: disable=import-outside-toplevel
   from cnnjax.bench import timing  # pylint: disable=import-outside-toplevel
   from cnnjax.train.state import count_params  # pylint: disable=import-outside-toplevel
@@ -165,7 +166,8 @@ def run_in_child(case: Case, *, what: str, warmup_steps: int, timed_steps: int) 
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={case.devices}"}
     command = [sys.executable, "-m", "cnnjax.bench.harness", f"--case={json.dumps(dataclasses.asdict(case))}",
                f"--what={what}", f"--out={out}", f"--warmup_steps={warmup_steps}", f"--timed_steps={timed_steps}"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CASE_TIMEOUT_SECONDS)
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True,
+                            timeout=CASE_TIMEOUT_SECONDS)
     if result.returncode != 0:
       return {**dataclasses.asdict(case), "error": _last_error(result.stderr)}
     with open(out) as f:
