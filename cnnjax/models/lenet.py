@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cnnjax.nn import AvgPool, Norm
+from cnnjax.nn import AvgPool, Conv, Norm
 
 
 class LeNet5(nn.Module):
@@ -28,11 +28,11 @@ class LeNet5(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = self.norm(train)
     x = x.astype(self.dtype)
-    x = self.act(norm(name="norm1")(nn.Conv(6, (5, 5), padding="VALID", dtype=self.dtype, name="c1")(x)))
+    x = self.act(norm(name="norm1")(Conv(6, (5, 5), padding="VALID", dtype=self.dtype, name="c1")(x)))
     x = AvgPool(2, name="s2")(x)
-    x = self.act(norm(name="norm3")(nn.Conv(16, (5, 5), padding="VALID", dtype=self.dtype, name="c3")(x)))
+    x = self.act(norm(name="norm3")(Conv(16, (5, 5), padding="VALID", dtype=self.dtype, name="c3")(x)))
     x = AvgPool(2, name="s4")(x)
-    x = self.act(norm(name="norm5")(nn.Conv(120, (5, 5), padding="VALID", dtype=self.dtype, name="c5")(x)))
+    x = self.act(norm(name="norm5")(Conv(120, (5, 5), padding="VALID", dtype=self.dtype, name="c5")(x)))
     x = x.reshape((x.shape[0], -1))
     x = self.act(nn.Dense(84, dtype=self.dtype, name="f6")(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)

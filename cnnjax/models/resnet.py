@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cnnjax.nn import GlobalPool, MaxPool, Norm
+from cnnjax.nn import Conv, GlobalPool, MaxPool, Norm
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -113,7 +113,7 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
     norm = self.norm(train)
     x = conv(self.stage_features[0], (3, 3), padding=_padding(3), name="stem_conv")(x.astype(self.dtype))
     x = self.act(norm(name="stem_norm")(x))
@@ -141,7 +141,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
     norm = self.norm(train)
     x = conv(self.stage_features[0], (7, 7), (2, 2), padding=_padding(7), name="stem_conv")(x.astype(self.dtype))
     x = self.act(norm(name="stem_norm")(x))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cnnjax.nn import GlobalPool, Norm, Pool, RandomAugment
+from cnnjax.nn import Conv, GlobalPool, Norm, Pool, RandomAugment
 
 POOLS = ("max", "avg", "none")
 HEADS = ("flatten", "global")
@@ -52,7 +52,7 @@ class SimpleCNN(nn.Module):
     x = RandomAugment(self.augment_crop_padding, self.augment_flip, self.augment_rotation_degrees,
                       name="augment")(x.astype(self.dtype), train)
     for i, width in enumerate(self.features):
-      x = nn.Conv(width, (self.kernel_size, self.kernel_size), padding="SAME",
+      x = Conv(width, (self.kernel_size, self.kernel_size), padding="SAME",
                   dtype=self.dtype, name=f"conv{i}")(x)
       x = self.act(x)
       if self.pool != "none":

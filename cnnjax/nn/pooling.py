@@ -8,10 +8,16 @@ Output size per axis: floor((W + P_low + P_high - F) / S) + 1, the notes'
 (W - F) / S + 1 without padding; `ceil_mode` rounds up instead (PyTorch's
 option, which GoogLeNet's torchvision layout uses), never starting a window in
 the padding.
+
+Max and min pooling carry their own gradient (`extremum_pool`): XLA CPU runs
+the generic one (select-and-scatter) at about a tenth of a forward pass's speed,
+375 ms of backward for ResNet-18's 3x3/2 stem pool on 32 images of 224x224.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from typing import Sequence
 
@@ -56,6 +62,54 @@ def pool_pads(sizes: Sequence[int], window: Sequence[int], strides: Sequence[int
   return tuple(extended)
 
 
+def _window_extremum(x: jax.Array, kind: str, window: tuple[int, ...], strides: tuple[int, ...],
+                     pads: tuple[tuple[int, int], ...]) -> jax.Array:
+  init, reduce = (-jnp.inf, jax.lax.max) if kind == "max" else (jnp.inf, jax.lax.min)
+  return jax.lax.reduce_window(x, init, reduce, (1,) + window + (1,), (1,) + strides + (1,),
+                               ((0, 0),) + pads + ((0, 0),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def extremum_pool(x: jax.Array, kind: str, window: tuple[int, ...], strides: tuple[int, ...],
+                  pads: tuple[tuple[int, int], ...]) -> jax.Array:
+  """Max or min (`kind`) over windows of x (B, *spatial, C), padded by `pads` with -inf / +inf.
+
+  Its gradient sends each window's incoming gradient to the first element (in
+  row-major window order) that attains the window's extremum, as XLA's own
+  select-and-scatter does, computed as one masked strided pass per window tap.
+  """
+  return _window_extremum(x, kind, window, strides, pads)
+
+
+def _extremum_pool_forward(x, kind, window, strides, pads):
+  y = _window_extremum(x, kind, window, strides, pads)
+  return y, (x, y)
+
+
+def _extremum_pool_backward(kind, window, strides, pads, residuals, grad_y):
+  x, y = residuals
+  fill = jnp.asarray(-jnp.inf if kind == "max" else jnp.inf, x.dtype)
+  padded = jax.lax.pad(x, fill, [(0, 0, 0)] + [(low, high, 0) for low, high in pads] + [(0, 0, 0)])
+  out_shape = y.shape[1:-1]
+  grad = jnp.zeros(padded.shape, grad_y.dtype)
+  unclaimed = jnp.ones(y.shape, bool)
+  zero = jnp.zeros((), grad_y.dtype)
+  for tap in itertools.product(*(range(f) for f in window)):
+    ends = [t + (o - 1) * s + 1 for t, o, s in zip(tap, out_shape, strides)]
+    seen = jax.lax.slice(padded, (0,) + tap + (0,), (x.shape[0], *ends, x.shape[-1]), (1,) + strides + (1,))
+    hit = (seen == y) & unclaimed
+    unclaimed = unclaimed & ~hit
+    # Place this tap's share back at the input positions it read: strided, so interior padding.
+    grad = grad + jax.lax.pad(jnp.where(hit, grad_y, zero), zero,
+                              [(0, 0, 0)] + [(t, size - end, s - 1) for t, end, size, s in
+                                             zip(tap, ends, padded.shape[1:-1], strides)] + [(0, 0, 0)])
+  crop = tuple(slice(low, low + size) for (low, _), size in zip(pads, x.shape[1:-1]))
+  return (grad[(slice(None),) + crop + (slice(None),)],)
+
+
+extremum_pool.defvjp(_extremum_pool_forward, _extremum_pool_backward)
+
+
 def pool(x: jax.Array, kind: str, window: int | Sequence[int], strides: int | Sequence[int] | None = None, *,
          padding: Padding = "valid", ceil_mode: bool = False, count_include_pad: bool = True) -> jax.Array:
   """Max, average or min pooling over the spatial axes of x (B, *spatial, C).
@@ -76,12 +130,10 @@ def pool(x: jax.Array, kind: str, window: int | Sequence[int], strides: int | Se
     if size + low + high < f:
       raise ValueError(f"a pooling window of {f} does not fit an input of {size} padded by ({low}, {high}); "
                        "use a larger input or a smaller window")
+  if kind in ("max", "min"):
+    return extremum_pool(x, kind, window, strides, pads)
   dims, steps = (1,) + window + (1,), (1,) + strides + (1,)
   full_pads = ((0, 0),) + pads + ((0, 0),)
-  if kind == "max":
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, steps, full_pads)
-  if kind == "min":
-    return jax.lax.reduce_window(x, jnp.inf, jax.lax.min, dims, steps, full_pads)
   total = jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, steps, full_pads)
   # Count what each window covers: input pixels, plus explicit padding when it is included.
   ones = jnp.ones((1,) + x.shape[1:-1] + (1,), x.dtype)
