@@ -14,7 +14,7 @@ Command:
   python -m cnnjax.main --config=experiments/bn_base.py --workdir=/tmp/cnnjax/bn_base
 Expected: about 99% eval accuracy on the 360 test digits; measured 98.89% (seed 0;
 seeds 0-3 span 98.33-98.89%, experiment 4 of the study).
-Cost: 200 steps, 5-8 s wall on 2 CPU cores (about 3 s of it compiling). The full
+Cost: 200 steps, about 4 s for the command on 2 CPU cores (1 s of it compiling). The full
 scale is 1.5 million training images per run (30 CIFAR-10 epochs), not measured
 here (no accelerator).
 """

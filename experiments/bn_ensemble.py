@@ -14,10 +14,10 @@ Command (the population alone; `--mode=vectorized` trains the 4 seeds as one vma
   (full scale: --config=experiments/bn_ensemble.py:full)
 As part of the study: python scripts/bn_study.py --workdir=DIR (section 4 of DIR/report.md).
 Expected (measured, small scale): the population member seed=1 is bit for bit
-its solo run (max abs difference 0); with the axes confused it ends 2.99 away
+its solo run (max abs difference 0); with the axes confused it ends 2.95 away
 (entries up to 4.62). Member eval accuracies 98.89 / 98.33 / 98.89 / 98.61%
-(98.33% each when confused); the averaged-probability ensemble 99.17% (98.89%).
-Cost: the population of 4, the solo run and the confused population, 18 s in the
+(98.33 / 98.06 / 98.33 / 98.33% when confused); the averaged-probability ensemble 99.17% (98.89%).
+Cost: the population of 4, the solo run and the confused population, 10 s in the
 study on 2 CPU cores with 8 simulated devices.
 """
 

@@ -16,7 +16,7 @@ As part of the study: python scripts/bn_study.py --workdir=DIR (section 6 of DIR
 Expected (measured, small scale, seed 0): eval accuracy 98.61 / 99.17 / 98.61 /
 98.89 / 98.89 / 98.89 / 99.17% for ghost batches of 8 / 16 / 32 / 64 / 128 / 256 /
 512: at most 2 test digits apart, within the base model's seed-to-seed range.
-Cost: 7 runs of 50 steps at batch 512, 27 s in the study on 2 CPU cores with 8
+Cost: 7 runs of 50 steps at batch 512, 13 s in the study on 2 CPU cores with 8
 simulated devices.
 """
 

@@ -18,7 +18,7 @@ local sync on 1, 2, 4 and 8 devices alike; the devices' statistics diverge by
 exactly 0 with global sync and by 0.0198 / 0.0316 / 0.0497 full-batch stds with
 local sync on 2 / 4 / 8 devices; ghost groups of 4: 98.61%, divergence 0.104;
 ghost groups of 32 (two devices): 98.89%, 0.0316.
-Cost: 10 runs of 200 steps and their measurements, 47 s in the study on 2 CPU
+Cost: 10 runs of 200 steps and their measurements, 26 s in the study on 2 CPU
 cores with 8 simulated devices.
 """
 

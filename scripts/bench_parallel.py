@@ -5,11 +5,13 @@ Command:
 Expected: one line per (strategy, bn_sync) with the median train-step time and
 images per second, and the ratio of synchronized (global) to unsynchronized
 (local) BatchNorm per strategy; the same numbers in the JSON.
-Cost: about 3 minutes on 2 CPU cores with 8 simulated devices.
+Cost: about a minute on 2 CPU cores with 8 simulated devices.
 
 The devices are simulated with XLA_FLAGS=--xla_force_host_platform_device_count,
 which this script sets before JAX starts: on a CPU host, 8 "devices" share its
-cores, so the numbers measure the strategies' overheads, not a speed-up.
+cores, so the numbers measure the strategies' overheads, not a speed-up. Like
+scripts/benchmark.py, it runs with glibc's allocator told to keep freed memory
+(re-executing itself with `cnnjax.bench.harness.ALLOCATOR_ENV` set).
 """
 
 import argparse
@@ -17,6 +19,8 @@ import json
 import os
 import platform
 import sys
+
+from cnnjax.bench.harness import ALLOCATOR_ENV
 
 
 def main() -> None:
@@ -29,6 +33,11 @@ def main() -> None:
   parser.add_argument("--warmup_steps", type=int, default=3)
   parser.add_argument("--timed_steps", type=int, default=10)
   args = parser.parse_args()
+  if args.devices < 1 or args.batch % args.devices or args.warmup_steps < 0 or args.timed_steps < 1:
+    parser.error("need --devices >= 1 dividing --batch, --warmup_steps >= 0 and --timed_steps >= 1")
+  if any(os.environ.get(key) != value for key, value in ALLOCATOR_ENV.items()):
+    # glibc reads these when the process starts: run again with them.
+    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **ALLOCATOR_ENV})
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={args.devices}").strip()
 

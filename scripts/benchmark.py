@@ -8,14 +8,15 @@ second, step time, compile time, fraction of the float32 matmul peak, the input
 pipeline's speed over the step's, and PyTorch's eager and channels_last images
 per second for the same model and batch (float32, one process, all cores) with
 the ratios; the same in the JSON
-(`cases`, one object per case). docs/performance.md shows a real run.
+(`cases`, one object per case). The README's "Performance" section shows a real run.
 Cost: --quick under 5 minutes on 2 CPU cores; the full run (224x224 ResNet-18/50,
 every strategy and dtype) about an hour there.
 
-On a GPU host, the same command writes the same JSON: single-device cases use
-the first GPU, multi-device cases all local GPUs (the 8-device CPU simulation is
-only set up when JAX's backend is the CPU), and the PyTorch reference stays on
-the CPU unless you time it separately.
+On a GPU host (`pip install -e . 'jax[cuda12]'` and a CUDA build of PyTorch),
+the same command writes the same JSON: single-device cases use the first GPU,
+multi-device cases all local GPUs (the simulated-device flag only affects
+JAX's CPU platform), the PyTorch reference runs on the first GPU, and each
+record names its `backend` and `torch_device`.
 """
 
 import argparse
@@ -33,6 +34,8 @@ def main() -> None:
   parser.add_argument("--warmup_steps", type=int, default=2)
   parser.add_argument("--timed_steps", type=int, default=None, help="default: 5 with --quick, 10 otherwise")
   args = parser.parse_args()
+  if args.warmup_steps < 0 or (args.timed_steps is not None and args.timed_steps < 1):
+    parser.error("--warmup_steps must be >= 0 and --timed_steps >= 1")
   timed = args.timed_steps or (5 if args.quick else 10)
   payload = harness.benchmark(harness.cases(args.quick), quick=args.quick, torch_reference=not args.no_torch, warmup_steps=args.warmup_steps,
                               timed_steps=timed, progress=lambda line: print(line, flush=True))

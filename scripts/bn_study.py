@@ -10,8 +10,7 @@ cnnjax.sweep` writes them. Rerunning resumes: finished runs and measurements are
 not redone. `--report_only` rewrites the report from what DIR holds.
 Expected: the numbers quoted in the README's "The BatchNorm study".
 Cost: `small` (the default; the digits on CPU with 8 simulated devices): 48 runs
-and measurements, measured 1.8 minutes from scratch on 2 CPU cores (3.0 minutes
-while other work shared them; 5.1 before the current input pipeline); `tiny` (3
+and measurements, measured 89 s from scratch on 2 CPU cores; `tiny` (3
 steps, 1-2 trials per experiment: a smoke test) 65 s; `full` (ResNet-20 on
 CIFAR-10) is for a host with 8 accelerators, about 60 million training images
 in all (see the README).

@@ -2,7 +2,7 @@
 
 Speed itself is never asserted here (the brief: benchmarks measure, tests check
 behaviour); these tests check that a run produces every field the README and
-docs/performance.md promise, that the multi-device and bfloat16 paths run, and
+the README's Performance section promise, that the multi-device and bfloat16 paths run, and
 that the PyTorch twin, where PyTorch is installed, is the same architecture.
 """
 

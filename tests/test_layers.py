@@ -108,8 +108,7 @@ def test_small_input_convolution_is_a_patch_product_equal_to_xla(spatial, kernel
     ("max", (2, 9, 9, 3), 3, 2, 1, False), ("max", (2, 8, 8, 3), 2, 2, "valid", False),
     ("min", (2, 7, 7, 3), 3, 2, "valid", True), ("max", (2, 10, 5), 3, 1, "same", False),
     ("max", (2, 5, 5, 5, 2), 2, 2, "valid", True)])
-def test_max_and_min_pooling_gradients_equal_xla_select_and_scatter_with_ties(kind, shape, window, stride, padding,
-                                                                            ceil_mode):
+def test_max_and_min_pooling_derivatives_equal_xla_with_ties(kind, shape, window, stride, padding, ceil_mode):
   # Rounded ReLU outputs: many equal values per window, so which element receives the gradient matters.
   x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), shape)) * 2) / 2
   ndim = len(shape) - 2
@@ -125,6 +124,15 @@ def test_max_and_min_pooling_gradients_equal_xla_select_and_scatter_with_ties(ki
   np.testing.assert_array_equal(ours_y, xla_y)
   grad_y = jax.random.normal(jax.random.PRNGKey(1), ours_y.shape)
   np.testing.assert_allclose(ours_vjp(grad_y)[0], xla_vjp(grad_y)[0], atol=1e-6)
+  # Forward mode too (a custom JVP, so Hessian-vector products and jacfwd work): the transpose of the
+  # gradient on tied inputs (XLA's own forward mode breaks ties by the tangent's value, so it is compared
+  # on untied inputs only).
+  ours = lambda x: pool(x, kind, window, stride, padding=padding, ceil_mode=ceil_mode)
+  x_dot = jax.random.normal(jax.random.PRNGKey(2), shape)
+  np.testing.assert_allclose(jnp.vdot(jax.jvp(ours, (x,), (x_dot,))[1], grad_y),
+                             jnp.vdot(x_dot, ours_vjp(grad_y)[0]), rtol=1e-5)
+  untied = jax.random.normal(jax.random.PRNGKey(3), shape)
+  np.testing.assert_allclose(jax.jvp(ours, (untied,), (x_dot,))[1], jax.jvp(xla, (untied,), (x_dot,))[1], atol=1e-6)
 
 
 def test_max_avg_min_pooling_and_formula():

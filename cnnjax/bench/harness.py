@@ -8,8 +8,9 @@ is compiled and timed on a fixed batch (median of the timed steps after warm-up,
 device synchronized before the clock is read) and its FLOPs counted by XLA.
 
 The PyTorch twin of each model is timed once per (model, batch, input size), in
-its own child, eager and channels_last, float32, with as many threads as the
-host has cores (XLA's CPU default); every case of that model carries the ratio.
+its own child, eager and channels_last, float32, on the first GPU where PyTorch
+sees one, else with as many threads as the host has cores (XLA's CPU default);
+every case of that model carries the ratio.
 
 Children run with glibc's allocator told to keep freed memory
 (`ALLOCATOR_ENV`): XLA's CPU runtime allocates its temporary buffers anew at
@@ -154,6 +155,7 @@ def run_torch_reference(case: Case, *, warmup_steps: int, timed_steps: int) -> d
                                          timed_steps=timed_steps)
     results[f"{key}_images_per_second"] = timed["images_per_second"]
     results["torch_version"] = timed["torch_version"]
+    results["torch_device"] = timed["device"]
     results["torch_params"] = timed["params"]
   return results
 
@@ -231,7 +233,7 @@ def benchmark(case_list: list[Case], *, quick: bool, torch_reference: bool, warm
         record["pipeline_over_step"] = pipelines[key] / record["images_per_second"]
         reference = references.get(case.reference_key, {})
         for field in ("torch_eager_images_per_second", "torch_channels_last_images_per_second", "torch_version",
-                      "torch_params", "torch_reference"):
+                      "torch_device", "torch_params", "torch_reference"):
           if field in reference:
             record[field] = reference[field]
         if "torch_params" in record:

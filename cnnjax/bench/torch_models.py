@@ -152,13 +152,18 @@ def count_params(model: nn.Module) -> int:
 def time_train_step(name: str, *, batch: int, input_shape: tuple[int, int, int], num_classes: int,
                     channels_last: bool, threads: int, warmup_steps: int, timed_steps: int,
                     learning_rate: float = 0.1, momentum: float = 0.9, seed: int = 0) -> dict[str, Any]:
-  """Median train-step time of the PyTorch twin, eager, optionally in channels_last memory format."""
+  """Median train-step time of the PyTorch twin, eager, optionally in channels_last memory format.
+
+  Runs on the first CUDA GPU when PyTorch sees one (synchronizing before each
+  clock read), else on the CPU with `threads` threads.
+  """
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
-  model = build(name, num_classes)
+  model = build(name, num_classes).to(device)
   height, width, channels = input_shape
-  inputs = torch.randn(batch, channels, height, width)
-  labels = torch.randint(0, num_classes, (batch,))
+  inputs = torch.randn(batch, channels, height, width, device=device)
+  labels = torch.randint(0, num_classes, (batch,), device=device)
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
     inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -170,13 +175,19 @@ def time_train_step(name: str, *, batch: int, input_shape: tuple[int, int, int],
     F.cross_entropy(model(inputs), labels).backward()
     optimizer.step()
 
+  def synchronize():
+    if device.type == "cuda":
+      torch.cuda.synchronize(device)
+
   for _ in range(warmup_steps):
     step()
+  synchronize()
   durations = []
   for _ in range(timed_steps):
     start = time.perf_counter()
     step()
+    synchronize()
     durations.append(time.perf_counter() - start)
   median = statistics.median(durations)
   return {"median_step_seconds": median, "images_per_second": batch / median, "params": count_params(model),
-          "threads": threads, "torch_version": torch.__version__}
+          "threads": threads, "device": str(device), "torch_version": torch.__version__}

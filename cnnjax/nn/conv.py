@@ -23,9 +23,10 @@ has taps (a 3x3 convolution on the 2x2 maps at the end of ResNet-18 at 64x64,
 or U-Net's bottleneck on 32x32 inputs), XLA's algebraic simplifier swaps the
 convolution's operands (the kernel becomes the image), and XLA CPU runs the
 swapped form through a slow generic loop: 197 ms for one 3x3, 512-channel
-convolution on 32 maps of 2x2 that costs 3 ms as a matrix product. Those
+convolution on 32 maps of 2x2 that costs 1.9 ms as a matrix product. Those
 convolutions are written here as the matrix product of the kernel with the
-input's patches, which computes the same sums.
+input's patches, which computes the same sums. (`cnnjax.analysis` reports the
+receptive field of such a layer as global: its window covers the whole map.)
 """
 
 from __future__ import annotations
