@@ -37,8 +37,9 @@ def main() -> None:
   if args.warmup_steps < 0 or (args.timed_steps is not None and args.timed_steps < 1):
     parser.error("--warmup_steps must be >= 0 and --timed_steps >= 1")
   timed = args.timed_steps or (5 if args.quick else 10)
-  payload = harness.benchmark(harness.cases(args.quick), quick=args.quick, torch_reference=not args.no_torch, warmup_steps=args.warmup_steps,
-                              timed_steps=timed, progress=lambda line: print(line, flush=True))
+  payload = harness.benchmark(harness.cases(args.quick), quick=args.quick, torch_reference=not args.no_torch,
+                              warmup_steps=args.warmup_steps, timed_steps=timed,
+                              progress=lambda line: print(line, flush=True))
   with open(args.json, "w") as f:
     json.dump(payload, f, indent=2)
   failed = [c for c in payload["cases"] if "error" in c]

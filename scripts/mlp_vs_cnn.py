@@ -14,8 +14,9 @@ Expected: (seed 0, 600 steps) accuracy on the 360 test digits shifted by 0 / 1 /
   MLP (132,490 params)                            98.3 / 87.8 / 49.7 / 12.4 / 14.4%
   CNN, max pooling + flatten (544,714)            99.4 / 95.4 / 83.3 / 18.7 / 11.5%
   CNN, max pooling + global average (28,618)      99.2 / 73.0 / 98.6 / 99.0 / 97.8%
-Similar accuracy on centred digits (within a few test digits); the MLP, which sees every pixel position as a separate input,
-loses its digits first, and the CNN with global pooling matches it with a fifth of the parameters.
+Similar accuracy on centred digits (within a few test digits); the MLP, which sees every pixel
+position as a separate input, loses its digits first, and the CNN with global pooling matches it
+with a fifth of the parameters.
 Cost: 7 s on 2 CPU cores when scripts/equivariance.py has already trained the CNNs into the
 same workdir (the MLP trains in 1 s); from scratch add the two CNNs' training, 15 s each when
 measured inside scripts/equivariance.py.

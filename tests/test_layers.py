@@ -119,7 +119,10 @@ def test_max_and_min_pooling_derivatives_equal_xla_with_ties(kind, shape, window
     return jax.lax.reduce_window(x, init, reduce, (1,) + (window,) * ndim + (1,), (1,) + (stride,) * ndim + (1,),
                                  pads)
 
-  ours_y, ours_vjp = jax.vjp(lambda x: pool(x, kind, window, stride, padding=padding, ceil_mode=ceil_mode), x)
+  def ours(x):
+    return pool(x, kind, window, stride, padding=padding, ceil_mode=ceil_mode)
+
+  ours_y, ours_vjp = jax.vjp(ours, x)
   xla_y, xla_vjp = jax.vjp(xla, x)
   np.testing.assert_array_equal(ours_y, xla_y)
   grad_y = jax.random.normal(jax.random.PRNGKey(1), ours_y.shape)
@@ -127,7 +130,6 @@ def test_max_and_min_pooling_derivatives_equal_xla_with_ties(kind, shape, window
   # Forward mode too (a custom JVP, so Hessian-vector products and jacfwd work): the transpose of the
   # gradient on tied inputs (XLA's own forward mode breaks ties by the tangent's value, so it is compared
   # on untied inputs only).
-  ours = lambda x: pool(x, kind, window, stride, padding=padding, ceil_mode=ceil_mode)
   x_dot = jax.random.normal(jax.random.PRNGKey(2), shape)
   np.testing.assert_allclose(jnp.vdot(jax.jvp(ours, (x,), (x_dot,))[1], grad_y),
                              jnp.vdot(x_dot, ours_vjp(grad_y)[0]), rtol=1e-5)

@@ -81,7 +81,8 @@ def cases(quick: bool) -> list[Case]:
   """The benchmark's cases; --quick keeps ResNet-20 and LeNet-5 whole and the ImageNet nets small."""
   imagenet_size = 64 if quick else 224
   families = [("resnet20", 128, 32, 3, 10, "cifar"), ("lenet5", 256, 32, 1, 10, "mnist"),
-              ("resnet18", 32, imagenet_size, 3, 1000, "imagenet"), ("resnet50", 32, imagenet_size, 3, 1000, "imagenet")]
+              ("resnet18", 32, imagenet_size, 3, 1000, "imagenet"),
+              ("resnet50", 32, imagenet_size, 3, 1000, "imagenet")]
   selected = []
   for model, batch, size, channels, classes, kind in families:
     for strategy in STRATEGIES:
@@ -253,14 +254,16 @@ def benchmark(case_list: list[Case], *, quick: bool, torch_reference: bool, warm
 
 
 def describe(record: dict[str, Any]) -> str:
-  name = f"{record['model']:>9} b{record['batch']:<3} {record['image_size']:>3}px {record['strategy']:>9} {record['dtype']:>8}"
+  name = (f"{record['model']:>9} b{record['batch']:<3} {record['image_size']:>3}px {record['strategy']:>9} "
+          f"{record['dtype']:>8}")
   if "error" in record:
     return f"{name}: failed: {record['error']}"
   line = (f"{name}: {record['images_per_second']:7.1f} img/s  {record['median_step_seconds'] * 1e3:8.1f} ms/step  "
           f"compile {record['compile_seconds']:5.1f} s  {record['fraction_of_peak'] * 100:4.1f}% of peak  "
           f"pipeline x{record['pipeline_over_step']:.1f}")
   if "ratio_vs_torch_eager" in record:
-    line += (f"  vs torch eager {record['torch_eager_images_per_second']:.1f} img/s: x{record['ratio_vs_torch_eager']:.2f}"
+    line += (f"  vs torch eager {record['torch_eager_images_per_second']:.1f} img/s: "
+             f"x{record['ratio_vs_torch_eager']:.2f}"
              f", channels_last {record['torch_channels_last_images_per_second']:.1f}: "
              f"x{record['ratio_vs_torch_channels_last']:.2f}")
   return line

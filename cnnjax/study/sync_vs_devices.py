@@ -160,18 +160,19 @@ def reading(records: list[dict[str, Any]], spread: tuple[float, int] | None) -> 
               and report.present(r["eval_accuracy"], synced_at[r["devices"]]["eval_accuracy"]) and r["devices"] > 1]
     if paired:
       comparisons = ", ".join(
-          f"{report.points(l['eval_accuracy'] - g['eval_accuracy'])} on {l['devices']} devices "
-          f"({report.examples(l['eval_accuracy'] - g['eval_accuracy'], eval_examples)})" for l, g in paired)
-      largest = max((l["eval_accuracy"] - g["eval_accuracy"] for l, g in paired), key=abs)
+          f"{report.points(loc['eval_accuracy'] - glob['eval_accuracy'])} on {loc['devices']} devices "
+          f"({report.examples(loc['eval_accuracy'] - glob['eval_accuracy'], eval_examples)})" for loc, glob in paired)
+      largest = max((loc["eval_accuracy"] - glob["eval_accuracy"] for loc, glob in paired), key=abs)
       sentences.append(f"Local minus global eval accuracy: {comparisons}; the largest difference, "
                        f"{report.points(largest)}, is {report.against_seeds(largest, spread)}.")
     gaps = [(r, synced_at.get(r["devices"])) for r in local]
-    measured = [(l, g) for l, g in gaps if g is not None and report.present(l["train_eval_gap"], g["train_eval_gap"])]
+    measured = [(loc, glob) for loc, glob in gaps
+                if glob is not None and report.present(loc["train_eval_gap"], glob["train_eval_gap"])]
     if measured:
-      l, g = measured[-1]
-      sentences.append(f"The train - eval accuracy gap on {l['devices']} devices was "
-                       f"{report.points(l['train_eval_gap'])} with local and {report.points(g['train_eval_gap'])} "
-                       "with global statistics.")
+      loc, glob = measured[-1]
+      sentences.append(f"The train - eval accuracy gap on {loc['devices']} devices was "
+                       f"{report.points(loc['train_eval_gap'])} with local and "
+                       f"{report.points(glob['train_eval_gap'])} with global statistics.")
 
   for label, chosen in by_mode.items():
     if not label.startswith("ghost"):
