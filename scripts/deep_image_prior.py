@@ -7,9 +7,9 @@ Command:
   python scripts/deep_image_prior.py --workdir=/tmp/cnnjax/deep_image_prior
 Writes deep_image_prior.png (photos and PSNR curves) and deep_image_prior.json in the workdir.
 Expected: the noisy photo (scikit-learn's flower.jpg, 128x128, sigma 25/255) scores 21.03 dB; the
-output rises to 24.50 dB at iteration 320 (+3.5 dB), then falls to 22.82 dB at iteration 1,000 as the
-network starts to reproduce the noise (25.08 dB against the noisy target by then). Seed 0.
-Cost: 43 s on 2 CPU cores.
+output rises to 24.55 dB at iteration 320 (+3.5 dB), then falls to 22.78 dB at iteration 1,000 as the
+network starts to reproduce the noise (24.96 dB against the noisy target by then). Seed 0.
+Cost: 41 s on 2 CPU cores.
 """
 
 import json

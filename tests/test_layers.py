@@ -78,8 +78,10 @@ def _channels_last(ndim: int) -> jax.lax.ConvDimensionNumbers:
 @pytest.mark.parametrize("spatial,kernel,stride,dilation,padding", [
     ((2, 2), 3, 1, 1, ((1, 1), (1, 1))), ((2, 2), 3, 1, 1, "SAME"), ((3, 3), 5, 2, 1, "SAME"),
     ((2, 3), 3, 1, 2, ((2, 2), (1, 3))), ((1, 1), 3, 1, 1, ((1, 1), (1, 1))), ((4,), 7, 2, 1, ((3, 3),)),
-    ((2, 2, 2), 3, 1, 1, ((1, 1),) * 3), ((2, 2), 3, 2, 1, "VALID"), ((5, 5), 3, 1, 1, "SAME")])
-def test_small_input_convolution_is_a_patch_product_equal_to_xla(spatial, kernel, stride, dilation, padding):
+    ((2, 2, 2), 3, 1, 1, ((1, 1),) * 3), ((2, 2), 3, 2, 1, "VALID"), ((5, 5), 3, 1, 1, "SAME"),
+    ((5, 5), 1, 2, 1, "SAME"), ((4, 4), 1, 1, 1, "VALID"), ((6, 6, 6), 1, 2, 1, "VALID"), ((3,), 1, 1, 1, ((1, 1),))])
+def test_small_input_and_1x1_convolutions_are_matrix_products_equal_to_xla(spatial, kernel, stride, dilation,
+                                                                           padding):
   ndim = len(spatial)
   x = jax.random.normal(jax.random.PRNGKey(0), (3,) + spatial + (4,))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel,) * ndim + (4, 5))
@@ -96,12 +98,13 @@ def test_small_input_convolution_is_a_patch_product_equal_to_xla(spatial, kernel
   for ours_grad, xla_grad in zip(jax.grad(loss(conv_general_dilated), (0, 1))(x, w),
                                  jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)):
     np.testing.assert_allclose(ours_grad, xla_grad, atol=5e-5)
-  # Fewer input pixels than kernel taps (where XLA would swap the operands) is the patch product;
-  # anything else is XLA's own convolution.
+  # Unpadded 1x1 kernels and fewer input pixels than kernel taps (where XLA would swap the operands)
+  # are matrix products; anything else is XLA's own convolution.
   primitives = {e.primitive.name for e in jax.make_jaxpr(
       lambda x, w: conv_general_dilated(x, w, (stride,) * ndim, padding, **options))(x, w).jaxpr.eqns}
+  unpadded_1x1 = kernel == 1 and (padding in ("SAME", "VALID") or all(p == (0, 0) for p in padding))
   small = np.prod(spatial) < kernel ** ndim
-  assert ("conv_general_dilated" in primitives) == (not small), primitives
+  assert ("conv_general_dilated" in primitives) == (not (small or unpadded_1x1)), primitives
 
 
 @pytest.mark.parametrize("kind,shape,window,stride,padding,ceil_mode", [

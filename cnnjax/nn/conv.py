@@ -27,6 +27,10 @@ convolution on 32 maps of 2x2 that costs 1.9 ms as a matrix product. Those
 convolutions are written here as the matrix product of the kernel with the
 input's patches, which computes the same sums. (`cnnjax.analysis` reports the
 receptive field of such a layer as global: its window covers the whole map.)
+Unpadded 1x1 convolutions (ResNet-50's bottlenecks, projection shortcuts) are a
+plain matrix product over channels: XLA CPU computes their weight gradient as a
+convolution about twice as slowly (7.9 s against 3.8 s for all of ResNet-50's
+1x1 layers, forward and backward, on 32 images of 224x224).
 """
 
 from __future__ import annotations
@@ -109,24 +113,30 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
                          dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None,
                          **kwargs: Any) -> jax.Array:
-  """`jax.lax.conv_general_dilated`, as a patch matrix product where XLA would swap the operands.
+  """`jax.lax.conv_general_dilated`, as a matrix product where XLA CPU's convolution is slow.
 
-  XLA swaps them when the kernel has more taps than the (unpadded) input has
-  pixels; grouped, input-dilated or non-channels-last convolutions, and any
-  other keyword, go to `jax.lax.conv_general_dilated` unchanged.
+  Unpadded 1x1 convolutions are a matrix product over channels; where XLA would
+  swap the operands (the kernel has more taps than the unpadded input has
+  pixels) the kernel multiplies the input's patches. Grouped, input-dilated or
+  non-channels-last convolutions, and any other keyword, go to
+  `jax.lax.conv_general_dilated` unchanged.
   """
   ndim = lhs.ndim
   kernel_taps = math.prod(rhs.shape[:-2])
   plain = (feature_group_count == 1 and not kwargs and all(d == 1 for d in (lhs_dilation or ()))
            and _is_channels_last(dimension_numbers, ndim))
+  dilations = tuple(rhs_dilation or (1,) * (ndim - 2))
+  if plain and isinstance(padding, str):
+    extents = [effective_kernel_size(k, d) for k, d in zip(rhs.shape[:-2], dilations)]
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:-1], extents, window_strides, padding)
+  if plain and kernel_taps == 1 and all(low == 0 and high == 0 for low, high in padding):
+    # A 1x1 convolution is a matrix product over channels of the (strided) input.
+    sampled = jax.lax.slice(lhs, (0,) * ndim, lhs.shape, (1, *window_strides, 1))
+    return jnp.dot(sampled, rhs.reshape(rhs.shape[-2:]), precision=precision)
   if not plain or math.prod(lhs.shape[1:-1]) >= kernel_taps:
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count, precision=precision, **kwargs)
-  dilations = tuple(rhs_dilation or (1,) * (ndim - 2))
-  if isinstance(padding, str):
-    extents = [effective_kernel_size(k, d) for k, d in zip(rhs.shape[:-2], dilations)]
-    padding = jax.lax.padtype_to_pads(lhs.shape[1:-1], extents, window_strides, padding)
   return _patch_conv(lhs, rhs, window_strides, padding, dilations, precision)
 
 
