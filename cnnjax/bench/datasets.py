@@ -27,6 +27,8 @@ IMAGENET_SOURCE_SCALE = 8 / 7
 IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
 # ImageNet-sized arrays are large: this many are enough to time batches (they repeat).
 IMAGENET_EXAMPLES = 256
+# Steps of the timed stream: more than any timing window reads, for any batch size.
+PIPELINE_STEPS = 10 ** 8
 
 
 def _write_cifar_binary(directory: str, num_examples: int, rng: np.random.Generator) -> None:
@@ -56,7 +58,7 @@ def pipeline_config(kind: str, *, batch: int, image_size: int, root: str, num_ex
   tfds_dir = os.path.join(root, "tfds")
   config = config_lib.base_config()
   config.batch_size = batch
-  config.num_train_steps = num_examples  # long enough never to run out while timing
+  config.num_train_steps = PIPELINE_STEPS
   config.data.tfds_data_dir = tfds_dir
   if kind == "cifar":
     source = os.path.join(root, "cifar_source")

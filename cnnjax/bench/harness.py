@@ -44,7 +44,9 @@ STRATEGIES = ("none", "pmap", "shard_map", "jit")
 DTYPES = ("float32", "bfloat16")
 PIPELINE_EXAMPLES = 2048  # examples in each synthetic dataset the pipeline benchmark reads
 PIPELINE_WARMUP_BATCHES = 2
-PIPELINE_TIMED_BATCHES = 10
+# Batches are timed until both bounds are reached: small images take milliseconds per batch.
+PIPELINE_MIN_TIMED_BATCHES = 10
+PIPELINE_MIN_TIMED_SECONDS = 2.0
 CASE_TIMEOUT_SECONDS = 1800
 # glibc malloc: serve buffers up to 32 MiB from the heap and never trim it, so that freed step
 # buffers are reused instead of unmapped and faulted in again.
@@ -194,10 +196,11 @@ def pipeline_throughput(kind: str, batch: int, image_size: int, data_root: str) 
   batches = exp.train_batches()
   for _ in range(PIPELINE_WARMUP_BATCHES):
     next(batches)
-  start = time.perf_counter()
-  for _ in range(PIPELINE_TIMED_BATCHES):
+  start, count = time.perf_counter(), 0
+  while count < PIPELINE_MIN_TIMED_BATCHES or time.perf_counter() - start < PIPELINE_MIN_TIMED_SECONDS:
     next(batches)
-  return PIPELINE_TIMED_BATCHES * batch / (time.perf_counter() - start)
+    count += 1
+  return count * batch / (time.perf_counter() - start)
 
 
 def machine() -> dict[str, Any]:
