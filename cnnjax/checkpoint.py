@@ -1,24 +1,36 @@
-"""Checkpoints with orbax: the train state and the data iterator's position, saved together.
+"""Checkpoints with orbax: the train state, the data iterator's position and the loop's own state.
 
-A checkpoint is one orbax step directory holding two items: `state` (the
-TrainState as host arrays) and `data` (the grain iterator state as JSON), so a
-resumed run continues the exact data order. Saves are synchronous (the state is
-on disk when `save` returns) and atomic: orbax writes a step into a temporary
-directory and renames it into place only when every process has finished
-writing it, so an interrupted save never replaces or damages an earlier
-checkpoint, and only complete checkpoints are ever listed. `CheckpointManager`
-keeps the newest `max_to_keep`.
+A checkpoint is one orbax step directory holding three items:
 
-Restoring (`restore_latest`) checks before reading anything that the newest
-checkpoint has this run's parameter tree and shapes, and refuses a checkpoint of
-another model or optimizer, naming the mismatch. A checkpoint that cannot be read
-(a corrupted or partial file) is reported, moved aside into
+* `state`: the TrainState as host arrays;
+* `data`: the grain iterator state as JSON, so a resumed run continues the exact
+  data order;
+* `meta`: the fingerprint of the config keys that define the run
+  (`config.fingerprint`), a sha256 checksum of everything restored, and the
+  loop's state (the unfinished logging window, the last logged training window,
+  accumulated timings), so a resumed run logs exactly what an uninterrupted one
+  would.
+
+Saves are synchronous (the checkpoint is on disk when `save` returns) and
+atomic: orbax writes a step into a temporary directory and renames it into place
+only when every process has finished writing it, so an interrupted save never
+replaces or damages an earlier checkpoint, and only complete checkpoints are
+ever listed. `CheckpointManager` keeps the newest `max_to_keep`.
+
+Restoring checks, before reading any array, that the checkpoint belongs to this
+run (its fingerprint) and has this run's parameter tree and shapes, and refuses
+another run's checkpoint naming the mismatch. After reading, it recomputes the
+checksum. A checkpoint that cannot be read or whose bytes changed (a corrupted,
+partial or tampered file) is reported, moved aside into
 `unreadable_checkpoints/` next to the checkpoint directory (never deleted), and
 the next newest is tried.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -29,11 +41,31 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cnnjax.errors import CheckpointError
+from cnnjax.errors import CheckpointError, DiskFullError, is_disk_full
 
 PyTree = Any
 UNREADABLE_DIR = "unreadable_checkpoints"
+STATE_ITEM, DATA_ITEM, META_ITEM = "state", "data", "meta"
+# Loop-state entries that differ between the processes of one run (wall-clock timings): kept in the
+# checkpoint for the summary, outside the checksum, which covers what every process restores alike.
+UNCHECKED_LOOP_KEYS = ("timing",)
+# Room a checkpoint needs beside its arrays: orbax's metadata, the data position and the loop state.
+CHECKPOINT_METADATA_BYTES = 2 ** 17
 logger = logging.getLogger("cnnjax")
+
+
+class DamagedCheckpointError(Exception):
+  """A checkpoint whose restored bytes do not match the checksum saved with it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What a checkpoint gives back: its step, the state, the data position and the loop's state."""
+
+  step: int
+  state: PyTree
+  data: dict[str, Any]
+  loop: dict[str, Any]
 
 
 def leaf_name(path: tuple[Any, ...]) -> str:
@@ -51,6 +83,19 @@ def tree_signature(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
   """{leaf name: (shape, dtype)} of a pytree of arrays (or array metadata)."""
   return {leaf_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def checksum(state: PyTree, data_state: dict[str, Any], loop_state: dict[str, Any]) -> str:
+  """sha256 over every array of the state (name, dtype, shape and bytes), the data position and the
+  loop state's checked entries."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{leaf_name(path)}:{array.dtype.str}:{array.shape};".encode())
+    digest.update(array.tobytes())
+  checked = {k: v for k, v in loop_state.items() if k not in UNCHECKED_LOOP_KEYS}
+  digest.update(json.dumps([data_state, checked], sort_keys=True).encode())
+  return digest.hexdigest()
 
 
 def _report_order(name: str) -> tuple[int, str]:
@@ -79,17 +124,23 @@ def describe_mismatch(found: dict[str, Any], expected: dict[str, Any]) -> str | 
   return None
 
 
-class Checkpointer:
-  """Saves and restores (state, data position) under `directory`."""
+FRESH_HINT = "use a new --workdir, or pass --fresh to set the old run aside and start over"
 
-  def __init__(self, directory: str, *, max_to_keep: int):
+
+class Checkpointer:
+  """Saves and restores (state, data position, loop state) under `directory`, for the run whose config
+  has `fingerprint` (see `cnnjax.config.fingerprint`)."""
+
+  def __init__(self, directory: str, *, max_to_keep: int, fingerprint: str):
     self.directory = os.path.abspath(directory)
+    self.fingerprint = fingerprint
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False,
                                            cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: ocp.JsonCheckpointHandler(),
+                       META_ITEM: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -97,51 +148,107 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, host_state: PyTree, data_state: dict[str, Any]) -> None:
-    """Writes a checkpoint for `step` (every process calls this; orbax coordinates)."""
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
-                                                     data=ocp.args.JsonSave(data_state)))
-    self._manager.wait_until_finished()
+  def save(self, step: int, host_state: PyTree, data_state: dict[str, Any],
+           loop_state: dict[str, Any] | None = None) -> None:
+    """Writes a checkpoint for `step` (every process calls this; orbax coordinates).
 
-  def check_compatible(self, step: int, template: PyTree) -> None:
-    """Raises CheckpointError if checkpoint `step` holds another parameter tree or shapes.
-
-    Raises other exceptions if the checkpoint's metadata cannot be read at all.
+    Raises CheckpointError naming the last good checkpoint when the disk is full.
     """
-    found = tree_signature(self._manager.item_metadata(step)["state"])
+    loop_state = loop_state or {}
+    meta = {"fingerprint": self.fingerprint, "checksum": checksum(host_state, data_state, loop_state),
+            "loop": loop_state}
+    # Checked before writing: a write that runs out of space half-way leaves orbax's writer threads
+    # printing tracebacks. Checkpoints are stored uncompressed, so the arrays' bytes are their size.
+    needed = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(host_state)) + CHECKPOINT_METADATA_BYTES
+    if shutil.disk_usage(self.directory).free < needed:
+      raise self._disk_full(step)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardSave(host_state), DATA_ITEM: ocp.args.JsonSave(data_state),
+          META_ITEM: ocp.args.JsonSave(meta)}))
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except  (orbax wraps the OSError in its own errors)
+      if not is_disk_full(error):
+        raise
+      raise self._disk_full(step) from None
+
+  def _disk_full(self, step: int) -> DiskFullError:
+    kept = [s for s in self.all_steps() if s != step]
+    return DiskFullError(
+        f"the disk is full: checkpoint {step} could not be written to {self.directory}; the last good "
+        f"checkpoint ({kept[-1] if kept else 'none'}) is kept; free space and rerun the same command to resume "
+        "from it")
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether every process of a multi-process run has reached the step at which JAX's preemption
+    service (SIGTERM on any process) asks them all to save; always False in a single process."""
+    return self._manager.reached_preemption(step)
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The checkpoint's `meta` item; raises CheckpointError for a checkpoint without one (an older
+    format) and other exceptions when it cannot be read."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), META_ITEM)):
+      raise CheckpointError(
+          f"checkpoint {step} in {self.directory} carries no config fingerprint or checksum (an older cnnjax "
+          f"wrote it) and cannot be checked; {FRESH_HINT}")
+    meta = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
+    if not isinstance(meta, dict) or not {"fingerprint", "checksum"} <= set(meta):
+      raise DamagedCheckpointError(f"its {META_ITEM} item is not a cnnjax record")
+    return meta
+
+  def check_compatible(self, step: int, template: PyTree, meta: dict[str, Any]) -> None:
+    """Raises CheckpointError if checkpoint `step` belongs to another run or holds another parameter
+    tree or shapes. Raises other exceptions if its metadata cannot be read at all."""
+    if meta["fingerprint"] != self.fingerprint:
+      raise CheckpointError(
+          f"checkpoint {step} in {self.directory} belongs to a run of another config (its fingerprint "
+          f"{meta['fingerprint'][:12]} is not this config's {self.fingerprint[:12]}); {FRESH_HINT}")
+    found = tree_signature(self._manager.item_metadata(step)[STATE_ITEM])
     mismatch = describe_mismatch(found, tree_signature(template))
     if mismatch:
       raise CheckpointError(
           f"checkpoint {step} in {self.directory} belongs to a different model, input or optimizer: {mismatch}; "
-          "use a new --workdir, or pass --fresh to set the old run aside and start over")
+          f"{FRESH_HINT}")
 
-  def restore(self, step: int, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
-    """Restores step `step` into the structure of `template` (host arrays), after checking it fits."""
-    self.check_compatible(step, template)
+  def restore(self, step: int, template: PyTree) -> Restored:
+    """Restores step `step` into the structure of `template` (host arrays), after checking that it is
+    this run's and that it fits; raises DamagedCheckpointError when the bytes fail the checksum."""
+    meta = self.read_meta(step)
+    self.check_compatible(step, template, meta)
     abstract = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), template)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-    return restored["state"], restored["data"]
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract), DATA_ITEM: ocp.args.JsonRestore()}))
+    loop_state = meta.get("loop") or {}
+    if checksum(restored[STATE_ITEM], restored[DATA_ITEM], loop_state) != meta["checksum"]:
+      raise DamagedCheckpointError("its contents do not match the checksum saved with them")
+    return Restored(step, restored[STATE_ITEM], restored[DATA_ITEM], loop_state)
 
-  def restore_latest(self, template: PyTree) -> tuple[int, PyTree, dict[str, Any]] | None:
-    """The newest readable checkpoint as (step, state, data position), or None if there is none.
+  def restore_latest(self, template: PyTree, *, at_most: int | None = None) -> Restored | None:
+    """The newest readable checkpoint (at step `at_most` or earlier, if given), or None if there is none.
 
-    Unreadable checkpoints are reported and moved aside; an incompatible one
-    raises CheckpointError.
+    Unreadable and damaged checkpoints are reported and moved aside; one of
+    another run or shape raises CheckpointError.
     """
     for step in reversed(self.all_steps()):
+      if at_most is not None and step > at_most:
+        continue
       try:
-        state, data_state = self.restore(step, template)
+        return self.restore(step, template)
       except CheckpointError:
         raise
       except Exception as error:  # pylint: disable=broad-except  (any failure to read means unreadable)
         self._set_aside(step, error)
-        continue
-      return step, state, data_state
     return None
+
+  def delete_after(self, step: int) -> None:
+    """Deletes the checkpoints newer than `step`: a resume from `step` writes them again, identically."""
+    for newer in self.all_steps():
+      if newer > step:
+        self._manager.delete(newer)
 
   def _set_aside(self, step: int, error: Exception) -> None:
     reason = " ".join(str(error).split())[:300] or type(error).__name__
+    what = "damaged" if isinstance(error, DamagedCheckpointError) else "unreadable"
     target = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR, f"{step}-{int(time.time())}")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -149,8 +256,8 @@ class Checkpointer:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f"cnnjax checkpoint {step} set aside")
-    logger.warning("checkpoint %d in %s is unreadable (%s: %s); moved to %s, trying the next newest",
-                   step, self.directory, type(error).__name__, reason, target)
+    logger.warning("checkpoint %d in %s is %s (%s: %s); moved to %s, trying the next newest",
+                   step, self.directory, what, type(error).__name__, reason, target)
     self._manager.reload()
 
   def close(self) -> None:

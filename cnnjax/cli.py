@@ -1,19 +1,20 @@
 """What the command-line entry points share: flag parsing with one-line errors, multi-process flags,
-and the run-and-report wrapper around `cnnjax.train.run`.
+preemption signals, and the run-and-report wrapper around `cnnjax.train.run`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Any, Callable, Sequence
 
 from absl import flags
 
-from cnnjax.errors import CnnjaxError
+from cnnjax.errors import (DISK_FULL_TEXTS, EXIT_STATUS_BASE, EXIT_USER_ERROR, CnnjaxError, DiskFullError,
+                           Preempted, is_disk_full)
 
-EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 3
 
 
@@ -91,8 +92,10 @@ def configure_logging() -> None:
   """cnnjax's own progress lines on stderr; libraries (orbax, TFDS, JAX) only from warnings up."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.WARNING)
-  # TFDS warns on every run that it decodes PNGs with PIL rather than OpenCV: expected here.
-  logging.getLogger("absl").addFilter(lambda record: "OpenCV is not installed" not in record.getMessage())
+  # TFDS warns on every run that it decodes PNGs with PIL rather than OpenCV: expected here. A full disk
+  # makes orbax's writer threads log their tracebacks; cnnjax reports it in one line instead.
+  logging.getLogger("absl").addFilter(
+      lambda record: not any(text in record.getMessage() for text in ("OpenCV is not installed",) + DISK_FULL_TEXTS))
   logger = logging.getLogger("cnnjax")
   if not logger.handlers:
     handler = logging.StreamHandler(sys.stderr)
@@ -103,25 +106,53 @@ def configure_logging() -> None:
 
 
 def run_reporting_errors(fn: Callable[[], Any]) -> Any:
-  """Runs fn; a CnnjaxError becomes one line on stderr and exit status 2."""
+  """Runs fn; a CnnjaxError or a full disk becomes one line on stderr and exit status 2, a preemption
+  (SIGTERM, SIGINT) one line and exit status 128 + the signal."""
   try:
     return fn()
+  except DiskFullError as e:
+    stop_at_once(str(e))
   except CnnjaxError as e:
     fail(str(e))
+  except Preempted as stop:
+    print(f"{stop}; every step trained is saved, rerun the same command to resume", file=sys.stderr,
+          flush=True)
+    sys.exit(stop.exit_status)
+  except KeyboardInterrupt:
+    # Ctrl-C before the handlers were installed (while starting up): nothing was trained yet.
+    print("stopped: interrupted while starting, before any training step", file=sys.stderr, flush=True)
+    sys.exit(EXIT_STATUS_BASE + signal.SIGINT)
+  except OSError as e:
+    if not is_disk_full(e):
+      raise
+    stop_at_once(f"the disk is full ({e.filename or e}); checkpoints are written atomically, so the last good one "
+                 "is kept; free space and rerun the same command to resume from it")
+
+
+def stop_at_once(message: str) -> None:
+  """Prints `error: message` and exits with status 2 without Python's shutdown, whose cleanup of a
+  checkpoint write that failed half-way prints tracebacks from orbax's threads (the partial write is
+  a temporary directory that the next run removes)."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(EXIT_USER_ERROR)  # pylint: disable=protected-access
 
 
 def run_training(config: Any, workdir: str, distributed: dict[str, Any], *, fresh: bool = False) -> dict[str, Any]:
   """Starts jax.distributed if asked, trains, and prints the final numbers."""
   configure_logging()
   from cnnjax.parallel import distributed as distributed_lib  # pylint: disable=import-outside-toplevel
-  from cnnjax.train import run  # pylint: disable=import-outside-toplevel  (jax after flags: faster --help)
+  from cnnjax.train import Preemption, run  # pylint: disable=import-outside-toplevel  (jax after flags)
+  from cnnjax.train.rundir import check_workdir  # pylint: disable=import-outside-toplevel
 
   import jax  # pylint: disable=import-outside-toplevel
 
   def go():
+    check_workdir(workdir)
     distributed_lib.initialize(**distributed)
     try:
-      return run(config, workdir, fresh=fresh)
+      with Preemption().handling() as preemption:
+        return run(config, workdir, fresh=fresh, preemption=preemption)
     except jax.errors.JaxRuntimeError as e:
       if jax.process_count() == 1:
         raise

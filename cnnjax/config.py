@@ -14,20 +14,22 @@ unknown model name, a batch that does not divide over devices) and raises a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 
 import ml_collections
 
 from cnnjax.data import DATASET_NAMES
 from cnnjax.errors import ConfigError
 from cnnjax.models import MODELS
-from cnnjax.nn import NORM_KINDS
+from cnnjax.nn import NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS
 from cnnjax.optim import OPTIMIZERS, SCHEDULES
 from cnnjax.parallel import BN_SYNC_MODES, STRATEGIES
 
 # Keys under `model` that the training code consumes; every other key is a model option.
 MODEL_COMMON_KEYS = ("name", "norm", "bn_sync", "bn_group_size", "bn_momentum", "bn_epsilon",
-                     "group_norm_groups", "dtype")
+                     "bn_running_variance", "group_norm_groups", "dtype")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -45,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.progress_bar = True  # a tqdm bar on terminals; plain log lines otherwise or when False
+  # A torchvision weights file (.pth or .safetensors) a fresh run starts from ('' : the model's own
+  # initialization); see cnnjax.models.torchvision_import.
+  config.init_from = ""
+  config.init_from_replace_classifier = False  # a new classifier where the file's class count differs
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "lenet5"
@@ -53,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.bn_group_size = 0  # examples per statistics group for bn_sync=ghost
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
+  config.model.bn_running_variance = "biased"  # or unbiased (PyTorch's): the batch variance times m / (m - 1)
   config.model.group_norm_groups = 32  # capped at gcd(groups, channels) per layer
   config.model.dtype = "float32"  # compute dtype; parameters and BatchNorm statistics stay float32
 
@@ -114,11 +121,23 @@ def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
   return flat
 
 
+def as_json(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON values: what `config.json` holds."""
+  return json.loads(config.to_json_best_effort())
+
+
 def resume_differences(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, object, object]]:
   """(key, saved value, new value) for every key that differs and may not change on resume."""
-  old, new = flatten(saved), flatten(json.loads(config.to_json_best_effort()))
+  old, new = flatten(saved), flatten(as_json(config))
   return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
           if key not in RESUME_SAFE_KEYS and old.get(key) != new.get(key)]
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> str:
+  """sha256 of the keys that define a run: every key but `RESUME_SAFE_KEYS`, the ones
+  `resume_differences` compares. Two configs that may resume each other share it."""
+  defining = {key: value for key, value in flatten(as_json(config)).items() if key not in RESUME_SAFE_KEYS}
+  return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict:
@@ -135,12 +154,59 @@ def _choice(value: str, choices, key: str) -> None:
   _require(value in choices, f"{key}={value!r} is unknown; choose one of {', '.join(choices)}")
 
 
+def _number(config: ml_collections.ConfigDict, key: str) -> float:
+  """The value of dotted `key`, which must be a finite number."""
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  _require(isinstance(value, (int, float)) and not isinstance(value, bool),
+           f"{key}={value!r} must be a number")
+  _require(math.isfinite(value), f"{key}={value} must be a finite number")
+  return value
+
+
+def _validate_schedule(config: ml_collections.ConfigDict) -> None:
+  boundaries = config.optimizer.decay_boundaries
+  _require(isinstance(boundaries, (tuple, list)) and all(
+      isinstance(b, (int, float)) and not isinstance(b, bool) for b in boundaries),
+           f"optimizer.decay_boundaries={boundaries!r} must be a tuple of fractions of training, e.g. "
+           "--config.optimizer.decay_boundaries='(0.5, 0.75)'")
+  _require(all(0 < b < 1 for b in boundaries),
+           f"optimizer.decay_boundaries={tuple(boundaries)} must lie in (0, 1): fractions of training")
+  _require(all(a < b for a, b in zip(boundaries, boundaries[1:])),
+           f"optimizer.decay_boundaries={tuple(boundaries)} must be increasing")
+
+
+# Seeds a run can use: grain's shuffles and the data order take 32-bit unsigned seeds.
+MAX_SEED = 2 ** 32 - 1
+FLOAT_KEYS = ("num_epochs", "label_smoothing", "optimizer.learning_rate", "optimizer.weight_decay",
+              "optimizer.momentum", "optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.decay_factor",
+              "model.bn_momentum", "model.bn_epsilon", "data.rotation_degrees")
+
+
+def _check_structure(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError unless `config` is a ConfigDict with every shared key."""
+  _require(isinstance(config, ml_collections.ConfigDict),
+           f"get_config() returned a {type(config).__name__}; return an ml_collections.ConfigDict built on "
+           "cnnjax.config.base_config()")
+  missing = sorted(set(flatten(base_config())) - set(flatten(config)))
+  if missing:
+    more = f" and {len(missing) - 1} more keys" if len(missing) > 1 else ""
+    raise ConfigError(f"the config lacks {missing[0]}{more}; build get_config() on cnnjax.config.base_config()")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first impossible value and its fix."""
+  _check_structure(config)
+  for key in FLOAT_KEYS:
+    _number(config, key)
+  _require(isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED,
+           f"seed={config.seed} is outside [0, {MAX_SEED}]; use a non-negative 32-bit integer")
   _choice(config.model.name, sorted(MODELS), "model.name")
   _choice(config.data.name, DATASET_NAMES, "data.name")
   _choice(config.parallel.strategy, STRATEGIES, "parallel.strategy")
   _choice(config.model.bn_sync, BN_SYNC_MODES, "model.bn_sync")
+  _choice(config.model.bn_running_variance, RUNNING_VARIANCE_CONVENTIONS, "model.bn_running_variance")
   _choice(config.model.norm, ("",) + NORM_KINDS, "model.norm")
   _choice(config.model.dtype, DTYPES, "model.dtype")
   _choice(config.optimizer.name, OPTIMIZERS, "optimizer.name")
@@ -152,6 +218,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.optimizer.weight_decay >= 0,
            f"optimizer.weight_decay={config.optimizer.weight_decay} must be >= 0")
   _require(0 <= config.optimizer.momentum < 1, f"optimizer.momentum={config.optimizer.momentum} must be in [0, 1)")
+  for key in ("b1", "b2"):
+    _require(0 <= config.optimizer[key] < 1, f"optimizer.{key}={config.optimizer[key]} must be in [0, 1)")
+  _require(config.optimizer.eps > 0, f"optimizer.eps={config.optimizer.eps} must be positive")
+  _require(config.optimizer.decay_factor > 0,
+           f"optimizer.decay_factor={config.optimizer.decay_factor} must be positive")
+  _validate_schedule(config)
   _require(config.optimizer.warmup_steps >= 0, f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be >= 0")
   _require(0 <= config.label_smoothing < 1, f"label_smoothing={config.label_smoothing} must be in [0, 1)")
   _require(config.num_train_steps > 0 or config.num_epochs > 0,

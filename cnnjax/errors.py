@@ -1,10 +1,16 @@
-"""Errors a user can fix.
+"""Errors a user can fix, and the stop that a preemption signal causes.
 
 Every bad input raises a `CnnjaxError` whose message is one line that names the
 problem and the fix. `cnnjax.main` prints it as `error: <message>` and exits with
 status 2 before anything is written to the workdir; tracebacks are reserved for
 bugs.
 """
+
+import errno
+import signal
+
+EXIT_USER_ERROR = 2  # a bad input: one line on stderr, nothing written
+EXIT_STATUS_BASE = 128  # a process stopped by signal N exits with 128 + N
 
 
 class CnnjaxError(Exception):
@@ -23,9 +29,50 @@ class CheckpointError(CnnjaxError):
   """A checkpoint that cannot be used for this run."""
 
 
+class DiskFullError(CnnjaxError):
+  """The disk (or quota) filled up while the run wrote; the last complete checkpoint is kept."""
+
+
 class NonFiniteError(CnnjaxError):
   """The loss or the gradients stopped being finite during training."""
 
 
 class DistributedError(CnnjaxError):
   """A multi-process run that cannot start or lost a peer."""
+
+
+class Preempted(BaseException):
+  """A run, sweep or study stopped by SIGTERM or SIGINT once the step in training was saved.
+
+  A BaseException, like KeyboardInterrupt, so that handlers of ordinary errors
+  (a sweep recording a failed trial) never swallow it. The entry points exit
+  with `exit_status`, 128 + the signal number, as shells report a process
+  stopped by a signal. See `cnnjax.train.preemption`.
+  """
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"stopped by {signal.Signals(signum).name}" + (f" at step {step}" if step else ""))
+    self.signum, self.step = signum, step
+
+  @property
+  def exit_status(self) -> int:
+    return EXIT_STATUS_BASE + self.signum
+
+
+# errno values that mean the disk (or the user's quota) is full.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+  """Whether `error`, or an error it was raised from, says the disk or quota is full (libraries such as
+  orbax and tensorstore wrap the OSError in their own errors)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+      return True
+    if any(text in str(error) for text in DISK_FULL_TEXTS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False

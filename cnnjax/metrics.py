@@ -50,28 +50,52 @@ def read_json(path: str) -> dict[str, Any] | None:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged point to `metrics.jsonl`."""
+  """Appends one JSON object per logged point to `metrics.jsonl`; each (split, step) point once."""
 
   def __init__(self, path: str, *, enabled: bool):
     self.path, self.enabled = path, enabled
+    self._logged: set[tuple[str, int]] = set()
 
   def write(self, record: dict[str, Any]) -> None:
+    """Appends `record`, unless its (split, step) point is already in the log (a resumed run that
+    repeats its final evaluation)."""
     if not self.enabled:
+      return
+    point = (record.get("split"), int(record["step"]))
+    if point in self._logged:
       return
     clean = {k: (float(v) if isinstance(v, (np.floating, np.integer)) and k != "step" else v)
              for k, v in record.items()}
     clean["step"] = int(record["step"])
     with open(self.path, "a") as f:
       f.write(json.dumps(clean, sort_keys=True) + "\n")
+    self._logged.add(point)
 
   def truncate_after(self, step: int) -> None:
-    """Drops records past `step` (written by a run that died before its next checkpoint)."""
+    """Drops records past `step` (written by a run that died before its next checkpoint), and lines
+    that are not whole records (a write torn by a full disk or a crash), with a warning."""
     if not self.enabled or not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(self.path, "w") as f:
+    kept, torn = [], 0
+    with open(self.path, errors="replace") as f:
+      for line in f:
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+          point = (record.get("split"), int(record["step"]))
+        except (ValueError, TypeError, KeyError, AttributeError):
+          torn += 1
+          continue
+        if point[1] <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+          self._logged.add(point)
+    if torn:
+      logger.warning("%s: dropped %d line(s) that were not whole records (a torn write)", self.path, torn)
+    tmp = f"{self.path}.tmp"
+    with open(tmp, "w") as f:
       f.writelines(kept)
+    os.replace(tmp, self.path)
 
 
 class Progress:

@@ -18,7 +18,7 @@ Cost: 450k steps at batch 256; 6,624,904 parameters and 1.50 GMACs per 224x224 i
 """
 
 from cnnjax.config import base_config
-from cnnjax.models.googlenet import INCEPTION_MODULES
+from cnnjax.models.googlenet import INCEPTION_MODULES, TORCHVISION_BN_EPSILON
 
 
 def get_config():
@@ -27,6 +27,8 @@ def get_config():
   config.model.inception_modules = INCEPTION_MODULES  # (name, branch widths) of 3a ... 5b, the paper's Table 1
   config.model.wide_kernel = 3
   config.model.dropout_rate = 0.2
+  config.model.bn_epsilon = TORCHVISION_BN_EPSILON  # torchvision's 1e-3 (the base config's is 1e-5)
+  config.model.transform_input = False  # True for torchvision's pretrained weights (see cnnjax.models.googlenet)
   config.data.name = "imagenet2012"
   config.data.image_size = 224
   config.data.random_resized_crop = True

@@ -7,7 +7,9 @@ Writes DIR/report.md (a section per experiment: question, table, plot, reading),
 DIR/results.json (every number) and DIR/*.png; each experiment's runs train
 into DIR/<experiment>/<trial>/ with results.csv/results.md as `python -m
 cnnjax.sweep` writes them. Rerunning resumes: finished runs and measurements are
-not redone. `--report_only` rewrites the report from what DIR holds.
+not redone. `--report_only` rewrites the report from what DIR holds. SIGTERM or
+SIGINT save the run in training and stop (exit status 128 + the signal); a rerun
+goes on from there.
 Expected: the numbers quoted in the README's "The BatchNorm study".
 Cost: `small` (the default; the digits on CPU with 8 simulated devices): 48 runs
 and measurements, measured 89 s from scratch on 2 CPU cores; `tiny` (3
@@ -54,8 +56,10 @@ def main(argv):
       results = study.write_study_report(study.Context(os.path.abspath(FLAGS.workdir),
                                                        study.SCALES[FLAGS.scale], FLAGS.experiments_dir))
     else:
-      results = study.run_study(FLAGS.workdir, FLAGS.scale, experiments_dir=FLAGS.experiments_dir,
-                                only=FLAGS.only)
+      from cnnjax.train import Preemption  # pylint: disable=import-outside-toplevel
+      with Preemption().handling() as preemption:
+        results = study.run_study(FLAGS.workdir, FLAGS.scale, experiments_dir=FLAGS.experiments_dir,
+                                  only=FLAGS.only, preemption=preemption)
     missing = study.report.missing_runs(results)
     print(f"report: {os.path.join(FLAGS.workdir, 'report.md')} (numbers in results.json); "
           + (f"{len(missing)} runs or measurements missing" if missing else "nothing missing"))

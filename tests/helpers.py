@@ -61,3 +61,20 @@ def run_cli(module: str, *args: str, timeout: float = SUBPROCESS_TIMEOUT, env: d
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps of a run's complete checkpoints."""
+  from cnnjax.train import RunDir  # pylint: disable=import-outside-toplevel
+  return RunDir(str(workdir)).checkpoint_steps()
+
+
+def final_state(workdir, config, step: int | None = None):
+  """A run's state (host arrays) at its newest good checkpoint, or at `step`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from cnnjax import train  # pylint: disable=import-outside-toplevel
+  template = jax.device_get(train.build(config).init_state())
+  rundir = train.RunDir(str(workdir))
+  restored = (rundir.restore_latest(config, template) if step is None else
+              rundir.restore_step(config, template, step))
+  return restored.state

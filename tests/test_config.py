@@ -40,6 +40,7 @@ def test_missing_config_file_is_one_line(tmp_path):
     ("parallel.strategy", "dp", "parallel.strategy='dp' is unknown"),
     ("model.bn_sync", "sometimes", "model.bn_sync='sometimes' is unknown"),
     ("model.norm", "instance", "model.norm='instance' is unknown"),
+    ("model.bn_running_variance", "sample", "model.bn_running_variance='sample' is unknown"),
     ("optimizer.weight_decay", -1.0, "must be >= 0"),
     ("num_epochs", 0.0, "one must be positive"),
 ])

@@ -24,6 +24,9 @@ CASES = {
     "resnet20_cifar10": (["--config.batch_size=8"], True),
     "resnet50_imagenet": (["--config.batch_size=4", "--config.data.image_size=32", "--config.eval_batch_size=8"],
                           True),
+    # From scratch here (no weights file); tests/test_torchvision_import.py fine-tunes from imported weights.
+    "resnet18_finetune": (["--config.batch_size=4", "--config.data.image_size=32", "--config.eval_batch_size=8",
+                           "--config.init_from="], True),
     "unet_shapes": (["--config.batch_size=8", "--config.eval_batch_size=100", "--config.model.features=(4, 8)"],
                     False),
     "unet3d_shapes3d": (["--config.batch_size=4", "--config.model.features=(4, 8)", "--config.eval_batch_size=32"],

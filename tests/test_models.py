@@ -170,3 +170,55 @@ def test_in_model_augmentation_trains_and_is_off_in_eval():
   train_logits = [model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(seed)})
                   for seed in (1, 2)]
   assert not np.allclose(train_logits[0], train_logits[1])
+
+
+# Initializer scales (torchvision's): measured over every layer of a narrow model at once, each weight
+# divided by its layer's expected standard deviation, so the pooled standard deviation should be 1.
+INIT_STD_RTOL = 0.05
+FLOAT32_SLACK = 1 + 1e-6  # a bound drawn in float32 may round just past its float64 value
+
+
+def initialized_params(name: str, input_shape, **options):
+  model = build_model(name, num_classes=10, **options)
+  return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + input_shape))["params"], model
+
+
+def pooled_std(scaled: list) -> float:
+  return float(np.std(np.concatenate([np.ravel(s) for s in scaled])))
+
+
+def test_vgg_initializers_are_torchvisions():
+  """Convolutions He normal over fan-out, linear layers normal(0, 0.01), biases zero."""
+  params, _ = initialized_params("vgg11_bn", (32, 32, 3), stage_features=(16, 32, 32, 64, 64), classifier_features=256)
+  convs = [p["kernel"] / np.sqrt(2.0 / (p["kernel"].shape[0] * p["kernel"].shape[1] * p["kernel"].shape[3]))
+           for name, p in params.items() if name.startswith("conv")]
+  linears = [p["kernel"] / 0.01 for name, p in params.items() if name.startswith("fc")]
+  assert abs(pooled_std(convs) - 1) < INIT_STD_RTOL and abs(pooled_std(linears) - 1) < INIT_STD_RTOL
+  assert all(not np.any(p["bias"]) for name, p in params.items() if name.startswith(("conv", "fc")))
+
+
+def test_alexnet_initializers_are_torchvisions_pytorch_defaults():
+  """Weights and biases uniform on +-1/sqrt(fan_in): a standard deviation of 1/sqrt(3 fan_in)."""
+  params, _ = initialized_params("alexnet", (64, 64, 3), classifier_features=256)
+  scaled_weights, scaled_biases = [], []
+  for name, p in params.items():
+    kernel = p["kernel"]
+    bound = 1.0 / np.sqrt(np.prod(kernel.shape[:-1]))
+    assert np.max(np.abs(kernel)) <= bound * FLOAT32_SLACK and np.max(np.abs(p["bias"])) <= bound * FLOAT32_SLACK, name
+    scaled_weights.append(kernel / bound * np.sqrt(3.0))
+    scaled_biases.append(p["bias"] / bound * np.sqrt(3.0))
+  assert abs(pooled_std(scaled_weights) - 1) < INIT_STD_RTOL
+  assert abs(pooled_std(scaled_biases) - 1) < 4 * INIT_STD_RTOL  # fewer samples
+
+
+def test_googlenet_initializers_and_epsilon_are_torchvisions():
+  """Truncated normal (std 0.01, bounds +-2) for convolutions and the classifier; BatchNorm epsilon 1e-3."""
+  params, model = initialized_params("googlenet", (64, 64, 3), inception_modules=(("3a", (16, 16, 32, 8, 16, 8)),))
+  kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if getattr(path[-1], "key", "") == "kernel"]
+  assert abs(pooled_std([k / 0.01 for k in kernels]) - 1) < INIT_STD_RTOL
+  bias = params["classifier"]["bias"]
+  bound = 1.0 / np.sqrt(params["classifier"]["kernel"].shape[0])
+  assert np.max(np.abs(bias)) <= bound * FLOAT32_SLACK and np.any(bias)
+  assert model.norm.epsilon == 1e-3
+  assert build_model("googlenet", num_classes=10, norm_options={"epsilon": 1e-5}).norm.epsilon == 1e-5

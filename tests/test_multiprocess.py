@@ -15,9 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax import train
-from cnnjax.checkpoint import Checkpointer
-from helpers import REPO_ROOT, SUBPROCESS_TIMEOUT, experiment_config, read_jsonl, run_cli
+from helpers import (REPO_ROOT, SUBPROCESS_TIMEOUT, checkpoint_steps, experiment_config, final_state, read_jsonl,
+                     run_cli)
 
 DEVICES_PER_PROCESS = 2
 PROCESSES = 2
@@ -65,13 +64,11 @@ def finish(processes, timeout):
 
 
 def final_params(workdir, config):
-  state = jax.device_get(train.build(config).init_state())
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=3)
-  restored, _ = ckpt.restore(ckpt.latest_step(), state)
-  return restored.params
+  return final_state(workdir, config).params
 
 
-@pytest.mark.parametrize("strategy", ["pmap", "jit"])
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["pmap", "shard_map", "jit"])
 def test_two_processes_equal_one_process_with_four_devices(tmp_path, tfds_data_dir, strategy):
   args = COMMON + ["--config.num_train_steps=6", f"--config.parallel.strategy={strategy}"]
   multi = tmp_path / "two_processes"
@@ -89,11 +86,12 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, tfds_data_d
   single_summary = json.load(open(single / "summary.json"))
   assert multi_summary["num_processes"] == 2 and multi_summary["num_devices"] == 4
   np.testing.assert_allclose(multi_summary["eval_loss"], single_summary["eval_loss"], rtol=1e-5)
-  config = experiment_config("simple_cnn_digits")
+  config = experiment_config("simple_cnn_digits", batch_size=32, num_train_steps=6)
   for a, b in zip(jax.tree.leaves(final_params(multi, config)), jax.tree.leaves(final_params(single, config))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_dead_peer_stops_the_others_within_a_bounded_time(tmp_path, tfds_data_dir):
   workdir = tmp_path / "run"
   peer_timeout = 10
@@ -120,6 +118,7 @@ def test_a_dead_peer_stops_the_others_within_a_bounded_time(tmp_path, tfds_data_
   assert ("lost a peer process" in err or "another task died" in err), err[-3000:]
 
 
+@pytest.mark.slow
 def test_a_save_interrupted_on_one_process_leaves_only_complete_checkpoints(tmp_path, tfds_data_dir):
   workdir = tmp_path / "run"
   args = COMMON + ["--config.num_train_steps=9", "--config.parallel.strategy=jit", f"--workdir={workdir}",
@@ -128,7 +127,7 @@ def test_a_save_interrupted_on_one_process_leaves_only_complete_checkpoints(tmp_
   # place; process 1 must give up, and checkpoint 6 must not count.
   results = finish(start_pair(args, faults=("save_commit:6", None)), SUBPROCESS_TIMEOUT)
   assert results[0][0] == -signal.SIGKILL and results[1][0] != 0
-  assert Checkpointer(str(workdir / "checkpoints"), max_to_keep=3).all_steps() == [3]
+  assert checkpoint_steps(workdir) == [3]
   resumed = finish(start_pair(args), SUBPROCESS_TIMEOUT)
   for rc, _, err in resumed:
     assert rc == 0, err[-3000:]

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from cnnjax import train
-from cnnjax.checkpoint import Checkpointer
 from cnnjax.errors import ConfigError
 from cnnjax.train.population import check_vectorizable, run_population
-from helpers import experiment_config, read_jsonl, tiny
+from helpers import experiment_config, final_state, read_jsonl, tiny
 
 # (learning rate, seed, label smoothing) per member.
 MEMBERS = [(0.05, 0, 0.0), (0.1, 0, 0.1), (0.05, 1, 0.0), (0.1, 1, 0.0)]
@@ -24,11 +23,6 @@ def member_config(learning_rate, seed, label_smoothing):
   return config
 
 
-def final_state(workdir, config):
-  template = jax.device_get(train.build(config).init_state())
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=3)
-  state, _ = ckpt.restore(ckpt.latest_step(), template)
-  return state
 
 
 def test_each_member_equals_its_solo_run(tmp_path, tfds_data_dir):

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 from cnnjax import train
-from cnnjax.checkpoint import Checkpointer
 from cnnjax.data import ProcessSlice, train_dataset
 from cnnjax.errors import CheckpointError
 from cnnjax.parallel import check_divisible
-from helpers import experiment_config, read_jsonl, run_cli, tiny
+from helpers import checkpoint_steps, experiment_config, read_jsonl, run_cli, tiny
 
 FAULT_MAIN = os.path.join(os.path.dirname(__file__), "fault_main.py")
 # The notes' CNN with BatchNorm, dropout and random rotations: every source of state and randomness.
@@ -39,7 +38,7 @@ def killed_run(args, fault: str):
 
 
 def complete_steps(workdir) -> list[int]:
-  return Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=10).all_steps()
+  return checkpoint_steps(workdir)
 
 
 @pytest.mark.parametrize("strategy,faults", [

@@ -17,11 +17,10 @@ import time
 import jax
 import numpy as np
 
-from cnnjax import train
-from cnnjax.checkpoint import Checkpointer
 from cnnjax.sweep import apply_overrides, load_trials, run_sweep
 from cnnjax.train import engines
-from helpers import EXPERIMENTS, REPO_ROOT, experiment_config, load_experiment, read_jsonl, run_cli, tiny
+from helpers import (EXPERIMENTS, REPO_ROOT, experiment_config, final_state, load_experiment, read_jsonl, run_cli,
+                     tiny)
 
 QUIET = ["--config.progress_bar=false", "--config.data.num_threads=2"]
 # experiment -> the test that runs its sweep end to end.
@@ -48,12 +47,7 @@ def test_every_sweep_experiment_runs_here():
 
 
 def final_params(workdir, config):
-  template = jax.device_get(train.build(config).init_state())
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=3)
-  try:
-    state, _ = checkpointer.restore(checkpointer.latest_step(), template)
-  finally:
-    checkpointer.close()
+  state = final_state(workdir, config)
   return state.params, state.batch_stats
 
 

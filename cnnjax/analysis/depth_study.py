@@ -25,7 +25,7 @@ import numpy as np
 
 from cnnjax.config import base_config
 from cnnjax.train import run as train_run
-from cnnjax.train.loop import METRICS_FILE
+from cnnjax.train.rundir import METRICS_FILE
 
 MODELS = ("plain20", "plain56", "resnet20", "resnet56")
 DEFAULT_STEPS = 500

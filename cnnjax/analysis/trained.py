@@ -8,7 +8,6 @@ shifted test images, or per-class intersection over union for segmentation
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -16,24 +15,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnnjax.checkpoint import Checkpointer
-from cnnjax.errors import CheckpointError
-from cnnjax.train import Experiment, TrainState, build
-from cnnjax.train.loop import CHECKPOINT_DIR
+from cnnjax.train import Experiment, RunDir, TrainState, build
 
 
 def restore_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Experiment, TrainState]:
-  """The experiment of `config` and the newest state saved in `workdir` (host arrays)."""
+  """The experiment of `config` and the newest good state saved in `workdir` (host arrays)."""
   exp = build(config)
-  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise CheckpointError(f"{workdir} holds no checkpoint; train it first with python -m cnnjax.main")
-    state, _ = checkpointer.restore(step, jax.device_get(exp.init_state()))
-  finally:
-    checkpointer.close()
-  return exp, state
+  return exp, RunDir(workdir).restore_latest(config, jax.device_get(exp.init_state())).state
 
 
 def predictor(exp: Experiment, state: TrainState) -> Any:

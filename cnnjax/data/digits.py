@@ -13,9 +13,13 @@ training and 360 test images.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from cnnjax.errors import DataError
 
 NAME = "digits"
 SPLIT_SEED = 0
@@ -67,12 +71,23 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
 def prepare(data_dir: str | None) -> None:
   """Writes the digits into `data_dir` unless they are already there (about a second)."""
-  builder = Digits(data_dir=data_dir, file_format="array_record")
-  if builder.is_prepared():
+  try:
+    builder = Digits(data_dir=data_dir, file_format="array_record")
+    prepared = builder.is_prepared()
+  except Exception as error:  # pylint: disable=broad-except  (TFDS fails in many ways on damaged metadata)
+    raise DataError(f"the digits in the TFDS data directory {data_dir} are damaged ({type(error).__name__}: "
+                    f"{' '.join(str(error).split())[:120]}); move {os.path.join(data_dir or '', 'digits')} aside "
+                    "and rerun to write them again, or set data.tfds_data_dir") from None
+  if prepared:
     return
   try:
     builder.download_and_prepare()
-  except Exception:  # pylint: disable=broad-except
+  except Exception as error:  # pylint: disable=broad-except
     # Another process (a second host of a multi-process run) may have finished first.
-    if not Digits(data_dir=data_dir, file_format="array_record").is_prepared():
-      raise
+    if Digits(data_dir=data_dir, file_format="array_record").is_prepared():
+      return
+    if isinstance(error, OSError) or "Read-only" in str(error) or "Permission denied" in str(error):
+      raise DataError(f"the digits cannot be written into the TFDS data directory {data_dir} "
+                      f"({' '.join(str(error).split())[:120]}); set data.tfds_data_dir (or $TFDS_DATA_DIR) to a "
+                      "writable directory") from None
+    raise

@@ -46,8 +46,14 @@ TFDS_TEXT: dict[str, dict[str, Any]] = {"imdb_reviews": dict(eval_split="test")}
 SYNTHETIC = ("shapes", "shapes3d")  # generated in cnnjax.data.shapes, nothing to download
 DATASET_NAMES = ("digits", "npz") + SYNTHETIC + tuple(TFDS_DATASETS) + tuple(TFDS_SEGMENTATION) + tuple(TFDS_TEXT)
 UNMAPPED = 255  # marks mask values outside a dataset's mask_values
+# The first bytes of an .npz (a zip archive) and of an .npy file.
+ZIP_MAGIC, NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"
+# npz labels whose largest value exceeds this many times their number of distinct values are taken for
+# an encoding mistake (class ids must be 0..C-1), not for that many classes.
+SPARSE_LABELS_RATIO = 100
 # Images used to estimate normalization statistics of sources without published ones.
 STATS_SAMPLE = 10_000
+STATS_CHUNK = 256  # images read and converted at a time
 
 
 class RandomAccessSource(Protocol):
@@ -194,6 +200,7 @@ def open_dataset(name: str, *, tfds_data_dir: str = "", train_split: str = "trai
 def _open_digits(data_dir: str, train_split: str, eval_split: str, cache_bytes: int) -> Dataset:
   """The digits, opened once per process: they are fixed by their builder, so every run shares them."""
   from cnnjax.data import digits  # pylint: disable=import-outside-toplevel
+  check_tfds_data_dir(data_dir)
   digits.prepare(data_dir)
   dataset = _open_tfds("digits", data_dir, train_split, eval_split, None, None)
   dataset = dataclasses.replace(dataset, train=in_memory(dataset.train, cache_bytes),
@@ -202,19 +209,63 @@ def _open_digits(data_dir: str, train_split: str, eval_split: str, cache_bytes: 
   return dataclasses.replace(dataset, mean=mean, std=std)
 
 
+def check_tfds_data_dir(data_dir: str) -> None:
+  """Raises DataError when `data_dir` cannot be a TFDS data directory (it is a file, or lies under one)."""
+  existing = os.path.abspath(data_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise DataError(f"the TFDS data directory {data_dir} is (or lies under) the file {existing}; set "
+                    "data.tfds_data_dir (or $TFDS_DATA_DIR) to a directory")
+
+
 def _tfds_sources(name: str, data_dir: str, splits: Sequence[str]) -> dict[str, Any]:
+  """A data source per split, read once to check it, with a one-line DataError naming what is wrong: an
+  unprepared dataset, a split it does not have or that selects nothing, or damaged files."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  check_tfds_data_dir(data_dir)
   sources = {}
   for split in splits:
     try:
-      # download=False: an unprepared dataset fails at once instead of retrying a download.
-      sources[split] = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+      # download=False: never reach for the network while training.
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # pylint: disable=broad-except  (TFDS raises many kinds; say which case it is)
+      raise _diagnose_tfds(tfds, name, data_dir, split, e) from None
+    if len(source) == 0:
+      raise DataError(f"split {split!r} of dataset {name!r} selects no examples; choose a split that selects some")
+    try:
+      source[0]  # pylint: disable=pointless-statement  (the first record: damaged files fail here, not later)
     except Exception as e:  # pylint: disable=broad-except
-      raise DataError(
-          f"dataset {name!r} split {split!r} is not prepared in {data_dir} ({type(e).__name__}); "
-          f"prepare it once with `python -m cnnjax.prepare {name} --data_dir={data_dir}` "
-          f"on a machine with network access, or point data.tfds_data_dir at a prepared copy") from None
+      raise DataError(f"split {split!r} of dataset {name!r} in {data_dir} is damaged ({_short(e)}); prepare it "
+                      "again, or point data.tfds_data_dir at a good copy") from None
+    sources[split] = source
   return sources
+
+
+def _diagnose_tfds(tfds: Any, name: str, data_dir: str, split: str, error: Exception) -> DataError:
+  """Why `tfds.data_source` failed: the dataset is not prepared or damaged, or the split is wrong."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    prepared = builder.is_prepared()
+    known = list(builder.info.splits.keys()) if prepared else []
+  except Exception as e:  # pylint: disable=broad-except  (damaged metadata fails in many ways)
+    return DataError(f"dataset {name!r} in {data_dir} is damaged ({_short(e)}); prepare it again, or point "
+                     "data.tfds_data_dir at a good copy")
+  if not prepared:
+    return DataError(
+        f"dataset {name!r} is not prepared in {data_dir}; prepare it once with `python -m cnnjax.prepare {name} "
+        f"--data_dir={data_dir}` on a machine with network access, or point data.tfds_data_dir at a prepared copy")
+  if split.split("[")[0] not in known:
+    return DataError(f"dataset {name!r} has no split {split.split('[')[0]!r} (it has {', '.join(known)}); set "
+                     "data.train_split and data.eval_split to those, e.g. 'train[:90%]'")
+  if "0 length" in str(error):
+    return DataError(f"split {split!r} of dataset {name!r} selects no examples; choose a split that selects some")
+  return DataError(f"split {split!r} of dataset {name!r} in {data_dir} cannot be read ({_short(error)}); write a "
+                   "split such as 'train', 'train[:90%]' or 'train[1000:]', or prepare the dataset again")
+
+
+def _short(error: BaseException) -> str:
+  return f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
 
 
 def _tfds_info(name: str, data_dir: str) -> Any:
@@ -297,15 +348,34 @@ def _load_npz(path: str, role: str) -> tuple[np.ndarray, np.ndarray]:
     raise DataError(f"data.name=npz needs data.{role}_path: an .npz file with arrays 'image' and 'label'")
   if not os.path.exists(path):
     raise DataError(f"data.{role}_path {path!r} does not exist; give the path of an .npz file")
+  if os.path.isdir(path):
+    raise DataError(f"data.{role}_path {path!r} is a directory; give the path of an .npz file")
+  with open(path, "rb") as f:
+    magic = f.read(len(NPY_MAGIC))
   try:
-    with np.load(path) as arrays:
-      missing = [key for key in ("image", "label") if key not in arrays]
-      if missing:
-        raise DataError(f"{path} lacks array(s) {missing} (has {sorted(arrays.files)}); "
-                        "save it with np.savez(path, image=..., label=...)")
+    if not magic:
+      raise ValueError("it is empty")
+    if not magic.startswith(ZIP_MAGIC) and magic != NPY_MAGIC:
+      raise ValueError("it is neither a zip archive nor a NumPy file")
+    arrays = np.load(path)
+  except Exception as e:  # pylint: disable=broad-except  (truncated or damaged: EOFError, BadZipFile, ...)
+    problem = str(e) if isinstance(e, ValueError) and str(e).startswith("it ") else (
+        f"{type(e).__name__}: {' '.join(str(e).split())[:120]}")
+    raise DataError(f"{path} is not a readable .npz file ({problem}); write it with "
+                    "np.savez(path, image=..., label=...)") from None
+  if not isinstance(arrays, np.lib.npyio.NpzFile):
+    raise DataError(f"{path} holds a single array (an .npy file), not the arrays 'image' and 'label' of an .npz "
+                    "file; write it with np.savez(path, image=..., label=...)")
+  with arrays:
+    missing = [key for key in ("image", "label") if key not in arrays]
+    if missing:
+      raise DataError(f"{path} lacks array(s) {missing} (has {sorted(arrays.files)}); "
+                      "save it with np.savez(path, image=..., label=...)")
+    try:
       images, labels = arrays["image"], arrays["label"]
-  except (ValueError, OSError) as e:
-    raise DataError(f"{path} is not a readable .npz file ({e}); write it with np.savez") from None
+    except Exception as e:  # pylint: disable=broad-except  (a truncated or damaged member)
+      raise DataError(f"{path} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:120]}); write it "
+                      "again with np.savez") from None
   if images.ndim != 4:
     hint = "add a channel axis with image[..., None]" if images.ndim == 3 else "store (N, H, W, C)"
     raise DataError(f"{path}: 'image' has shape {images.shape}, expected rank 4 (N, H, W, C); {hint}")
@@ -329,6 +399,12 @@ def _open_npz(train_path: str, eval_path: str, num_classes: int) -> Dataset:
     raise DataError(f"train images are {train_images.shape[1:]} but eval images are "
                     f"{eval_images.shape[1:]}; both files need the same (H, W, C)")
   inferred = int(max(train_labels.max(), eval_labels.max())) + 1
+  if not num_classes:
+    distinct = len(np.union1d(np.unique(train_labels), np.unique(eval_labels)))
+    if inferred > SPARSE_LABELS_RATIO * distinct:
+      raise DataError(f"the npz labels reach {inferred - 1} but only {distinct} distinct values occur: that would "
+                      f"be {inferred} classes; relabel them 0..C-1 (e.g. np.unique(labels, return_inverse=True)) "
+                      "or set data.num_classes")
   num_classes = num_classes or inferred
   for path, labels in ((train_path, train_labels), (eval_path, eval_labels)):
     if labels.min() < 0 or labels.max() >= num_classes:
@@ -341,11 +417,18 @@ def _open_npz(train_path: str, eval_path: str, num_classes: int) -> Dataset:
 
 
 def _estimate_stats(source: RandomAccessSource) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """Per-channel mean and std in [0, 1] units, from (a fixed sample of) the training images."""
+  """Per-channel mean and std in [0, 1] units, from (a fixed sample of) the training images, read in
+  chunks so that large images never exist as one float array."""
   count = min(len(source), STATS_SAMPLE)
   indices = np.linspace(0, len(source) - 1, count).round().astype(np.int64)
-  images = np.asarray(read_columns(source, indices)["image"], np.float64)
-  images /= 255.0
-  axes = tuple(range(images.ndim - 1))
-  std = np.maximum(images.std(axis=axes), 1e-3)
-  return tuple(float(v) for v in images.mean(axis=axes)), tuple(float(v) for v in std)
+  total = squares = None
+  values = 0
+  for first in range(0, count, STATS_CHUNK):
+    images = np.asarray(read_columns(source, indices[first:first + STATS_CHUNK])["image"], np.float64) / 255.0
+    channels = images.reshape(-1, images.shape[-1])
+    total = channels.sum(0) + (0 if total is None else total)
+    squares = np.square(channels).sum(0) + (0 if squares is None else squares)
+    values += len(channels)
+  mean = total / values
+  std = np.maximum(np.sqrt(np.maximum(squares / values - mean ** 2, 0.0)), 1e-3)
+  return tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -17,6 +17,15 @@ Every convolution is conv (no bias) -> norm -> act. torchvision's layout, whose
 count this model reproduces (6,624,904 trainable parameters at 1000 classes on
 224x224x3), uses a 3x3 kernel in the "5x5" branch; `wide_kernel=5` gives the
 paper's 5x5. Max pools round up (`ceil_mode`), as torchvision's do.
+
+Also torchvision's: BatchNorm epsilon 1e-3 (set `model.bn_epsilon=0.001` in a
+config, whose default is 1e-5; `experiments/googlenet_imagenet.py` does), and
+its initialization, convolution and classifier weights truncated normal with
+standard deviation 0.01 (`cnnjax.nn.initializers`), the classifier's bias
+PyTorch's default uniform on +-1/sqrt(1024). `transform_input=True` does what
+torchvision's option of that name does, and what its pretrained weights
+expect: inputs normalized with ImageNet's mean and standard deviation are
+mapped to (x - 0.5) / 0.5, the scaling the weights were trained with.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cnnjax.nn import GlobalPool, MaxPool, Norm, conv
+from cnnjax.nn.initializers import googlenet_truncated_normal, torch_default_bias
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -43,6 +53,11 @@ INCEPTION_MODULES = (
 # Max pools (window, stride) that close the stem and each group of modules, after the named module.
 POOLS_AFTER = {"3b": (3, 2), "4e": (2, 2)}
 TORCHVISION_WIDE_KERNEL = 3
+TORCHVISION_BN_EPSILON = 1e-3
+# transform_input: torchvision's pretrained GoogLeNet saw each channel as (x - 0.5) / 0.5 for x in
+# [0, 1]; inputs normalized with ImageNet's statistics are mapped back to that scale.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PRETRAINED_CENTER, PRETRAINED_SCALE = 0.5, 0.5
 
 
 class ConvNormAct(nn.Module):
@@ -57,7 +72,8 @@ class ConvNormAct(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.conv(self.features, self.kernel, strides=self.strides, padding=self.kernel // 2, name="conv")(x)
+    x = self.conv(self.features, self.kernel, strides=self.strides, padding=self.kernel // 2,
+                  kernel_init=googlenet_truncated_normal, name="conv")(x)
     return self.act(self.norm(name="norm")(x))
 
 
@@ -89,12 +105,15 @@ class GoogLeNet(nn.Module):
   inception_modules: Sequence[tuple[str, Sequence[int]]] = INCEPTION_MODULES
   wide_kernel: int = TORCHVISION_WIDE_KERNEL
   dropout_rate: float = 0.2  # torchvision's value (the paper used 0.4)
-  norm: Norm = Norm(kind="batch")
+  transform_input: bool = False  # torchvision's option; its pretrained weights need True
+  norm: Norm = Norm(kind="batch", epsilon=TORCHVISION_BN_EPSILON)
   act: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if self.transform_input:
+      x = (x * jnp.asarray(IMAGENET_STD) + jnp.asarray(IMAGENET_MEAN) - PRETRAINED_CENTER) / PRETRAINED_SCALE
     conv_def = functools.partial(conv, use_bias=False, dtype=self.dtype)
     norm = self.norm(train)
     block = functools.partial(ConvNormAct, conv=conv_def, norm=norm, act=self.act)
@@ -110,5 +129,6 @@ class GoogLeNet(nn.Module):
         x = MaxPool(window, stride, ceil_mode=True, name=f"pool_after_{name}")(x)
     x = GlobalPool("avg", name="global_pool")(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=googlenet_truncated_normal,
+                 bias_init=torch_default_bias(x.shape[-1]), name="classifier")(x)
     return x.astype(jnp.float32)

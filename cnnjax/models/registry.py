@@ -7,6 +7,7 @@ of every name here and fails when a name has no pinned count.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -63,7 +64,8 @@ def build_model(name: str, *, num_classes: int, norm_kind: str = "", norm_option
       normalization (BatchNorm for ResNets, GoogLeNet, the `_bn` VGGs and unet3d; none
       for LeNet-5, the MLP, AlexNet, VGG, unet and text_cnn).
     norm_options: fields of `cnnjax.nn.Norm` other than `kind` (momentum, epsilon,
-      BatchNorm statistic groups).
+      BatchNorm statistic groups); those not given keep the architecture's own
+      (GoogLeNet's epsilon is 1e-3).
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     **options: the family's own fields (e.g. `dropout_rate`), and `activation` by name.
   """
@@ -78,4 +80,4 @@ def build_model(name: str, *, num_classes: int, norm_kind: str = "", norm_option
     raise TypeError(f"model {name!r} does not accept these options {sorted(options)}: {e}") from None
   norm = model.norm
   kind = norm_kind or norm.kind
-  return model.clone(norm=type(norm)(kind=kind, dtype=model.dtype, **(norm_options or {})))
+  return model.clone(norm=dataclasses.replace(norm, kind=kind, dtype=model.dtype, **(norm_options or {})))

@@ -21,11 +21,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cnnjax.nn import Conv, GlobalPool, MaxPool, Norm
+from cnnjax.nn.initializers import kaiming_normal_fan_out
 
 ModuleDef = Callable[..., nn.Module]
 
 # He et al. initialize convolutions with fan-out normal scaling, as torchvision does.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+conv_kernel_init = kaiming_normal_fan_out
 
 
 def _padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:

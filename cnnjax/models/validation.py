@@ -1,18 +1,24 @@
-"""Checking that an input shape fits a model before anything is compiled or written.
+"""Checking that an input shape fits a model, and that a step fits memory, before anything is compiled
+or written.
 
 A too-small input does not fail cleanly in a convolutional net: a layer quietly
 produces an empty output (or a later one fails with an unrelated message).
 `check_input_shape` traces the model abstractly (`jax.eval_shape`, no compute),
 finds the first layer whose output is empty or that cannot be applied, and names
-it, with the smallest square input that works.
+it, with the smallest square input that works. `check_memory` estimates one
+training step's memory from the model's shapes (parameters, optimizer state and
+the batch's activations, also traced abstractly) and refuses a run that clearly
+cannot fit a device.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 # The largest square side tried when looking for the smallest input that works.
@@ -90,3 +96,90 @@ def check_input_shape(model: nn.Module, input_shape: Sequence[int], name: str = 
       hint = f"; the smallest square input that fits is {side}x{side}, e.g. --config.data.image_size={side}"
   raise InputTooSmallError(
       f"input {tuple(input_shape)} does not fit {name}: layer {layer} fails ({reason}){hint}")
+
+
+# How many copies of each value a step holds at its peak. The innermost layers' outputs are kept for the
+# backward pass (their gradients live briefly, and XLA fuses many of the layers, so one copy is already
+# an upper bound); parameters have a gradient and a new value beside them. The estimate is meant to
+# refuse only what clearly cannot fit, never a run that would.
+ACTIVATION_COPIES = 1
+PARAMETER_COPIES = 3
+GIGABYTE = 2 ** 30
+
+
+class TooLargeError(ValueError):
+  """A run whose training step cannot fit the devices' memory; the message gives the estimate."""
+
+
+def _nbytes(tree: Any) -> int:
+  return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+
+
+def leaf_activation_bytes(model: nn.Module, input_shape: Sequence[int], dtype: Any = jnp.float32) -> int:
+  """Bytes of the outputs of the model's innermost layers for one example (traced abstractly).
+
+  Only layers that call no other layer count, so that a block's output is not
+  counted again beside its last layer's.
+  """
+  stack: list[list[int]] = []  # per open module call: [number of nested calls, its output bytes]
+  total = [0]
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    if stack:
+      stack[-1][0] += 1
+    stack.append([0])
+    try:
+      outputs = next_fun(*args, **kwargs)
+    finally:
+      nested = stack.pop()[0]
+    if not nested:
+      total[0] += _nbytes(outputs)
+    return outputs
+
+  def init():
+    return model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(input_shape), dtype), train=False)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(init)
+  return total[0]
+
+
+def step_memory_bytes(model: nn.Module, tx: Any, input_shape: Sequence[int], per_device_batch: int) -> dict[str, int]:
+  """An estimate of one training step's memory on one device: parameters, BatchNorm statistics and the
+  optimizer state (with the gradient and the update beside them), and the activations of the batch."""
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(input_shape), jnp.float32), train=False))
+  params = variables["params"]
+  saved = _nbytes(params) + _nbytes(jax.eval_shape(tx.init, params))
+  saved += _nbytes({k: v for k, v in variables.items() if k != "params"})
+  state = saved + _nbytes(params) * (PARAMETER_COPIES - 1)
+  activations = leaf_activation_bytes(model, input_shape) * per_device_batch * ACTIVATION_COPIES
+  return {"state": state, "activations": activations, "saved": saved, "total": state + activations}
+
+
+def device_memory_bytes(devices: Sequence[Any]) -> int:
+  """The memory one of `devices` has: the accelerator's own, or for CPU devices the host RAM shared by
+  the devices of this process (each simulated CPU device gets its share)."""
+  device = devices[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  local = [d for d in devices if d.process_index == device.process_index]
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, len(local))
+
+
+def check_memory(model: nn.Module, tx: Any, input_shape: Sequence[int], per_device_batch: int,
+                 devices: Sequence[Any]) -> None:
+  """Raises TooLargeError when one training step clearly cannot fit a device's memory."""
+  need = step_memory_bytes(model, tx, input_shape, per_device_batch)
+  have = device_memory_bytes(devices)
+  if devices[0].platform == "cpu":
+    need["total"] += need["saved"]  # a checkpoint's host copy of the state shares the RAM
+  if need["total"] > have:
+    raise TooLargeError(
+        f"one training step needs about {need['total'] / GIGABYTE:.1f} GiB per device (parameters, gradients "
+        f"and optimizer state {need['state'] / GIGABYTE:.1f} GiB, activations of {per_device_batch} examples "
+        f"{need['activations'] / GIGABYTE:.1f} GiB) but a device here has {have / GIGABYTE:.1f} GiB; use a "
+        "smaller data.image_size, batch_size or model")

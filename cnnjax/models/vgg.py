@@ -6,6 +6,9 @@ grows; then an adaptive average pool to 7x7 and FC 4096 -> FC 4096 -> FC K with
 dropout, in torchvision's layout. At 1000 classes on 224x224x3, VGG-16 has
 138,357,544 trainable parameters. The `_bn` variants put BatchNorm after every
 convolution (convolutions keep their bias, as in torchvision).
+
+Initialized as torchvision does: convolutions He normal over fan-out
+(variance 2 / (9 x output channels)), linear layers normal(0, 0.01), biases 0.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cnnjax.nn import AdaptiveAvgPool, MaxPool, Norm, conv
+from cnnjax.nn.initializers import classifier_normal, kaiming_normal_fan_out
 
 # Convolutions per stage of each configuration (the paper's Table 1).
 VGG_STAGES = {"vgg11": (1, 1, 2, 2, 2), "vgg13": (2, 2, 2, 2, 2), "vgg16": (2, 2, 3, 3, 3),
@@ -43,13 +47,15 @@ class VGG(nn.Module):
     x = x.astype(self.dtype)
     for stage, (convs, features) in enumerate(zip(self.stage_sizes, self.stage_features), start=1):
       for index in range(1, convs + 1):
-        x = conv(features, 3, padding=1, dtype=self.dtype, name=f"conv{stage}_{index}")(x)
+        x = conv(features, 3, padding=1, dtype=self.dtype, kernel_init=kaiming_normal_fan_out,
+                 name=f"conv{stage}_{index}")(x)
         x = self.act(norm(name=f"norm{stage}_{index}")(x))
       x = MaxPool(2, name=f"pool{stage}")(x)
     x = AdaptiveAvgPool(GRID, name="avgpool")(x)
     x = x.reshape((x.shape[0], -1))
     for index in (6, 7):
-      x = self.act(nn.Dense(self.classifier_features, dtype=self.dtype, name=f"fc{index}")(x))
+      x = self.act(nn.Dense(self.classifier_features, dtype=self.dtype, kernel_init=classifier_normal,
+                            name=f"fc{index}")(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc8")(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=classifier_normal, name="fc8")(x)
     return x.astype(jnp.float32)

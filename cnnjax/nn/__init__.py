@@ -7,10 +7,11 @@ from cnnjax.nn.conv import (PADDING_MODES, Conv, conv, conv_general_dilated, con
                             effective_kernel_size)
 from cnnjax.nn.kernels import CLASSIC_KERNELS, FilterBank
 from cnnjax.nn.maxout import Maxout
-from cnnjax.nn.norm import NORM_KINDS, BatchNorm, GroupNorm, Identity, Norm
+from cnnjax.nn.norm import NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS, BatchNorm, GroupNorm, Identity, Norm
 from cnnjax.nn.pooling import POOL_KINDS, AdaptiveAvgPool, AvgPool, GlobalPool, MaxPool, MinPool, Pool, pool
 
 __all__ = ["ACTIVATIONS", "AdaptiveAvgPool", "AvgPool", "BatchNorm", "CLASSIC_KERNELS", "Conv", "FilterBank",
            "GlobalPool", "GroupNorm", "Identity", "MaxPool", "Maxout", "MinPool", "NORM_KINDS", "Norm",
-           "PADDING_MODES", "POOL_KINDS", "Pool", "RandomAugment", "augment_images", "conv", "conv_general_dilated",
-           "conv_padding", "depthwise_conv", "effective_kernel_size", "get_activation", "pool"]
+           "PADDING_MODES", "POOL_KINDS", "Pool", "RUNNING_VARIANCE_CONVENTIONS", "RandomAugment", "augment_images",
+           "conv", "conv_general_dilated", "conv_padding", "depthwise_conv", "effective_kernel_size", "get_activation",
+           "pool"]

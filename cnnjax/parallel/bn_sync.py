@@ -13,13 +13,17 @@ The mechanism differs by strategy, because a step sees either the global batch
 
 | bn_sync | none / jit (global view)                | pmap / shard_map (per-device view, axis 'batch')                 |
 |---------|-----------------------------------------|------------------------------------------------------------------|
-| global  | plain batch statistics; under jit XLA   | `pmean` of the moments over the device axis                       |
-|         | all-reduces them across devices          |                                                                  |
+| global  | plain batch statistics; under jit XLA   | `all_gather` each device's moments over the device axis and      |
+|         | all-reduces them across devices          | combine them exactly                                             |
 | local   | reshape to (devices, per-device batch)   | no collective for the statistics                                  |
 |         | and reduce within each row               |                                                                  |
 | ghost g | reshape to (B / g, g) and reduce each    | g <= per-device batch: reshape the slice into groups of g;        |
-|         | group (XLA communicates when a group     | g > per-device batch: `all_gather` the moments and average over   |
-|         | spans devices)                           | consecutive sub-groups of g / per-device devices                  |
+|         | group (XLA communicates when a group     | g > per-device batch: `all_gather` the moments and combine them   |
+|         | spans devices)                           | over consecutive sub-groups of g / per-device devices             |
+
+Moments are taken about each group's first example and combined exactly
+(`cnnjax.nn.norm`), so every mode keeps float32 precision however large a
+channel's mean is against its spread.
 
 Running averages are always updated from the mean over all groups and all
 devices (a `pmean` under pmap/shard_map when groups differ), so replicas hold

@@ -63,16 +63,35 @@ class Layout:
 
 
 def select_devices(strategy: str, num_devices: int, devices: Sequence[Any] | None = None) -> tuple[Any, ...]:
-  """The devices a run uses: `num_devices` of `devices` (default: all), one for 'none'."""
+  """The devices a run uses: `num_devices` of `devices` (default: all), one for 'none'.
+
+  With several processes, every process must feed its slice of each batch to
+  devices of its own, so the selection takes the same number of devices from
+  each process, and 'none' (one device of one process) is refused: each
+  process would silently train and evaluate on its own slice only.
+  """
   available = tuple(devices) if devices is not None else tuple(jax.devices())
+  processes = sorted({d.process_index for d in available})
   if strategy == "none":
+    if len(processes) > 1:
+      raise ValueError(f"parallel.strategy=none trains on one device of one process, but this run has "
+                       f"{len(processes)} processes, which would each train on their own slice of the batch only; "
+                       "use parallel.strategy=jit (or pmap, shard_map) to use every process's devices")
     local = [d for d in available if d.process_index == jax.process_index()]
     return (local[0],)
   count = num_devices or len(available)
   if count > len(available):
     raise ValueError(f"parallel.num_devices={count} but only {len(available)} devices are available; "
                      f"set parallel.num_devices to at most {len(available)}")
-  return available[:count]
+  if len(processes) == 1:
+    return available[:count]
+  per_process = {p: [d for d in available if d.process_index == p] for p in processes}
+  fewest = min(len(ds) for ds in per_process.values())
+  if count % len(processes) or count // len(processes) > fewest:
+    raise ValueError(f"parallel.num_devices={count} does not split evenly over the {len(processes)} processes "
+                     f"(each must feed its own devices, and the smallest has {fewest}); use a multiple of "
+                     f"{len(processes)} up to {fewest * len(processes)}, or 0 for all")
+  return tuple(d for p in processes for d in per_process[p][:count // len(processes)])
 
 
 def check_divisible(global_batch: int, num_devices: int, process_count: int, what: str = "batch_size") -> None:

@@ -59,16 +59,18 @@ def tasks(ctx: Context) -> list[Task]:
   members, solo = _plans(ctx)
 
   def train_population() -> str:
-    summaries = population.run_population([p.config for p in members], [p.workdir for p in members])
+    outcomes = population.run_population([p.config for p in members], [p.workdir for p in members],
+                                         preemption=ctx.preemption)
     return "member eval accuracies " + ", ".join(
-        f"{s['eval_accuracy']:.4f}" if s else "diverged" for s in summaries)
+        f"failed ({o})" if isinstance(o, Exception) else f"{o['eval_accuracy']:.4f}" if o else "diverged"
+        for o in outcomes)
 
   result = [Task(KEY, f"population of {len(members)}", done=lambda: all(p.status() != MISSING for p in members),
                  run=train_population)]
   if solo is None:
     return result
   twin = next(p for p in members if p.name == solo.name)
-  result.append(train_task(KEY, solo))
+  result.append(train_task(ctx, KEY, solo))
   result.append(Task(KEY, "member vs solo", run=lambda: _compare_member(ctx, members, twin, solo),
                      done=lambda: ctx.read_probe(KEY, MEMBER_VS_SOLO, *members, solo) is not None))
   result.append(Task(KEY, "population with confused axes", run=lambda: _confused(ctx, members, twin, solo),
@@ -87,7 +89,7 @@ def _compare_member(ctx: Context, members: list[TrialPlan], twin: TrialPlan, sol
     return "skipped: a member or the solo run is missing"
   exp = train.build(solo.config)
   solo_state = probes.load_state(exp, solo.workdir)
-  member_states = [probes.load_state(exp, p.workdir) for p in members]
+  member_states = [probes.load_state(exp, p.workdir, config=p.config) for p in members]
   twin_state = member_states[members.index(twin)]
   result = {"member_vs_solo_max_abs_diff": probes.max_abs_state_diff(twin_state, solo_state),
             "solo_max_abs_value": probes.max_abs_state_value(solo_state),

@@ -20,7 +20,7 @@ QUESTION = ("At a fixed, large global batch, how does accuracy depend on the num
 
 
 def tasks(ctx: Context) -> list[Task]:
-  return [train_task(KEY, plan) for plan in ctx.trials(KEY, EXPERIMENT_FILE)]
+  return [train_task(ctx, KEY, plan) for plan in ctx.trials(KEY, EXPERIMENT_FILE)]
 
 
 def results(ctx: Context) -> dict[str, Any]:

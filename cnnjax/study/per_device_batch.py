@@ -28,7 +28,7 @@ LITERATURE = ("Wu & He 2018 (ResNet-50 on ImageNet) report BatchNorm's error ris
 
 
 def tasks(ctx: Context) -> list[Task]:
-  return [train_task(KEY, plan) for plan in ctx.trials(KEY, EXPERIMENT_FILE)]
+  return [train_task(ctx, KEY, plan) for plan in ctx.trials(KEY, EXPERIMENT_FILE)]
 
 
 def results(ctx: Context) -> dict[str, Any]:

@@ -16,6 +16,7 @@ they are done, so a rerun of the study skips them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -26,11 +27,12 @@ from cnnjax import metrics as metrics_lib
 from cnnjax import train
 from cnnjax.errors import NonFiniteError
 from cnnjax.sweep import Trial, apply_overrides, load_experiment_file, make_trials
-from cnnjax.train.loop import ERROR_FILE, SUMMARY_FILE
+from cnnjax.train.preemption import Preemption
+from cnnjax.train.rundir import DIVERGED, FINISHED, RunDir
 
 PROBE_DIR = "probes"  # inside an experiment's directory: cached measurements, one JSON per task
 # How a run or a measurement stands, as the report shows it.
-FINISHED, DIVERGED, MISSING = "finished", "diverged", "missing"
+MISSING = "missing"  # a run that has not finished or diverged (yet)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +87,18 @@ class TrialPlan:
   def name(self) -> str:
     return self.trial.name
 
+  @functools.cached_property
+  def total_steps(self) -> int:
+    return train.total_steps(self.config)
+
   def summary(self) -> dict[str, Any] | None:
     """The run's summary if it reached its last step, else None."""
-    summary = metrics_lib.read_json(os.path.join(self.workdir, SUMMARY_FILE))
-    return summary if summary is not None and summary.get("step") == self.config.num_train_steps else None
+    return RunDir(self.workdir).finished_summary(self.total_steps)
 
   def status(self) -> str:
-    if self.summary() is not None:
-      return FINISHED
-    return DIVERGED if os.path.exists(os.path.join(self.workdir, ERROR_FILE)) else MISSING
+    """finished, diverged, or missing (anything else: not started, interrupted, failed)."""
+    status = RunDir(self.workdir).status(self.total_steps)
+    return status if status in (FINISHED, DIVERGED) else MISSING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +108,8 @@ class Context:
   workdir: str
   scale: Scale
   experiments_dir: str
+  # SIGTERM / SIGINT: a run in training saves its step and the study stops (`cnnjax.train.preemption`).
+  preemption: Preemption = dataclasses.field(default_factory=Preemption)
 
   def experiment_dir(self, key: str) -> str:
     return os.path.join(self.workdir, key)
@@ -159,7 +166,7 @@ class Task:
   run: Callable[[], str]
 
 
-def train_task(experiment: str, plan: TrialPlan) -> Task:
+def train_task(ctx: Context, experiment: str, plan: TrialPlan) -> Task:
   """Trains one run through `cnnjax.train.run` (which resumes an interrupted one from its checkpoints).
 
   A run that needs more devices than this host has is skipped and stays missing
@@ -171,7 +178,7 @@ def train_task(experiment: str, plan: TrialPlan) -> Task:
     if needed > available:
       return f"skipped: needs {needed} devices, this host has {available}"
     try:
-      summary = train.run(plan.config, plan.workdir)
+      summary = train.run(plan.config, plan.workdir, preemption=ctx.preemption)
     except NonFiniteError as e:
       return f"diverged: {e}"
     return f"eval accuracy {summary['eval_accuracy']:.4f}"

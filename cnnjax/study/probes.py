@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import traverse_util
 
 from cnnjax import data as data_lib
-from cnnjax.checkpoint import Checkpointer
-from cnnjax.errors import CheckpointError
 from cnnjax.nn.norm import BATCH_MOMENTS
 from cnnjax.train import engines
-from cnnjax.train.loop import CHECKPOINT_DIR, Experiment
+from cnnjax.train.loop import Experiment
+from cnnjax.train.rundir import RunDir
 from cnnjax.train.state import TrainState
 from cnnjax.train.step import cross_entropy, step_key
 
@@ -41,26 +40,21 @@ PyTree = Any
 
 # -- reading runs back ---------------------------------------------------------------------------
 
-def checkpoint_steps(exp: Experiment, workdir: str) -> list[int]:
+def checkpoint_steps(workdir: str) -> list[int]:
   """The steps of every checkpoint a run kept, oldest first."""
-  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=exp.config.keep_checkpoints)
-  try:
-    return sorted(checkpointer.all_steps())
-  finally:
-    checkpointer.close()
+  return RunDir(workdir).checkpoint_steps()
 
 
-def load_state(exp: Experiment, workdir: str, step: int | None = None) -> TrainState:
-  """The run's state (host arrays) at checkpoint `step`, by default its newest."""
-  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=exp.config.keep_checkpoints)
-  try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"{workdir} holds no checkpoint; train it first (rerun the study)")
-    state, _ = checkpointer.restore(step, jax.device_get(exp.init_state()))
-  finally:
-    checkpointer.close()
-  return state
+def load_state(exp: Experiment, workdir: str, step: int | None = None, *,
+               config: ml_collections.ConfigDict | None = None) -> TrainState:
+  """The state (host arrays) at checkpoint `step`, by default the newest good one, of the run of `config`
+  (default: `exp.config`; another run of the same shapes, such as another seed, may pass its own)."""
+  config = exp.config if config is None else config
+  template = jax.device_get(exp.init_state())
+  rundir = RunDir(workdir)
+  restored = (rundir.restore_latest(config, template) if step is None else
+              rundir.restore_step(config, template, step))
+  return restored.state
 
 
 def train_batches(exp: Experiment, count: int) -> list[dict[str, np.ndarray]]:

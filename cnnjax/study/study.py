@@ -28,6 +28,7 @@ from cnnjax.study import (ensembles, ghost_batch, per_device_batch, report, sync
                           vmap_leakage)
 from cnnjax.study.plan import SCALES, Context, Scale, Task
 from cnnjax.sweep import write_results
+from cnnjax.train.preemption import Preemption
 
 # In report order. Each module has KEY, EXPERIMENT_FILE, tasks(ctx), results(ctx) and section(results, ctx).
 EXPERIMENTS = (sync_vs_devices, per_device_batch, vmap_leakage, ensembles, train_vs_eval, ghost_batch)
@@ -94,15 +95,18 @@ class _OnlyStudyLines(logging.Filter):
 
 
 def run_study(workdir: str, scale: str | Scale = "small", *, experiments_dir: str,
-              only: Sequence[str] = ()) -> dict[str, Any]:
+              only: Sequence[str] = (), preemption: Preemption | None = None) -> dict[str, Any]:
   """Runs what is not done yet of the selected experiments, then writes the report of all of them.
 
   Returns the contents of results.json. `experiments_dir` holds the bn_*.py
   experiment files; `only` restricts what runs (the report still covers every
-  experiment, showing what is missing).
+  experiment, showing what is missing). SIGTERM or SIGINT (through `preemption`)
+  stop it: the run in training saves its step and `Preempted` is raised; a
+  rerun goes on from there.
   """
   started = time.time()
-  ctx = Context(os.path.abspath(workdir), resolve_scale(scale), os.path.abspath(experiments_dir))
+  ctx = Context(os.path.abspath(workdir), resolve_scale(scale), os.path.abspath(experiments_dir),
+                preemption or Preemption())
   selected = select(only)
   check_scale(ctx)
   os.makedirs(ctx.workdir, exist_ok=True)
@@ -114,6 +118,8 @@ def run_study(workdir: str, scale: str | Scale = "small", *, experiments_dir: st
               ctx.scale.name, ctx.workdir, len(tasks), len(tasks) - len(pending), len(pending))
   with progress.showing():
     for task in pending:
+      if ctx.preemption.signum is not None:
+        raise ctx.preemption.stopped(0)  # between tasks: everything so far is saved
       task_started = time.time()
       result = task.run()
       progress.finished(task, result, time.time() - task_started)

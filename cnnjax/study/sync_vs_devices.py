@@ -28,7 +28,7 @@ MEASUREMENT_MISSING = "measurement missing"
 
 def tasks(ctx: Context) -> list[Task]:
   plans = ctx.trials(KEY, EXPERIMENT_FILE)
-  return [train_task(KEY, plan) for plan in plans] + [_divergence_task(ctx, plan) for plan in plans]
+  return [train_task(ctx, KEY, plan) for plan in plans] + [_divergence_task(ctx, plan) for plan in plans]
 
 
 def _divergence_task(ctx: Context, plan: TrialPlan) -> Task:

@@ -30,7 +30,7 @@ POINT_KEYS = ("step", "eval_accuracy_running", "eval_loss_running", "eval_accura
 
 def tasks(ctx: Context) -> list[Task]:
   plans = ctx.trials(KEY, EXPERIMENT_FILE)
-  return [train_task(KEY, plan) for plan in plans] + [_precise_task(ctx, plan) for plan in plans]
+  return [train_task(ctx, KEY, plan) for plan in plans] + [_precise_task(ctx, plan) for plan in plans]
 
 
 def _precise_task(ctx: Context, plan: TrialPlan) -> Task:
@@ -41,7 +41,7 @@ def _precise_task(ctx: Context, plan: TrialPlan) -> Task:
     evaluate = probes.Evaluator(exp)
     batches = probes.train_batches(exp, probes.one_pass(exp))
     points = []
-    for step in probes.checkpoint_steps(exp, plan.workdir):
+    for step in probes.checkpoint_steps(plan.workdir):
       state = probes.load_state(exp, plan.workdir, step)
       precise = probes.precise_batch_stats(exp, state, batches)
       running, recomputed = evaluate(state), evaluate(state, precise)

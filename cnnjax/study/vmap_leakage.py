@@ -59,7 +59,7 @@ def tasks(ctx: Context) -> list[Task]:
     ctx.write_probe(KEY, PROBE_NAME, {"records": records}, *sources)
     return "; ".join(f"{r['mode']} {r['cross_example_grad_norm']:.3g}" for r in records)
 
-  return ([train_task(KEY, plan) for plan in sources]
+  return ([train_task(ctx, KEY, plan) for plan in sources]
           + [Task(KEY, "cross-example gradients", done=lambda: ctx.read_probe(KEY, PROBE_NAME, *sources) is not None,
                   run=run)])
 

@@ -6,7 +6,10 @@ overrides apply to every trial (a trial's own override of the same key wins).
 `--print_commands` prints one `cnnjax.main` command per trial instead of
 running, for a cluster scheduler; `--summarize_only` rebuilds the tables from
 whatever the trial directories hold. Every user error is one line on stderr
-and exit status 2, before anything is written.
+and exit status 2, before anything is written. A trial that fails does not
+stop the others; the sweep then ends with exit status 1, naming the failed
+trials (a rerun retries them). SIGTERM or SIGINT save the trials in training
+and stop with exit status 128 + the signal.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ml_collections import config_flags
 from cnnjax import cli
 
 FLAGS = flags.FLAGS
+EXIT_TRIALS_FAILED = 1  # the sweep ran, but some trials failed (exit status 2 is for bad input)
 config_flags.DEFINE_config_file("config", None, "Experiment config file with a sweep() (experiments/NAME.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "The sweep's directory: one subdirectory per trial, results.csv, results.md.")
@@ -81,21 +85,37 @@ def main(argv: list[str]) -> None:
       print("\n".join(_commands(trials)))
       return
     from cnnjax.sweep import results, run_sweep  # pylint: disable=import-outside-toplevel
+    from cnnjax.train import Preemption  # pylint: disable=import-outside-toplevel
+    from cnnjax.train.rundir import check_workdir  # pylint: disable=import-outside-toplevel
+    check_workdir(FLAGS.workdir)
     if not FLAGS.summarize_only:
-      report = run_sweep(FLAGS.config, trials, FLAGS.workdir, mode=FLAGS.mode,
-                         devices_per_trial=FLAGS.devices_per_trial, population_size=FLAGS.population_size,
-                         record={"command": sys.argv})
+      with Preemption().handling() as preemption:
+        report = run_sweep(FLAGS.config, trials, FLAGS.workdir, mode=FLAGS.mode,
+                           devices_per_trial=FLAGS.devices_per_trial, population_size=FLAGS.population_size,
+                           record={"command": sys.argv}, preemption=preemption)
       print(f"sweep: {len(report.runs)} trials in {report.mode} mode, {len(report.trained)} trained now, "
             f"{report.wall_seconds:.1f} s")
     written = results.write_results(FLAGS.workdir, trials, FLAGS.metric)
     for row in results.read_rows(trials, FLAGS.workdir):
       value = (row.summary or {}).get(FLAGS.metric)
-      shown = f"{FLAGS.metric}={value:.4f}" if isinstance(value, float) else row.status
+      if isinstance(value, float):
+        shown = f"{FLAGS.metric}={value:.4f}"
+      elif row.summary is not None:
+        shown = f"{FLAGS.metric} {results.MISSING}"
+      else:
+        shown = row.status + (f" ({row.reason})" if row.reason else "")
       print(f"{'*' if row.trial.name == written['best'] else ' '} {row.trial.name}: {shown}")
-    print(f"results: {written['markdown']} {written['csv']} ({len(written['plots'])} plots); "
-          f"best: {written['best']}")
+    best = written["best"] or (f"none ({', '.join(written['missing'])} lack {FLAGS.metric})"
+                               if written["missing"] else "none")
+    print(f"results: {written['markdown']} {written['csv']} ({len(written['plots'])} plots); best: {best}")
+    return written["failed"]
 
-  cli.run_reporting_errors(go)
+  failed = cli.run_reporting_errors(go)
+  if failed:
+    print(f"error: {len(failed)} trial(s) failed: "
+          + "; ".join(f"{row.trial.name} ({row.reason})" for row in failed)
+          + "; the other trials ran; rerun the same command to retry the failed ones", file=sys.stderr)
+    sys.exit(EXIT_TRIALS_FAILED)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Summarizing a sweep: results.csv and results.md (one row per trial, the best marked) and plots.
 
-Rows come from each trial's own `summary.json` (or `error.json`), so the tables
-can be rebuilt at any time, also for trials that ran elsewhere (for example a
-cluster running the commands of `--print_commands`). The best trial is the
-finished one with the highest `metric`, or the lowest for losses. When seeds are
+Rows come from each trial's own run directory (`summary.json`, `error.json`,
+`failure.json`), so the tables can be rebuilt at any time, also for trials that
+ran elsewhere (for example a cluster running the commands of
+`--print_commands`). The best trial is the finished one with the highest
+`metric`, or the lowest for losses; when a finished trial lacks the metric, it
+is shown as missing and no trial is called best, since that one might be.
+Failed and diverged trials carry their one-line reason. When seeds are
 swept, results.md adds the mean and spread over seeds of every other
 combination, and each swept value other than a seed gets a plot of the metric
 against it (every trial a point, the line through the means).
@@ -20,10 +23,9 @@ import re
 import statistics
 from typing import Any, Sequence
 
-from cnnjax import metrics as metrics_lib
 from cnnjax.errors import ConfigError
 from cnnjax.sweep.declare import Trial
-from cnnjax.train.loop import CHECKPOINT_DIR, ERROR_FILE, SUMMARY_FILE
+from cnnjax.train.rundir import DIVERGED, FAILED, FINISHED, INCOMPLETE, NOT_STARTED, RunDir
 
 CSV_FILE = "results.csv"
 MARKDOWN_FILE = "results.md"
@@ -36,17 +38,19 @@ SUMMARY_COLUMNS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss",
 LOG_AXIS_RATIO = 10.0
 PLOT_SIZE_INCHES = (5.0, 3.5)
 PLOT_DPI = 100
-# How a trial stands, as its directory shows it.
-FINISHED, DIVERGED, INCOMPLETE, NOT_STARTED = "finished", "diverged", "incomplete", "not started"
+MISSING = "missing"  # a finished trial's metric that its summary lacks
+__all__ = ["DIVERGED", "FAILED", "FINISHED", "INCOMPLETE", "MISSING", "NOT_STARTED", "Row", "best_row",
+           "read_rows", "write_results"]
 
 
 @dataclasses.dataclass
 class Row:
-  """One trial in the tables: what it overrides, how it ended, its summary."""
+  """One trial in the tables: what it overrides, how it ended, its summary, and why it failed."""
 
   trial: Trial
   status: str
   summary: dict[str, Any] | None
+  reason: str = ""  # failed or diverged: the one-line reason
 
 
 def check_metric(metric: str) -> None:
@@ -58,34 +62,35 @@ def lower_is_better(metric: str) -> bool:
   return metric.endswith("loss")
 
 
-def file_status(trial_dir: str) -> str:
-  """What a trial's directory says about it: finished, diverged, incomplete (checkpoints only) or not started."""
-  if os.path.exists(os.path.join(trial_dir, SUMMARY_FILE)):
-    return FINISHED
-  if os.path.exists(os.path.join(trial_dir, ERROR_FILE)):
-    return DIVERGED
-  return INCOMPLETE if has_checkpoints(trial_dir) else NOT_STARTED
-
-
-def has_checkpoints(trial_dir: str) -> bool:
-  checkpoints = os.path.join(trial_dir, CHECKPOINT_DIR)
-  return os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
+def read_row(trial: Trial, trial_dir: str) -> Row:
+  """A trial's row from its directory: finished, diverged, failed, incomplete or not started."""
+  rundir = RunDir(trial_dir)
+  status = rundir.status(require_config=False)
+  reason = ""
+  if status == DIVERGED:
+    reason = (rundir.error() or {}).get("error", "")
+  elif status == FAILED:
+    reason = (rundir.failure() or {}).get("reason", "")
+  return Row(trial, status, rundir.summary() if status == FINISHED else None, reason)
 
 
 def read_rows(trials: Sequence[Trial], workdir: str) -> list[Row]:
-  """Each trial's row from its directory: finished (summary.json), diverged (error.json) or not."""
-  rows = []
-  for trial in trials:
-    trial_dir = os.path.join(workdir, trial.name)
-    rows.append(Row(trial, file_status(trial_dir), metrics_lib.read_json(os.path.join(trial_dir, SUMMARY_FILE))))
-  return rows
+  return [read_row(trial, os.path.join(workdir, trial.name)) for trial in trials]
+
+
+def missing_metric(rows: Sequence[Row], metric: str) -> list[Row]:
+  """Finished trials whose summary lacks a finite `metric`."""
+  return [r for r in rows if r.summary is not None and not _finite(r.summary.get(metric))]
 
 
 def best_row(rows: Sequence[Row], metric: str) -> Row | None:
   """The finished trial with the best `metric`; ties (accuracies on small eval sets often tie) go to the
-  lower eval loss, or for a loss metric to the higher eval accuracy, then to declaration order."""
+  lower eval loss, or for a loss metric to the higher eval accuracy, then to declaration order.
+
+  None when no trial finished, or when a finished trial lacks the metric: it could be the best.
+  """
   scored = [r for r in rows if r.summary is not None and _finite(r.summary.get(metric))]
-  if not scored:
+  if not scored or missing_metric(rows, metric):
     return None
   sign = 1.0 if lower_is_better(metric) else -1.0
   tie_break = "eval_accuracy" if lower_is_better(metric) else "eval_loss"
@@ -120,17 +125,27 @@ def write_results(workdir: str, trials: Sequence[Trial], metric: str = "eval_acc
   csv_path = os.path.join(workdir, CSV_FILE)
   with open(csv_path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["trial", *keys, "status", *SUMMARY_COLUMNS, "best"])
+    writer.writerow(["trial", *keys, "status", *SUMMARY_COLUMNS, "best", "reason"])
     for row in rows:
-      summary = row.summary or {}
       writer.writerow([row.trial.name, *(_cell(row.trial.overrides.get(k, "")) for k in keys), row.status,
-                       *(summary.get(c, "") for c in SUMMARY_COLUMNS), row is best])
+                       *(_summary_cell(row, c) for c in SUMMARY_COLUMNS), row is best, row.reason])
   plots = write_plots(workdir, rows, keys, metric)
   markdown_path = os.path.join(workdir, MARKDOWN_FILE)
   with open(markdown_path, "w") as f:
     f.write(_markdown(os.path.basename(os.path.abspath(workdir)), rows, keys, metric, best, plots))
   return {"csv": csv_path, "markdown": markdown_path, "plots": plots,
-          "best": best.trial.name if best is not None else None}
+          "best": best.trial.name if best is not None else None,
+          "missing": [r.trial.name for r in missing_metric(rows, metric)],
+          "failed": [r for r in rows if r.status == FAILED]}
+
+
+def _summary_cell(row: Row, key: str) -> Any:
+  """A summary value for the tables: '' for trials without a summary, 'missing' for a finished trial's
+  absent value."""
+  if row.summary is None:
+    return ""
+  value = row.summary.get(key)
+  return MISSING if value is None else value
 
 
 def _cell(value: Any) -> str:
@@ -138,8 +153,8 @@ def _cell(value: Any) -> str:
 
 
 def _number(value: Any, key: str) -> str:
-  if value is None or value == "":
-    return ""
+  if value is None or value == "" or value == MISSING:
+    return value or ""
   if isinstance(value, float):
     return f"{value:.4f}" if key.endswith(("accuracy", "loss")) else f"{value:.4g}"
   return str(value)
@@ -149,15 +164,23 @@ def _markdown(title: str, rows: Sequence[Row], keys: Sequence[str], metric: str,
               plots: Sequence[str]) -> str:
   counts = collections.Counter(row.status for row in rows)
   direction = "lower" if lower_is_better(metric) else "higher"
+  missing = missing_metric(rows, metric)
+  if best is not None:
+    verdict = f"**{best.trial.name}** ({best.summary[metric]:.4f})."
+  elif missing:
+    verdict = (f"none: {', '.join(r.trial.name for r in missing)} finished without {metric} (shown as "
+               f"{MISSING}), so no trial can be called best; rerun the sweep to complete its summary.")
+  else:
+    verdict = "none finished yet."
   lines = [f"# Sweep results: {title}", "",
            f"{len(rows)} trials: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + ".",
-           f"Best by {metric} ({direction} is better): "
-           + (f"**{best.trial.name}** ({best.summary[metric]:.4f})." if best else "none finished yet."), ""]
+           f"Best by {metric} ({direction} is better): {verdict}", ""]
   shown = ("eval_accuracy", "eval_loss", "train_loss", "step", "wall_seconds")
-  lines += _table(["", "trial", *keys, "status", *shown],
+  lines += _table(["", "trial", *keys, "status", *shown, "reason"],
                   [["**best**" if row is best else "", row.trial.name,
                     *(_cell(row.trial.overrides.get(k, "")) for k in keys), row.status,
-                    *(_number((row.summary or {}).get(c), c) for c in shown)] for row in rows])
+                    *(_number(_summary_cell(row, c), c) for c in shown), row.reason.replace("|", "/")]
+                   for row in rows])
   seed_keys = [k for k in keys if _is_seed(k)]
   if seed_keys:
     lines += ["", f"## {metric} over seeds", ""]

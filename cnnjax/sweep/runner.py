@@ -21,11 +21,18 @@
   one device).
 
 Every trial config is built and checked before anything is written, so a bad
-override in the last trial fails before the first one trains. Re-running
-skips finished trials (and diverged ones, whose `error.json` says why),
-resumes interrupted ones from their checkpoints, and never trains a step
-twice into the results. A lock file stops two sweeps from writing one
-workdir at once; the operating system releases it when a sweep dies.
+override in the last trial fails before the first one trains. A trial that
+fails while training for any reason other than divergence (out of memory, a
+bad file) is recorded as `failed` with its one-line reason (its
+`failure.json`, `results.csv`, `results.md`, `sweep_log.jsonl`) and the other
+trials go on; the sweep then reports the failed trials. Re-running skips
+finished trials (and diverged ones, whose `error.json` says why), retries
+failed ones (failures can be transient), resumes interrupted ones from their
+checkpoints, and never trains a step twice into the results. A lock stops two
+sweeps from writing one workdir at once (each trial's run directory has its
+own); the operating system releases it when a sweep dies. SIGTERM or SIGINT
+stop the sweep the way they stop a run: the trials in training save their
+step, no new trial starts, and `Preempted` is raised.
 `workdir/sweep_log.jsonl` records when each trial started and ended, where,
 and how.
 """
@@ -34,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import json
 import logging
@@ -52,11 +58,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from cnnjax import config as config_lib
 from cnnjax import metrics as metrics_lib
 from cnnjax import parallel, train
-from cnnjax.errors import CheckpointError, ConfigError, NonFiniteError
+from cnnjax.errors import CheckpointError, ConfigError, DiskFullError, NonFiniteError
 from cnnjax.sweep.declare import Trial, apply_overrides
-from cnnjax.sweep.results import DIVERGED, FINISHED, INCOMPLETE, NOT_STARTED, has_checkpoints
 from cnnjax.train import population
-from cnnjax.train.loop import CONFIG_FILE, ERROR_FILE, SUMMARY_FILE
+from cnnjax.train import rundir as rundir_lib
+from cnnjax.train.preemption import Preempted, Preemption
+from cnnjax.train.rundir import DIVERGED, FAILED, FINISHED, NOT_STARTED, RunDir, exclusive_lock
 
 MODES = ("auto", "sequential", "partitioned", "vectorized")
 LOCK_FILE = ".sweep.lock"
@@ -80,6 +87,7 @@ class TrialRun:
   status: str = NOT_STARTED
   summary: dict[str, Any] | None = None
   trained: bool = False  # whether this invocation trained it
+  reason: str = ""  # failed: why, in one line
   device_ids: tuple[int, ...] = ()  # the devices this invocation trained it on
   start_time: float | None = None
   end_time: float | None = None
@@ -94,6 +102,10 @@ class SweepReport:
   @property
   def trained(self) -> list[TrialRun]:
     return [r for r in self.runs if r.trained]
+
+  @property
+  def failed(self) -> list[TrialRun]:
+    return [r for r in self.runs if r.status == FAILED]
 
 
 def trial_runs(base_config: ml_collections.ConfigDict, trials: Sequence[Trial], workdir: str) -> list[TrialRun]:
@@ -144,7 +156,7 @@ def _structure(config: ml_collections.ConfigDict) -> str:
 
 
 def _prepare(runs: Sequence[TrialRun], mode: str, groups: Sequence[Sequence[Any]]) -> None:
-  """Checks every trial before anything is written; marks finished and diverged ones.
+  """Checks every trial before anything is written; marks finished, diverged and failed ones.
 
   Trials that differ only in learning rate, weight decay, label smoothing or
   seed share one build (building opens the dataset, about 0.4 s for the digits);
@@ -165,42 +177,31 @@ def _prepare(runs: Sequence[TrialRun], mode: str, groups: Sequence[Sequence[Any]
         total_steps[key] = exp.total_steps
     except ConfigError as e:
       raise ConfigError(f"trial {run.trial.name!r}: {e}") from None
-    _check_same_run(run)
-    summary = metrics_lib.read_json(os.path.join(run.workdir, SUMMARY_FILE))
-    if summary is not None and summary.get("step") == total_steps[key]:
-      run.status, run.summary = FINISHED, summary
-    elif os.path.exists(os.path.join(run.workdir, ERROR_FILE)):
-      run.status = DIVERGED
-    else:
-      # A summary of a different length (the step count was changed) does not count as finished.
-      run.status = INCOMPLETE if has_checkpoints(run.workdir) else NOT_STARTED
+    rundir = RunDir(run.workdir)
+    differences = rundir.config_differences(run.config)
+    if differences:
+      raise CheckpointError(
+          f"trial {run.trial.name!r}: {run.workdir} holds a run with a different config ({differences}); the "
+          "sweep's config changed since that run: use a new --workdir, or delete that trial's directory to "
+          "retrain it")
+    # A summary of a different length (the step count was changed) does not count as finished.
+    run.status = rundir.status(total_steps[key])
+    run.summary = rundir.summary() if run.status == FINISHED else None
+    if run.status == FAILED:
+      run.reason = (rundir.failure() or {}).get("reason", "")
 
 
-def _check_same_run(run: TrialRun) -> None:
-  """Refuses, before anything trains, a trial directory that holds a run of another config."""
-  saved = metrics_lib.read_json(os.path.join(run.workdir, CONFIG_FILE))
-  differences = config_lib.resume_differences(saved, run.config) if saved is not None else []
-  if differences:
-    shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:3])
-    raise CheckpointError(
-        f"trial {run.trial.name!r}: {run.workdir} holds a run with a different config ({shown}); the sweep's "
-        "config changed since that run: use a new --workdir, or delete that trial's directory to retrain it")
+def one_line(error: BaseException) -> str:
+  """An exception as one line: its type and the first 300 characters of its message."""
+  text = " ".join(str(error).split())[:300]
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-@contextlib.contextmanager
-def _workdir_lock(workdir: str) -> Iterator[None]:
-  """Holds an exclusive lock on the sweep's workdir; the OS drops it if the process dies."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, LOCK_FILE), "w") as handle:
-    try:
-      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      raise ConfigError(f"another sweep is running in {workdir}; wait for it to finish or use another "
-                        "--workdir") from None
-    try:
-      yield
-    finally:
-      fcntl.flock(handle, fcntl.LOCK_UN)
+def _record_failure(run: TrialRun, error: BaseException) -> None:
+  run.status, run.reason = FAILED, one_line(error)
+  RunDir(run.workdir).write_failure(run.reason)
+  logger.warning("trial %s failed (%s); the other trials go on, and a rerun retries it", run.trial.name,
+                 run.reason)
 
 
 class _TrialPrefix(logging.Filter):
@@ -229,8 +230,10 @@ class _TrialProgress:
       self.done += 1
       if self._bar is not None:
         self._bar.update(1)
-    result = (f"eval_accuracy {run.summary['eval_accuracy']:.4f} eval_loss {run.summary['eval_loss']:.4f}"
-              if run.summary else "diverged (see its error.json)")
+    if run.summary:
+      result = f"eval_accuracy {run.summary['eval_accuracy']:.4f} eval_loss {run.summary['eval_loss']:.4f}"
+    else:
+      result = f"failed ({run.reason})" if run.status == FAILED else "diverged (see its error.json)"
     logger.info("trial %d/%d %s: %s", self.done, self.total, run.trial.name, result)
 
   @contextlib.contextmanager
@@ -252,8 +255,13 @@ def _log_event(workdir: str, lock: threading.Lock, event: dict[str, Any]) -> Non
     f.write(json.dumps({"time": round(time.time(), LOG_TIME_DECIMALS), **event}, sort_keys=True) + "\n")
 
 
-def _train_alone(run: TrialRun, devices: Sequence[Any], mode: str, log: Callable[[dict], None]) -> None:
-  """Trains one trial through `cnnjax.train.run` on `devices`; records the outcome."""
+def _train_alone(run: TrialRun, devices: Sequence[Any], mode: str, log: Callable[[dict], None],
+                 preemption: Preemption) -> None:
+  """Trains one trial through `cnnjax.train.run` on `devices`; records the outcome.
+
+  Divergence and any other error are recorded on the trial; `Preempted` is
+  logged and raised.
+  """
   _context.trial = run.trial.name
   # The devices the run's strategy takes from the group (one of them for strategy 'none').
   used = parallel.select_devices(run.config.parallel.strategy, run.config.parallel.num_devices, devices)
@@ -261,24 +269,33 @@ def _train_alone(run: TrialRun, devices: Sequence[Any], mode: str, log: Callable
   run.start_time = time.time()
   log({"event": "start", "trial": run.trial.name, "mode": mode, "devices": list(run.device_ids)})
   try:
-    run.summary = train.run(run.config, run.workdir, devices=devices)
-    run.status = FINISHED
+    run.summary = train.run(run.config, run.workdir, devices=devices, preemption=preemption)
+    run.status, run.reason = FINISHED, ""
+    RunDir(run.workdir).remove(rundir_lib.FAILURE_FILE)
   except NonFiniteError:
     run.status = DIVERGED  # train.run wrote error.json; the other trials go on
+  except Preempted as stop:
+    log({"event": "stopped", "trial": run.trial.name, "step": stop.step, "signal": stop.signum})
+    raise
+  except DiskFullError:
+    raise  # every later trial would fail the same way: stop the sweep
+  except Exception as error:  # pylint: disable=broad-except  (one trial's failure must not sink the sweep)
+    _record_failure(run, error)
   finally:
     run.end_time = time.time()
     _context.trial = None
   run.trained = True
-  log({"event": "end", "trial": run.trial.name, "status": run.status, "step": (run.summary or {}).get("step", 0)})
+  log({"event": "end", "trial": run.trial.name, "status": run.status, "step": (run.summary or {}).get("step", 0),
+       **({"reason": run.reason} if run.reason else {})})
 
 
 def _run_groups(pending: Sequence[TrialRun], groups: Sequence[tuple[Any, ...]], mode: str,
-                progress: _TrialProgress, log: Callable[[dict], None]) -> None:
+                progress: _TrialProgress, log: Callable[[dict], None], preemption: Preemption) -> None:
   """One worker per device group takes trials from a shared queue until none are left.
 
-  The first error other than a divergence stops every worker from taking a new
-  trial; trials already running finish (their checkpoints keep what they did)
-  and the error is raised.
+  A preemption (or an error of the sweep itself) stops every worker from
+  taking a new trial; trials already running save their step and stop, and
+  the first such exception is raised.
   """
   queue = list(pending)
   queue_lock = threading.Lock()
@@ -287,11 +304,11 @@ def _run_groups(pending: Sequence[TrialRun], groups: Sequence[tuple[Any, ...]], 
   def worker(group: tuple[Any, ...]) -> None:
     while True:
       with queue_lock:
-        if errors or not queue:
+        if errors or not queue or preemption.signum is not None:
           return
         run = queue.pop(0)
       try:
-        _train_alone(run, group, mode, log)
+        _train_alone(run, group, mode, log, preemption)
       except BaseException as e:  # pylint: disable=broad-except  (handed to the main thread below)
         with queue_lock:
           errors.append(e)
@@ -299,9 +316,8 @@ def _run_groups(pending: Sequence[TrialRun], groups: Sequence[tuple[Any, ...]], 
       progress.trial_done(run)
 
   if len(groups) == 1:
-    worker(groups[0])  # in this thread: tracebacks and Ctrl-C behave as in a single run
+    worker(groups[0])  # in this thread: behaves as a single run
   else:
-    # Daemon threads: Ctrl-C ends the sweep at once; interrupted trials resume from their checkpoints.
     threads = [threading.Thread(target=worker, args=(group,), name=f"sweep-group-{i}", daemon=True)
                for i, group in enumerate(groups)]
     for thread in threads:
@@ -311,13 +327,21 @@ def _run_groups(pending: Sequence[TrialRun], groups: Sequence[tuple[Any, ...]], 
         thread.join(timeout=JOIN_POLL_SECONDS)
   if errors:
     raise errors[0]
+  if preemption.signum is not None and queue:
+    raise preemption.stopped(0)  # stopped between trials: every trial so far is saved
 
 
 def _run_vectorized(pending: Sequence[TrialRun], devices: Sequence[Any], population_size: int,
-                    progress: _TrialProgress, log: Callable[[dict], None]) -> None:
-  """Pending trials as populations of at most `population_size` members (0: all together)."""
+                    progress: _TrialProgress, log: Callable[[dict], None], preemption: Preemption) -> None:
+  """Pending trials as populations of at most `population_size` members (0: all together).
+
+  A member that cannot be built is recorded as failed and left out of its
+  population; an error while a population trains fails its members only.
+  """
   size = population_size or len(pending)
   for first in range(0, len(pending), size):
+    if preemption.signum is not None:
+      raise preemption.stopped(0)
     chunk = list(pending[first:first + size])
     _context.trial = f"population of {len(chunk)}"
     start = time.time()
@@ -326,33 +350,52 @@ def _run_vectorized(pending: Sequence[TrialRun], devices: Sequence[Any], populat
       log({"event": "start", "trial": run.trial.name, "mode": "vectorized",
            "population": [r.trial.name for r in chunk]})
     try:
-      summaries = population.run_population([r.config for r in chunk], [r.workdir for r in chunk],
-                                             devices=devices)
+      outcomes = population.run_population([r.config for r in chunk], [r.workdir for r in chunk],
+                                           devices=devices, preemption=preemption)
+    except Preempted as stop:
+      for run in chunk:
+        log({"event": "stopped", "trial": run.trial.name, "step": stop.step, "signal": stop.signum})
+      raise
+    except DiskFullError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except  (fails this population, not the sweep)
+      outcomes = [error] * len(chunk)
     finally:
       _context.trial = None
     end = time.time()
-    for run, summary in zip(chunk, summaries):
-      run.summary, run.trained, run.end_time = summary, True, end
-      run.status = FINISHED if summary is not None else DIVERGED
+    for run, outcome in zip(chunk, outcomes):
+      run.trained, run.end_time = True, end
+      if isinstance(outcome, BaseException):
+        _record_failure(run, outcome)
+        summary = None
+      else:
+        summary = run.summary = outcome
+        run.status = FINISHED if summary is not None else DIVERGED
+        if summary is not None:
+          RunDir(run.workdir).remove(rundir_lib.FAILURE_FILE)
       # The population spreads its members over the first devices (as many as divide the members evenly).
       run.device_ids = tuple(d.id for d in devices[:summary["num_devices"]]) if summary else ()
       log({"event": "end", "trial": run.trial.name, "status": run.status,
-           "step": (summary or {}).get("step", 0), "devices": list(run.device_ids)})
+           "step": (summary or {}).get("step", 0), "devices": list(run.device_ids),
+           **({"reason": run.reason} if run.reason else {})})
       progress.trial_done(run)
 
 
 def run_sweep(base_config: ml_collections.ConfigDict, trials: Sequence[Trial], workdir: str, *,
               mode: str = "auto", devices: Sequence[Any] | None = None, devices_per_trial: int = 0,
-              population_size: int = 0, record: dict[str, Any] | None = None) -> SweepReport:
+              population_size: int = 0, record: dict[str, Any] | None = None,
+              preemption: Preemption | None = None) -> SweepReport:
   """Trains every unfinished trial of the sweep into `workdir/<trial>/`; returns what happened to each.
 
   `devices` defaults to this process's local devices. `devices_per_trial`
   (partitioned) and `population_size` (vectorized) default to 0: split the
   devices evenly over the trials, and one population of all pending trials.
   `record` is stored in `workdir/sweep.json` with the trials (e.g. the command).
-  Raises ConfigError before writing anything if any trial cannot run.
+  Raises ConfigError before writing anything if any trial cannot run, and
+  `Preempted` once `preemption` saw SIGTERM or SIGINT and the trials saved.
   """
   started = time.time()
+  preemption = preemption or Preemption()
   devices = tuple(devices) if devices is not None else tuple(jax.local_devices())
   if population_size < 0:
     raise ConfigError(f"--population_size={population_size} must be >= 0 (0: all pending trials at once)")
@@ -365,19 +408,21 @@ def run_sweep(base_config: ml_collections.ConfigDict, trials: Sequence[Trial], w
   _prepare(runs, mode, groups)
   pending = [r for r in runs if r.status not in (FINISHED, DIVERGED)]
 
-  with _workdir_lock(workdir):
+  with exclusive_lock(workdir, what="sweep", lock_name=LOCK_FILE):
     metrics_lib.write_json(os.path.join(workdir, SWEEP_FILE), {
         **(record or {}), "mode": mode,
         "trials": [{"name": r.trial.name, "overrides": r.trial.overrides} for r in runs]})
     log = functools.partial(_log_event, workdir, threading.Lock())
     where = (f"{len(groups)} groups of {len(groups[0])} device(s)" if mode == "partitioned" else
              f"{len(devices)} devices")
-    logger.info("sweep of %d trials in %s mode on %s: %d finished or diverged, %d to train", len(runs), mode,
-                where, len(runs) - len(pending), len(pending))
+    retried = sum(r.status == FAILED for r in pending)
+    logger.info("sweep of %d trials in %s mode on %s: %d finished or diverged, %d to train%s", len(runs), mode,
+                where, len(runs) - len(pending), len(pending),
+                f" ({retried} of them failed before and are retried)" if retried else "")
     progress = _TrialProgress(runs)  # after the line above: a bar must not share its line
     with progress.showing():
       if pending and mode == "vectorized":
-        _run_vectorized(pending, devices, population_size, progress, log)
+        _run_vectorized(pending, devices, population_size, progress, log, preemption)
       elif pending:
-        _run_groups(pending, groups, mode, progress, log)
+        _run_groups(pending, groups, mode, progress, log, preemption)
   return SweepReport(mode=mode, runs=runs, wall_seconds=time.time() - started)

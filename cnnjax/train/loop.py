@@ -2,15 +2,19 @@
 
 `build(config)` turns a config into an `Experiment` (dataset, model, optimizer,
 parallel strategy) and validates everything it can before any file is written.
-`run(config, workdir)` trains it:
+`run(config, workdir)` trains it in its run directory (`cnnjax.train.rundir`):
 
-* resumes from the newest checkpoint in `workdir/checkpoints` (state and data
-  position), and returns the existing summary of a run that already finished;
+* locks the workdir, so that a second run on it is refused;
+* resumes from the newest good checkpoint of this config (state, data position
+  and logging window), and returns the existing summary of a run that already
+  finished;
 * checks every step that the loss and gradients are finite (one step behind, so
   the device is never idle), and stops naming the step if not, before any
   checkpoint of the bad state is written;
 * logs train and eval points to `metrics.jsonl`, checkpoints every
-  `checkpoint_every_steps` steps and at the end, and writes `summary.json`.
+  `checkpoint_every_steps` steps and at the end, and writes `summary.json`;
+* on SIGTERM or SIGINT (`cnnjax.train.preemption`), saves the step it is on and
+  stops.
 """
 
 from __future__ import annotations
@@ -18,11 +22,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
-import shutil
+import signal
 import time
 from typing import Any, Sequence
 
@@ -35,23 +38,15 @@ from cnnjax import config as config_lib
 from cnnjax import data as data_lib
 from cnnjax import metrics as metrics_lib
 from cnnjax import optim, parallel
-from cnnjax import checkpoint as checkpoint_lib
 from cnnjax.checkpoint import Checkpointer
-from cnnjax.errors import CheckpointError, ConfigError, NonFiniteError
-from cnnjax.models import build_model
-from cnnjax.models.validation import InputTooSmallError, check_input_shape
+from cnnjax.errors import ConfigError, NonFiniteError
+from cnnjax.models import build_model, torchvision_import
+from cnnjax.models.validation import InputTooSmallError, TooLargeError, check_input_shape, check_memory
 from cnnjax.train import engines
+from cnnjax.train.preemption import Preemption
+from cnnjax.train.rundir import SUMMARY_FILE, RunDir, check_workdir
 from cnnjax.train.state import TrainState, count_params, create_train_state
 from cnnjax.train.step import eval_step, train_step
-
-SUMMARY_FILE = "summary.json"
-ERROR_FILE = "error.json"  # written when a run stops on a non-finite loss
-UNREADABLE_DIR = checkpoint_lib.UNREADABLE_DIR
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-# What a run writes into its workdir; `--fresh` moves these aside.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, ERROR_FILE, CHECKPOINT_DIR, UNREADABLE_DIR)
 
 
 @dataclasses.dataclass
@@ -100,6 +95,30 @@ def _dtype(name: str) -> Any:
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+def planned_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  """The steps a run of `config` takes: `num_train_steps`, else `num_epochs` over the training split."""
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  """The steps a run of `config` takes, opening its dataset only when the epochs decide."""
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  dataset = data_lib.open_dataset(**dataset_options(config))
+  return planned_steps(config, len(dataset.train))
+
+
+def dataset_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The keyword arguments of `data.open_dataset` for `config`."""
+  return dict(name=config.data.name, tfds_data_dir=config.data.tfds_data_dir,
+              train_split=config.data.train_split, eval_split=config.data.eval_split,
+              train_path=config.data.train_path, eval_path=config.data.eval_path,
+              num_classes=config.data.num_classes, vocab_size=config.data.vocab_size,
+              max_length=config.data.max_length, cache_megabytes=config.data.cache_megabytes)
+
+
 def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = None) -> Experiment:
   """Validates `config` and builds the run; raises a CnnjaxError on any bad input. Writes nothing."""
   config_lib.validate(config)
@@ -117,12 +136,14 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
-  dataset = data_lib.open_dataset(
-      config.data.name, tfds_data_dir=config.data.tfds_data_dir, train_split=config.data.train_split,
-      eval_split=config.data.eval_split, train_path=config.data.train_path,
-      eval_path=config.data.eval_path, num_classes=config.data.num_classes,
-      vocab_size=config.data.vocab_size, max_length=config.data.max_length,
-      cache_megabytes=config.data.cache_megabytes)
+  dataset = data_lib.open_dataset(**dataset_options(config))
+  if config.batch_size > len(dataset.train):
+    raise ConfigError(f"batch_size={config.batch_size} exceeds the {len(dataset.train)} training examples of "
+                      f"{config.data.name}; use a batch_size of at most {len(dataset.train)}")
+  if dataset.num_classes < 2:
+    logging.getLogger("cnnjax").warning(
+        "%s has %d class: every prediction is right, so its accuracy of 100%% says nothing; check the labels "
+        "(or data.num_classes)", config.data.name, dataset.num_classes)
   augment = data_lib.Augment(crop_padding=config.data.crop_padding, flip=config.data.flip,
                              rotation_degrees=config.data.rotation_degrees)
   # (H, W, C) images, (D, H, W, C) volumes or (L,) token ids, after resizing.
@@ -134,6 +155,7 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
       mask_fill=dataset.background_class)
 
   norm_options = dict(momentum=config.model.bn_momentum, epsilon=config.model.bn_epsilon,
+                      running_variance=config.model.bn_running_variance,
                       group_norm_groups=config.model.group_norm_groups,
                       **dataclasses.asdict(grouping))
   try:
@@ -142,16 +164,9 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
                         **{**config_lib.model_options(config), **dataset.model_options})
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e).splitlines()[0]) from None
-  try:
-    check_input_shape(model, input_shape, config.model.name)
-  except InputTooSmallError as e:
-    raise ConfigError(str(e)) from None
 
-  if config.num_train_steps > 0:
-    total_steps = config.num_train_steps
-  else:
-    total_steps = max(1, math.ceil(config.num_epochs * len(dataset.train) / config.batch_size))
-  shape = optim.schedule_shape(config.optimizer.schedule, total_steps=total_steps,
+  num_steps = planned_steps(config, len(dataset.train))
+  shape = optim.schedule_shape(config.optimizer.schedule, total_steps=num_steps,
                                warmup_steps=config.optimizer.warmup_steps,
                                decay_boundaries=tuple(config.optimizer.decay_boundaries),
                                decay_factor=config.optimizer.decay_factor)
@@ -159,16 +174,29 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
                             weight_decay=config.optimizer.weight_decay, shape=shape,
                             momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
                             b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps)
+  if config.init_from and not os.path.isfile(os.path.expanduser(config.init_from)):
+    raise ConfigError(f"init_from={config.init_from!r} is not a file; download the torchvision weights it names "
+                      "(see the experiment's docstring), or pass --config.init_from= to start from scratch")
+  try:
+    check_input_shape(model, input_shape, config.model.name)
+    check_memory(model, tx, input_shape, layout.per_device_batch, selected)
+  except (InputTooSmallError, TooLargeError) as e:
+    raise ConfigError(str(e)) from None
   return Experiment(
       config=config, dataset=dataset, preprocess=preprocess, input_shape=input_shape,
       model=model, tx=tx, schedule_shape=shape, strategy=parallel.Strategy(layout),
-      total_steps=total_steps,
+      total_steps=num_steps,
       train_slice=data_lib.ProcessSlice(config.batch_size, jax.process_index(), process_count),
       eval_slice=data_lib.ProcessSlice(eval_batch, jax.process_index(), process_count))
 
 
 class TrainLog:
-  """Per-step metrics fetched one step behind, averaged over each logging window."""
+  """Per-step metrics fetched one step behind, averaged over each logging window.
+
+  The unfinished window and the last finished one travel in every checkpoint,
+  so a resumed run logs the same averages as an uninterrupted one whatever the
+  logging and checkpoint intervals are.
+  """
 
   def __init__(self):
     self.window: list[dict[str, float]] = []
@@ -183,9 +211,16 @@ class TrainLog:
     self.window, self.last_window = [], mean
     return mean
 
+  def state(self) -> dict[str, Any]:
+    return {"log_window": list(self.window), "last_train": self.last_window}
+
+  def load(self, state: dict[str, Any]) -> None:
+    self.window = list(state.get("log_window") or [])
+    self.last_window = state.get("last_train")
+
 
 class Throughput:
-  """Examples per second of training steps, excluding compilation, evaluation and checkpointing."""
+  """Seconds and steps of timed training, excluding compilation, evaluation and checkpointing."""
 
   def __init__(self, examples_per_step: int):
     self.examples_per_step = examples_per_step
@@ -208,100 +243,140 @@ class Throughput:
     finally:
       self._paused += time.time() - began
 
+  def _running(self) -> float:
+    return time.time() - self._start - self._paused if self._start is not None else 0.0
+
   def lap(self) -> float:
-    """Throughput since the last lap; starts the next one."""
+    """Examples per second since the last lap; starts the next one."""
     if self._start is None:
       return 0.0
-    seconds = time.time() - self._start - self._paused
-    steps = self._steps
+    seconds, steps = self._running(), self._steps
     self.total_seconds += seconds
     self.total_steps += steps
     self.start()
     return steps * self.examples_per_step / seconds if steps and seconds > 0 else 0.0
 
-  def overall(self) -> float:
-    return self.total_steps * self.examples_per_step / self.total_seconds if self.total_steps else 0.0
+  def totals(self) -> tuple[float, int]:
+    """(seconds, steps) timed so far: the finished laps, and the current one up to now if it counted a step
+    (time after the last step, such as the final evaluation, is not training)."""
+    if not self._steps:
+      return self.total_seconds, self.total_steps
+    return self.total_seconds + self._running(), self.total_steps + self._steps
+
+
+@dataclasses.dataclass
+class Timing:
+  """Where a run's time went, summed over every invocation that trained it (saved in checkpoints)."""
+
+  train_seconds: float = 0.0
+  timed_steps: int = 0
+  compile_seconds: float = 0.0
+  wall_seconds: float = 0.0
+
+  def plus(self, timer: Throughput, compile_seconds: float, wall_seconds: float) -> "Timing":
+    seconds, steps = timer.totals()
+    return Timing(self.train_seconds + seconds, self.timed_steps + steps,
+                  self.compile_seconds + compile_seconds, self.wall_seconds + wall_seconds)
+
+  def examples_per_second(self, examples_per_step: int) -> float:
+    return self.timed_steps * examples_per_step / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def start_from_weights(exp: Experiment, host_state: TrainState) -> TrainState:
+  """`host_state` with the parameters and BatchNorm statistics of `config.init_from` (torchvision weights);
+  the optimizer state stays as initialized, since it holds no values of the weights."""
+  variables = torchvision_import.init_from(
+      exp.config, exp.model, {"params": host_state.params, "batch_stats": host_state.batch_stats})
+  logging.getLogger("cnnjax").info("starting from the weights in %s", exp.config.init_from)
+  return host_state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
 
 
 class Member:
-  """One run's workdir (checkpoints, config.json, metrics.jsonl, summary.json) and its data stream."""
+  """One run in the loop: its experiment, run directory, checkpoints, logs and restored position."""
 
   def __init__(self, exp: Experiment, workdir: str):
     self.exp, self.config, self.workdir = exp, exp.config, workdir
-    self.is_writer = jax.process_index() == 0
+    self.rundir = RunDir(workdir)
+    self.is_writer = self.rundir.is_writer
     self.checkpointer: Checkpointer | None = None
     self.log = TrainLog()
     self.error: str | None = None
     self.last_eval: dict[str, float] | None = None
     self.host_state: Any = None
     self.data_state: dict[str, Any] | None = None
+    self.timing = Timing()  # of the invocations before this one
     self.resumed = False
-
-  @property
-  def summary_path(self) -> str:
-    return os.path.join(self.workdir, SUMMARY_FILE)
+    # The workdirs of the vectorized population this member trains in (saved with its checkpoints, so
+    # that a population interrupted mid-save resumes as the same population), or None.
+    self.population: list[str] | None = None
 
   def finished_summary(self) -> dict[str, Any] | None:
     """The summary of a run that already reached its last step, if any."""
-    summary = metrics_lib.read_json(self.summary_path)
-    return summary if summary is not None and summary.get("step") == self.exp.total_steps else None
+    return self.rundir.finished_summary(self.exp.total_steps)
 
-  def check_same_run(self) -> None:
-    """Refuses a workdir that holds a run of another config (before anything is read or written)."""
-    saved = metrics_lib.read_json(os.path.join(self.workdir, CONFIG_FILE))
-    if saved is None:
-      return
-    differences = config_lib.resume_differences(saved, self.config)
-    if differences:
-      shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:3])
-      more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
-      raise CheckpointError(
-          f"{self.workdir} holds a run with a different config ({shown}{more}); use a new --workdir, "
-          "or pass --fresh to set the old run aside and start over")
+  def open_checkpoints(self) -> None:
+    if self.checkpointer is None:
+      self.checkpointer = self.rundir.checkpointer(self.config)
 
-  def set_aside(self) -> str | None:
-    """Moves an earlier run's files into `replaced-<time>/` inside the workdir (nothing is deleted)."""
-    present = [name for name in RUN_FILES if os.path.exists(os.path.join(self.workdir, name))]
-    if not present or not self.is_writer:
-      return None
-    target = os.path.join(self.workdir, f"replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(target)
-    for name in present:
-      shutil.move(os.path.join(self.workdir, name), os.path.join(target, name))
-    return target
-
-  def restore(self) -> int:
-    """Opens the checkpoints, restores the newest readable one if any; returns the step to start from."""
-    os.makedirs(self.workdir, exist_ok=True)
-    self.checkpointer = Checkpointer(os.path.join(self.workdir, CHECKPOINT_DIR),
-                                     max_to_keep=self.config.keep_checkpoints)
+  def restore(self, *, at_most: int | None = None) -> int:
+    """Restores the newest good checkpoint (at step `at_most` or earlier, if given); returns the step
+    to start from (0 when there is none)."""
+    self.open_checkpoints()
     self.host_state = jax.device_get(self.exp.init_state())
-    restored = self.checkpointer.restore_latest(self.host_state)
+    self.data_state, self.log, self.timing, self.resumed = None, TrainLog(), Timing(), False
+    self.population = None
+    restored = self.checkpointer.restore_latest(self.host_state, at_most=at_most)
+    if restored is None and self.config.init_from:
+      self.host_state = start_from_weights(self.exp, self.host_state)
     if restored is not None:
-      _, self.host_state, self.data_state = restored
+      self.host_state, self.data_state = restored.state, restored.data
+      self.log.load(restored.loop)
+      self.timing = Timing(**restored.loop.get("timing", {}))
+      self.population = restored.loop.get("population")
       self.resumed = True
     return int(self.host_state.step)
 
+  def save(self, step: int, host_state: Any, data_state: dict[str, Any], timing: Timing) -> None:
+    self.checkpointer.save(step, host_state, data_state, {**self.log.state(), "population": self.population,
+                                                          "timing": dataclasses.asdict(timing)})
+
   def open_outputs(self, start_step: int) -> metrics_lib.MetricsWriter:
-    if self.is_writer:
-      metrics_lib.write_json(os.path.join(self.workdir, CONFIG_FILE), json.loads(self.config.to_json_best_effort()))
-    writer = metrics_lib.MetricsWriter(os.path.join(self.workdir, METRICS_FILE), enabled=self.is_writer)
-    writer.truncate_after(start_step)
-    return writer
+    self.rundir.write_config(self.config)
+    return self.rundir.metrics_writer(start_step)
+
+  def summary(self, final_state: Any, timing: Timing, engine: Any) -> dict[str, Any]:
+    last = self.log.last_window or {}
+    result = self.last_eval
+    return {
+        "eval_accuracy": result["accuracy"], "eval_loss": result["loss"], "eval_examples": result["examples"],
+        "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"),
+        "step": int(final_state.step), "examples_per_second": timing.examples_per_second(self.config.batch_size),
+        "compile_seconds": timing.compile_seconds, "wall_seconds": timing.wall_seconds,
+        "param_checksum": metrics_lib.param_checksum(final_state.params),
+        "param_l2": metrics_lib.param_l2(final_state.params), "num_params": count_params(final_state.params),
+        "model": self.config.model.name, "data": self.config.data.name,
+        "strategy": engine.strategy_name, "bn_sync": self.config.model.bn_sync,
+        "num_devices": engine.num_devices, "num_processes": jax.process_count(),
+        "global_batch": self.config.batch_size,
+    }
 
   def close(self) -> None:
     if self.checkpointer is not None:
       self.checkpointer.close()
 
 
-def train_members(members: Sequence[Member], engine: Any, *, start_step: int) -> list[dict[str, Any] | None]:
+def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
+                  preemption: Preemption | None = None) -> list[dict[str, Any] | None]:
   """Trains restored members in lockstep from `start_step`; returns each one's summary (None if it failed).
 
   A member whose loss or gradients stop being finite is marked failed at that
   step (its last good checkpoint stays) and no longer logged or checkpointed;
-  when every member has failed, NonFiniteError is raised.
+  when every member has failed, NonFiniteError is raised. When `preemption`
+  says so (SIGTERM or SIGINT), every member saves the step just done and
+  `Preempted` is raised.
   """
   wall_start = time.time()
+  preemption = preemption or Preemption()
   total_steps = members[0].exp.total_steps
   config = members[0].config
   writers = [member.open_outputs(start_step) for member in members]
@@ -311,6 +386,8 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int) ->
     progress.message(f"resuming from step {start_step} ({members[0].checkpointer.directory})")
 
   state = engine.put_state([member.host_state for member in members])
+  for member in members:
+    member.host_state = None  # the devices hold the state now (on a CPU host a second copy would share RAM)
   iterators = []
   for member in members:
     iterator = member.exp.train_batches()
@@ -321,7 +398,9 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int) ->
   timer = Throughput(engine.global_batch * engine.num_members)
   compile_seconds = 0.0
   pending: tuple[int, Any] | None = None  # (step, device metrics) not yet checked
-  last_reported = start_step
+
+  def timing(member: Member) -> Timing:
+    return member.timing.plus(timer, compile_seconds, time.time() - wall_start)
 
   def alive() -> list[tuple[Member, metrics_lib.MetricsWriter]]:
     return [(m, w) for m, w in zip(members, writers) if m.error is None]
@@ -339,9 +418,7 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int) ->
             f"grad_norm={values['grad_norm']}); the last good checkpoint is kept in "
             f"{member.checkpointer.directory}; lower optimizer.learning_rate or add warmup")
         progress.message(f"{member.workdir}: {member.error}")
-        if member.is_writer:
-          metrics_lib.write_json(os.path.join(member.workdir, ERROR_FILE),
-                                 {"step": step_index + 1, "error": member.error})
+        member.rundir.write_error(step_index + 1, member.error)
       else:
         member.log.add(values)
     if all(member.error is not None for member in members):
@@ -353,6 +430,15 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int) ->
         member.last_eval = engines.eval_result(totals)
         writer.write({"step": step, "split": "eval", **member.last_eval})
 
+  def save_alive(step: int) -> None:
+    host_states = engine.get_states(state)
+    for member, iterator, host_state in zip(members, iterators, host_states):
+      if member.error is None:
+        member.save(step, host_state, iterator.get_state(), timing(member))
+
+  if start_step < total_steps and preemption.reached(start_step, members[0].checkpointer):
+    raise preemption.stopped(start_step)  # asked to stop before any step: the newest checkpoint stands
+  last_reported = start_step
   try:
     for step in range(start_step, total_steps):
       device_batch = engine.put_batch([next(iterator) for iterator in iterators])
@@ -388,14 +474,16 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int) ->
         first = alive()[0][0]
         progress.message(f"step {done}: eval accuracy {first.last_eval['accuracy']:.4f} "
                           f"loss {first.last_eval['loss']:.4f}")
-      if done % config.checkpoint_every_steps == 0 or done == total_steps:
+      stop = done < total_steps and preemption.reached(done, members[0].checkpointer)
+      if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
         check(pending)
         pending = None
         with timer.paused():
-          host_states = engine.get_states(state)
-          for (member, iterator), host_state in zip(zip(members, iterators), host_states):
-            if member.error is None:
-              member.checkpointer.save(done, host_state, iterator.get_state())
+          save_alive(done)
+      if stop:
+        progress.message(f"{signal_name(preemption)}: saved a checkpoint at step {done} of {total_steps} in "
+                         f"{members[0].checkpointer.directory}; rerun the same command to resume from it")
+        raise preemption.stopped(done)
   finally:
     progress.close()
 
@@ -406,46 +494,44 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int) ->
     if member.error is not None:
       summaries.append(None)
       continue
-    last = member.log.last_window or {}
-    result = member.last_eval
-    summary = {
-        "eval_accuracy": result["accuracy"], "eval_loss": result["loss"], "eval_examples": result["examples"],
-        "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"),
-        "step": int(final_state.step), "examples_per_second": timer.overall() / engine.num_members,
-        "compile_seconds": compile_seconds, "wall_seconds": time.time() - wall_start,
-        "param_checksum": metrics_lib.param_checksum(final_state.params),
-        "param_l2": metrics_lib.param_l2(final_state.params), "num_params": count_params(final_state.params),
-        "model": member.config.model.name, "data": member.config.data.name,
-        "strategy": engine.strategy_name, "bn_sync": member.config.model.bn_sync,
-        "num_devices": engine.num_devices, "num_processes": jax.process_count(),
-        "global_batch": member.config.batch_size,
-    }
-    if member.is_writer:
-      metrics_lib.write_json(member.summary_path, summary)
+    summary = member.summary(final_state, timing(member), engine)
+    member.rundir.write_json(SUMMARY_FILE, summary)
     summaries.append(summary)
   return summaries
 
 
+def signal_name(preemption: Preemption) -> str:
+  """The signal that stopped the run, by name (JAX's service reports SIGTERM from a peer process)."""
+  return signal.Signals(preemption.signum or signal.SIGTERM).name
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[Any] | None = None,
-        fresh: bool = False) -> dict[str, Any]:
+        fresh: bool = False, preemption: Preemption | None = None) -> dict[str, Any]:
   """Trains and evaluates `config` in `workdir`, resuming if it holds checkpoints. Returns the summary.
 
-  A workdir holding a run of a different config is refused unless `fresh`, which
-  first moves the earlier run's files into `workdir/replaced-<time>/`.
+  The workdir is locked while the run trains: a second run on it is refused. A
+  workdir holding a run of a different config is refused unless `fresh`, which
+  first moves the earlier run's files into `workdir/replaced-<time>/`. SIGTERM
+  or SIGINT (through `preemption`) save the current step and raise `Preempted`.
   """
+  check_workdir(workdir)
   exp = build(config, devices=devices)
   member = Member(exp, workdir)
-  if fresh:
-    moved = member.set_aside()
-    if moved:
-      logging.getLogger("cnnjax").info("moved the earlier run in %s to %s", workdir, moved)
-  else:
-    member.check_same_run()
-    finished = member.finished_summary()
-    if finished is not None:
-      return finished
-  try:
-    start_step = member.restore()
-    return train_members([member], engines.SingleEngine(exp), start_step=start_step)[0]
-  finally:
-    member.close()
+  with member.rundir.lock():
+    if fresh:
+      moved = member.rundir.set_aside_run()
+      if moved:
+        logging.getLogger("cnnjax").info("moved the earlier run in %s to %s", workdir, moved)
+    else:
+      member.rundir.check_same_run(config)
+      finished = member.finished_summary()
+      if finished is not None:
+        logging.getLogger("cnnjax").info("%s already finished at step %d; its summary stands (pass --fresh to "
+                                         "train it again)", workdir, finished["step"])
+        return finished
+    try:
+      start_step = member.restore()
+      return train_members([member], engines.SingleEngine(exp), start_step=start_step,
+                           preemption=preemption)[0]
+    finally:
+      member.close()
