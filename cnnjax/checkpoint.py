@@ -29,6 +29,7 @@ the next newest is tried.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -49,6 +50,8 @@ STATE_ITEM, DATA_ITEM, META_ITEM = "state", "data", "meta"
 # Loop-state entries that differ between the processes of one run (wall-clock timings): kept in the
 # checkpoint for the summary, outside the checksum, which covers what every process restores alike.
 UNCHECKED_LOOP_KEYS = ("timing",)
+# Failures to read that say nothing about the checkpoint itself.
+TRANSIENT_ERRNOS = (errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ESTALE, errno.EINTR)
 # Room a checkpoint needs beside its arrays: orbax's metadata, the data position and the loop state.
 CHECKPOINT_METADATA_BYTES = 2 ** 17
 logger = logging.getLogger("cnnjax")
@@ -98,6 +101,16 @@ def checksum(state: PyTree, data_state: dict[str, Any], loop_state: dict[str, An
   return digest.hexdigest()
 
 
+def _is_transient(error: BaseException) -> bool:
+  """Whether a failure to read is the machine's (out of memory, out of file handles, I/O trouble) rather
+  than a damaged checkpoint's: such a checkpoint must not be set aside."""
+  while error is not None:
+    if isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 def _report_order(name: str) -> tuple[int, str]:
   """Parameters first, then BatchNorm statistics, then the rest (the optimizer mirrors the parameters)."""
   rank = 0 if name.startswith("params.") else 1 if name.startswith("batch_stats.") else 2
@@ -131,12 +144,15 @@ class Checkpointer:
   """Saves and restores (state, data position, loop state) under `directory`, for the run whose config
   has `fingerprint` (see `cnnjax.config.fingerprint`)."""
 
-  def __init__(self, directory: str, *, max_to_keep: int, fingerprint: str):
+  def __init__(self, directory: str, *, max_to_keep: int, fingerprint: str, read_only: bool = False):
+    """`read_only`: for readers beside a live run (analysis, probes): nothing is created, cleaned up or
+    set aside, so that a save in progress is never disturbed."""
     self.directory = os.path.abspath(directory)
     self.fingerprint = fingerprint
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+    self.read_only = read_only
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=not read_only)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: ocp.JsonCheckpointHandler(),
@@ -184,13 +200,19 @@ class Checkpointer:
     service (SIGTERM on any process) asks them all to save; always False in a single process."""
     return self._manager.reached_preemption(step)
 
+  def _has_meta(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), META_ITEM))
+
   def read_meta(self, step: int) -> dict[str, Any]:
-    """The checkpoint's `meta` item; raises CheckpointError for a checkpoint without one (an older
-    format) and other exceptions when it cannot be read."""
-    if not os.path.isdir(os.path.join(self.directory, str(step), META_ITEM)):
-      raise CheckpointError(
-          f"checkpoint {step} in {self.directory} carries no config fingerprint or checksum (an older cnnjax "
-          f"wrote it) and cannot be checked; {FRESH_HINT}")
+    """The checkpoint's `meta` item. Raises CheckpointError when no checkpoint here has one (an older
+    format), DamagedCheckpointError when this one lacks it but others have it, and other exceptions when
+    it cannot be read."""
+    if not self._has_meta(step):
+      if not any(self._has_meta(other) for other in self.all_steps()):
+        raise CheckpointError(
+            f"the checkpoints in {self.directory} carry no config fingerprint or checksum (an older cnnjax "
+            f"wrote them) and cannot be checked; {FRESH_HINT}")
+      raise DamagedCheckpointError(f"its {META_ITEM} item is missing")
     meta = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
     if not isinstance(meta, dict) or not {"fingerprint", "checksum"} <= set(meta):
       raise DamagedCheckpointError(f"its {META_ITEM} item is not a cnnjax record")
@@ -236,7 +258,9 @@ class Checkpointer:
         return self.restore(step, template)
       except CheckpointError:
         raise
-      except Exception as error:  # pylint: disable=broad-except  (any failure to read means unreadable)
+      except Exception as error:  # pylint: disable=broad-except  (any other failure to read means unreadable)
+        if _is_transient(error):
+          raise  # the machine's trouble (memory, file handles, I/O), not the checkpoint's
         self._set_aside(step, error)
     return None
 
@@ -249,6 +273,10 @@ class Checkpointer:
   def _set_aside(self, step: int, error: Exception) -> None:
     reason = " ".join(str(error).split())[:300] or type(error).__name__
     what = "damaged" if isinstance(error, DamagedCheckpointError) else "unreadable"
+    if self.read_only:
+      logger.warning("checkpoint %d in %s is %s (%s: %s); reading the next newest (the run that owns it sets it "
+                     "aside when it resumes)", step, self.directory, what, type(error).__name__, reason)
+      return
     target = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR, f"{step}-{int(time.time())}")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)

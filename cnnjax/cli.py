@@ -83,6 +83,28 @@ def define_distributed_flags() -> None:
                        "Seconds without a heartbeat after which a peer process counts as dead and the run stops.")
 
 
+def define_device_flags() -> None:
+  flags.DEFINE_integer("simulate_devices", -1,
+                       "CPU devices to start with (XLA's --xla_force_host_platform_device_count): N, or -1 to let "
+                       "cnnjax choose (several virtual devices on a CPU host when parallel.strategy=auto and "
+                       "parallel.num_devices=0, which keeps every core busy; one otherwise). A count already in "
+                       "XLA_FLAGS wins. Accelerator hosts are not affected.")
+
+
+def configure_host_devices(simulate_devices: int, config: Any = None) -> Any:
+  """Sets the CPU device count before JAX starts (see `cnnjax.parallel.host_devices`); returns what it is.
+  `config` (a run's) says whether the run leaves its devices to cnnjax."""
+  from cnnjax.parallel import host_devices  # pylint: disable=import-outside-toplevel
+  try:
+    leaves = config is None or (config.parallel.strategy == "auto" and not config.parallel.num_devices)
+  except (AttributeError, KeyError):
+    leaves = False  # not a cnnjax config: validation names the problem once JAX is up
+  try:
+    return host_devices.configure(simulate_devices, leaves_devices_to_cnnjax=leaves)
+  except ValueError as e:
+    fail(str(e))
+
+
 def distributed_flags(values: Any) -> dict[str, Any]:
   return dict(coordinator_address=values.coordinator_address, num_processes=values.num_processes,
               process_id=values.process_id, peer_timeout_seconds=values.peer_timeout_seconds)
@@ -119,8 +141,9 @@ def run_reporting_errors(fn: Callable[[], Any]) -> Any:
           flush=True)
     sys.exit(stop.exit_status)
   except KeyboardInterrupt:
-    # Ctrl-C before the handlers were installed (while starting up): nothing was trained yet.
-    print("stopped: interrupted while starting, before any training step", file=sys.stderr, flush=True)
+    # Ctrl-C outside training (starting up, or writing results), where the handlers are not installed.
+    print("stopped by SIGINT outside training; every step trained is saved, rerun the same command to go on",
+          file=sys.stderr, flush=True)
     sys.exit(EXIT_STATUS_BASE + signal.SIGINT)
   except OSError as e:
     if not is_disk_full(e):
@@ -138,9 +161,11 @@ def stop_at_once(message: str) -> None:
   os._exit(EXIT_USER_ERROR)  # pylint: disable=protected-access
 
 
-def run_training(config: Any, workdir: str, distributed: dict[str, Any], *, fresh: bool = False) -> dict[str, Any]:
-  """Starts jax.distributed if asked, trains, and prints the final numbers."""
+def run_training(config: Any, workdir: str, distributed: dict[str, Any], *, fresh: bool = False,
+                 simulate_devices: int = -1) -> dict[str, Any]:
+  """Sets the CPU devices, starts jax.distributed if asked, trains, and prints the final numbers."""
   configure_logging()
+  host = configure_host_devices(simulate_devices, config)
   from cnnjax.parallel import distributed as distributed_lib  # pylint: disable=import-outside-toplevel
   from cnnjax.train import Preemption, run  # pylint: disable=import-outside-toplevel  (jax after flags)
   from cnnjax.train.rundir import check_workdir  # pylint: disable=import-outside-toplevel
@@ -152,7 +177,7 @@ def run_training(config: Any, workdir: str, distributed: dict[str, Any], *, fres
     distributed_lib.initialize(**distributed)
     try:
       with Preemption().handling() as preemption:
-        return run(config, workdir, fresh=fresh, preemption=preemption)
+        return run(config, workdir, fresh=fresh, preemption=preemption, host=host)
     except jax.errors.JaxRuntimeError as e:
       if jax.process_count() == 1:
         raise

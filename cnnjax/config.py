@@ -23,13 +23,13 @@ import ml_collections
 from cnnjax.data import DATASET_NAMES
 from cnnjax.errors import ConfigError
 from cnnjax.models import MODELS
-from cnnjax.nn import NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS
+from cnnjax.nn import LOWERINGS, NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS
 from cnnjax.optim import OPTIMIZERS, SCHEDULES
 from cnnjax.parallel import BN_SYNC_MODES, STRATEGIES
 
 # Keys under `model` that the training code consumes; every other key is a model option.
 MODEL_COMMON_KEYS = ("name", "norm", "bn_sync", "bn_group_size", "bn_momentum", "bn_epsilon",
-                     "bn_running_variance", "group_norm_groups", "dtype")
+                     "bn_running_variance", "group_norm_groups", "dtype", "lowering")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.bn_running_variance = "biased"  # or unbiased (PyTorch's): the batch variance times m / (m - 1)
   config.model.group_norm_groups = 32  # capped at gcd(groups, channels) per layer
   config.model.dtype = "float32"  # compute dtype; parameters and BatchNorm statistics stay float32
+  # How convolutions and max/min pooling are computed (cnnjax.nn.lowering): auto (CPU rewrites on
+  # CPU, plain lax elsewhere) / plain / cpu_tuned; the same function either way.
+  config.model.lowering = "auto"
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"
@@ -97,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.decay_factor = 0.1  # piecewise: multiplier at each boundary
 
   config.parallel = ml_collections.ConfigDict()
-  config.parallel.strategy = "none"  # none / pmap / shard_map / jit
+  config.parallel.strategy = "auto"  # auto (none on one device, else jit on all) / none / pmap / shard_map / jit
   config.parallel.num_devices = 0  # 0: all devices
   return config
 
@@ -107,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
 RESUME_SAFE_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                     "progress_bar", "data.num_threads", "data.prefetch_batches", "data.tfds_data_dir",
                     "data.cache_megabytes",
-                    "parallel.strategy", "parallel.num_devices")
+                    "parallel.strategy", "parallel.num_devices", "model.lowering")
 
 
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
@@ -209,6 +212,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config.model.bn_running_variance, RUNNING_VARIANCE_CONVENTIONS, "model.bn_running_variance")
   _choice(config.model.norm, ("",) + NORM_KINDS, "model.norm")
   _choice(config.model.dtype, DTYPES, "model.dtype")
+  _choice(config.model.lowering, LOWERINGS, "model.lowering")
   _choice(config.optimizer.name, OPTIMIZERS, "optimizer.name")
   _choice(config.optimizer.schedule, SCHEDULES, "optimizer.schedule")
   _require(config.batch_size > 0, f"batch_size={config.batch_size} must be positive")

@@ -21,6 +21,10 @@ class ConfigError(CnnjaxError):
   """A config value that is unknown, of the wrong type or impossible."""
 
 
+class WorkdirBusyError(ConfigError):
+  """A workdir that another run or sweep holds the lock of."""
+
+
 class DataError(CnnjaxError):
   """A dataset that is missing, not prepared, or malformed."""
 

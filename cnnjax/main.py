@@ -19,11 +19,13 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (experim
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
 flags.DEFINE_bool("fresh", False, "Start over: move an earlier run in --workdir aside (into replaced-<time>/) first.")
 cli.define_distributed_flags()
+cli.define_device_flags()
 
 
 def main(argv: list[str]) -> None:
   del argv
-  cli.run_training(FLAGS.config, FLAGS.workdir, cli.distributed_flags(FLAGS), fresh=FLAGS.fresh)
+  cli.run_training(FLAGS.config, FLAGS.workdir, cli.distributed_flags(FLAGS), fresh=FLAGS.fresh,
+                   simulate_devices=FLAGS.simulate_devices)
 
 
 if __name__ == "__main__":

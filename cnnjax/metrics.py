@@ -42,13 +42,6 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
   os.replace(tmp, path)
 
 
-def read_json(path: str) -> dict[str, Any] | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 class MetricsWriter:
   """Appends one JSON object per logged point to `metrics.jsonl`; each (split, step) point once."""
 

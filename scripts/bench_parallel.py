@@ -2,6 +2,7 @@
 
 Command:
   python scripts/bench_parallel.py --json=bench_parallel.json [--devices=8] [--model=resnet20] [--batch=128]
+      [--strategies=none,pmap,shard_map,jit]
 Expected: one line per (strategy, bn_sync) with the median train-step time and
 images per second, and the ratio of synchronized (global) to unsynchronized
 (local) BatchNorm per strategy; the same numbers in the JSON.
@@ -20,7 +21,7 @@ import os
 import platform
 import sys
 
-from cnnjax.bench.harness import ALLOCATOR_ENV
+from cnnjax.bench.harness import ALLOCATOR_ENV, STRATEGIES
 
 
 def main() -> None:
@@ -32,9 +33,14 @@ def main() -> None:
   parser.add_argument("--image_size", type=int, default=32)
   parser.add_argument("--warmup_steps", type=int, default=3)
   parser.add_argument("--timed_steps", type=int, default=10)
+  parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                      help="comma-separated subset of " + ",".join(STRATEGIES))
   args = parser.parse_args()
+  strategies = args.strategies.split(",")
   if args.devices < 1 or args.batch % args.devices or args.warmup_steps < 0 or args.timed_steps < 1:
     parser.error("need --devices >= 1 dividing --batch, --warmup_steps >= 0 and --timed_steps >= 1")
+  if not strategies or any(s not in STRATEGIES for s in strategies):
+    parser.error(f"--strategies={args.strategies}: choose from {','.join(STRATEGIES)}")
   if any(os.environ.get(key) != value for key, value in ALLOCATOR_ENV.items()):
     # glibc reads these when the process starts: run again with them.
     os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **ALLOCATOR_ENV})
@@ -46,7 +52,7 @@ def main() -> None:
   from cnnjax.bench import timing  # pylint: disable=import-outside-toplevel
 
   results = []
-  for strategy in ("none", "pmap", "shard_map", "jit"):
+  for strategy in strategies:
     for bn_sync in (("global",) if strategy == "none" else ("global", "local")):
       config = config_lib.base_config()
       config.model.name = args.model
@@ -65,7 +71,7 @@ def main() -> None:
             f"{record['median_step_seconds'] * 1000:7.1f} ms/step  {record['images_per_second']:7.1f} img/s  "
             f"compile {record['compile_seconds']:.1f} s", flush=True)
   sync_cost = {}
-  for strategy in ("pmap", "shard_map", "jit"):
+  for strategy in (s for s in strategies if s != "none"):
     times = {r["bn_sync"]: r["median_step_seconds"] for r in results if r["strategy"] == strategy}
     sync_cost[strategy] = times["global"] / times["local"]
     print(f"{strategy:>9}: global / local BatchNorm step time = {sync_cost[strategy]:.3f}")

@@ -17,9 +17,9 @@ steps, 1-2 trials per experiment: a smoke test) 65 s; `full` (ResNet-20 on
 CIFAR-10) is for a host with 8 accelerators, about 60 million training images
 in all (see the README).
 
-On a CPU host this script simulates 8 devices (XLA_FLAGS
---xla_force_host_platform_device_count=8) before JAX starts, so the
-multi-device experiments run; an accelerator host uses its own devices.
+On a CPU host this script simulates 8 devices (`--simulate_devices`, default
+8 here) before JAX starts, so the multi-device experiments run; an
+accelerator host uses its own devices.
 """
 
 import os
@@ -40,15 +40,16 @@ flags.DEFINE_list("only", [], "Run only these experiments (the report still cove
                   "per_device_batch, vmap_leakage, ensemble, train_vs_eval, ghost_batch.")
 flags.DEFINE_bool("report_only", False, "Write the report from what the workdir holds; train nothing.")
 flags.DEFINE_string("experiments_dir", os.path.join(REPO_ROOT, "experiments"), "Where the bn_*.py files are.")
+cli.define_device_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={SIMULATED_DEVICES}").strip()
   cli.configure_logging()
+  # Its experiments spread batches over up to 8 devices: asked for explicitly, so bn_sync=local means each
+  # of them.
+  cli.configure_host_devices(SIMULATED_DEVICES if FLAGS.simulate_devices == -1 else FLAGS.simulate_devices)
   from cnnjax import study  # pylint: disable=import-outside-toplevel  (JAX after XLA_FLAGS)
 
   def go():

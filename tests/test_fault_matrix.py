@@ -490,7 +490,7 @@ def test_impossible_sizes_fail_in_seconds_with_nothing_written(tmp_path, tfds_da
     overrides = npz_overrides(write_npz(tmp_path / "train.npz", images, np.arange(64) % 10),
                               write_npz(tmp_path / "eval.npz", images[:8], np.arange(8)))
     overrides += ["--config.batch_size=32", "--config.data.image_size=2048"]
-    message = "one training step needs about"
+    message = "GiB (parameters, gradients and optimizer state"
   workdir = tmp_path / "run"
   began = time.time()
   result = run_cli("cnnjax.main", "--config=experiments/lenet5_digits.py", f"--workdir={workdir}", *overrides,
@@ -533,6 +533,8 @@ def test_out_of_range_values_are_refused_naming_the_key(key, value, message):
     ("--config.seed=99999999999", "seed=99999999999 is outside"),
     ("--config.optimizer.decay_boundaries=abc", "must be a tuple of fractions of training"),
     ("--config.optimizer.weight_decay=inf", "optimizer.weight_decay=inf must be a finite number"),
+    ("--config.eval_batch_size=10000000", "needs about"),  # evaluation's own memory
+    ("--config.num_epochs=1e30", "more than the step counter holds"),
 ])
 def test_bad_config_values_on_the_command_line_are_one_line_errors(tmp_path, override, message):
   workdir = tmp_path / "run"
@@ -694,3 +696,152 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_says_so_in_one_line(tmp_
   failed_step = int(error_lines(result.stderr)[0].split("checkpoint ")[1].split()[0])
   assert saved and saved[-1] == failed_step - 2
   assert f"the last good checkpoint ({saved[-1]}) is kept" in result.stderr
+
+
+# -- Found by a red-team pass over the above ----------------------------------------------------------
+
+class StopAt(Preemption):
+  """A preemption that arrives after `step` steps (as SIGTERM would), without sending a signal."""
+
+  def __init__(self, step: int):
+    super().__init__()
+    self.stop_step = step
+
+  def reached(self, step, checkpointer):
+    if step >= self.stop_step:
+      self.signum = signal.SIGTERM
+    return super().reached(step, checkpointer)
+
+
+def population_configs(learning_rates, **overrides):
+  return [tiny(experiment_config("simple_cnn_digits"), **{
+      "batch_size": 16, "num_train_steps": 12, "checkpoint_every_steps": 4, "log_every_steps": 4,
+      "optimizer.learning_rate": lr, "optimizer.warmup_steps": 0, "optimizer.schedule": "constant", **overrides})
+          for lr in learning_rates]
+
+
+def test_a_population_with_a_diverged_member_resumes_bit_identical(tmp_path, tfds_data_dir):
+  import jax  # pylint: disable=import-outside-toplevel
+  two_devices = jax.local_devices()[:2]  # two members per device: the population's size decides the rounding
+  configs = population_configs((1e-3, 1e30, 3e-3, 1e-2))
+  reference = population.run_population(configs, [str(tmp_path / "ref" / str(i)) for i in range(4)],
+                                        devices=two_devices)
+  assert reference[1] is None and all(reference[i] for i in (0, 2, 3))  # the second member diverged
+  workdirs = [str(tmp_path / "run" / str(i)) for i in range(4)]
+  with pytest.raises(Preempted):
+    population.run_population(configs, workdirs, devices=two_devices, preemption=StopAt(6))
+  # As a sweep reruns it: the diverged trial is not pending, the others resume in their old places.
+  pending = [0, 2, 3]
+  resumed = population.run_population([configs[i] for i in pending], [workdirs[i] for i in pending],
+                                      devices=two_devices)
+  for i, summary_now in zip(pending, resumed):
+    assert summary_now["param_checksum"] == reference[i]["param_checksum"], i
+  assert not os.path.exists(os.path.join(workdirs[1], "summary.json"))  # the stand-in wrote nothing
+
+
+def test_a_busy_member_is_left_out_and_its_directory_untouched(tmp_path, tfds_data_dir):
+  from cnnjax.errors import WorkdirBusyError  # pylint: disable=import-outside-toplevel
+  from cnnjax.train.rundir import exclusive_lock  # pylint: disable=import-outside-toplevel
+  configs = population_configs((1e-3, 3e-3))
+  busy = tmp_path / "sweep" / "busy"
+  with exclusive_lock(str(busy), what="run"):
+    outcomes = population.run_population(configs, [str(busy), str(tmp_path / "alone")])
+    assert isinstance(outcomes[0], WorkdirBusyError) and outcomes[1]["step"] == 12
+    trials = [Trial("busy", {"optimizer.learning_rate": 1e-3}), Trial("free", {"optimizer.learning_rate": 3e-3})]
+    base = configs[0]
+    base.lock()
+    report = run_sweep(base, trials, str(tmp_path / "sweep"), mode="vectorized")
+  assert [r.status for r in report.runs] == ["failed", "finished"]
+  assert "another run is using" in report.runs[0].reason
+  assert sorted(os.listdir(busy)) == [".lock"]  # no failure.json, nothing else
+
+
+def test_a_population_needs_two_kept_checkpoints(tmp_path):
+  from cnnjax.sweep import runner  # pylint: disable=import-outside-toplevel
+  configs = population_configs((1e-3, 3e-3), keep_checkpoints=1)
+  with pytest.raises(ConfigError, match="keep_checkpoints=1: a vectorized population keeps at least 2"):
+    population.check_vectorizable(configs)
+  assert runner.resolve_mode("auto", configs, 8) == "partitioned"
+
+
+def test_a_newer_failure_outranks_an_older_summary(tmp_path):
+  rundir = train.RunDir(str(tmp_path))
+  rundir.write_config(config_lib.base_config())
+  rundir.write_summary({"step": 6, "eval_accuracy": 0.5})
+  assert rundir.status() == "finished"
+  rundir.write_failure("RuntimeError: out of memory")
+  assert rundir.status() == "failed"
+  rundir.write_summary({"step": 6, "eval_accuracy": 0.5})  # a later attempt finished
+  assert rundir.status() == "finished" and rundir.failure() is None
+
+
+def test_reading_checkpoints_beside_a_run_disturbs_nothing(tmp_path, tfds_data_dir):
+  import jax  # pylint: disable=import-outside-toplevel
+  config = lenet_config()
+  train.run(config, str(tmp_path))
+  in_progress = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1234"  # another process's save
+  in_progress.mkdir()
+  state = train.RunDir(str(tmp_path)).restore_latest(config, jax.device_get(train.build(config).init_state()))
+  assert state.step == 6 and in_progress.exists()
+
+
+def test_a_checkpoint_that_lost_its_meta_item_is_set_aside_as_damaged(tmp_path, tfds_data_dir, caplog):
+  reference = train.run(lenet_config(), str(tmp_path / "reference"))
+  workdir = tmp_path / "run"
+  train.run(lenet_config(), str(workdir))
+  os.remove(workdir / "summary.json")
+  shutil.rmtree(workdir / "checkpoints" / "6" / "meta")
+  with caplog.at_level("WARNING", logger="cnnjax"):
+    resumed = train.run(lenet_config(), str(workdir))
+  assert "checkpoint 6" in caplog.text and "meta item is missing" in caplog.text
+  assert resumed["param_checksum"] == reference["param_checksum"]
+
+
+@pytest.mark.parametrize("name,kind", [(".lock", "directory"), ("checkpoints", "file"),
+                                       ("metrics.jsonl", "directory")])
+def test_workdir_entries_of_the_wrong_kind_are_one_line_errors(tmp_path, tfds_data_dir, name, kind):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  if kind == "directory":
+    (workdir / name).mkdir()
+  else:
+    (workdir / name).write_text("not a directory")
+  with pytest.raises(ConfigError, match=re.escape(f"{workdir / name} should be a "
+                                                  f"{'file' if kind == 'directory' else 'directory'}")):
+    train.run(lenet_config(), str(workdir))
+
+
+def test_summarizing_a_sweep_that_is_not_there_is_a_one_line_error(tmp_path):
+  result = run_cli("cnnjax.sweep", "--config=experiments/lr_sweep_digits.py", f"--workdir={tmp_path / 'none'}",
+                   "--summarize_only", timeout=120)
+  assert_one_line_error(result, "holds no sweep to summarize")
+
+
+def test_a_damaged_study_probe_is_set_aside_and_measured_again(tmp_path, caplog):
+  from cnnjax import study  # pylint: disable=import-outside-toplevel
+  ctx = study.Context(str(tmp_path), study.SCALES["tiny"], EXPERIMENTS)
+  path = ctx.probe_path("ensemble", "member_vs_solo")
+  os.makedirs(os.path.dirname(path))
+  with open(path, "w") as f:
+    f.write('{"sources": {"ens')
+  with caplog.at_level("WARNING", logger="cnnjax"):
+    assert ctx.read_probe("ensemble", "member_vs_solo") is None
+  assert "is damaged" in caplog.text and not os.path.exists(path)
+
+
+def test_the_confused_population_stops_on_a_preemption(tfds_data_dir):
+  from cnnjax.study import ensembles  # pylint: disable=import-outside-toplevel
+  stop = Preemption()
+  stop.signum = signal.SIGTERM
+  with pytest.raises(Preempted):
+    ensembles.train_confused_population(population_configs((1e-3, 3e-3)), stop)
+
+
+def test_a_signal_ignored_at_start_stays_ignored():
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with Preemption().handling():
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+  finally:
+    signal.signal(signal.SIGINT, previous)

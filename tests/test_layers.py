@@ -11,8 +11,7 @@ from cnnjax import imageops
 from cnnjax.analysis.arithmetic import conv_output_size, conv_params, pool_output_size
 from cnnjax.data import Augment
 from cnnjax.nn import (CLASSIC_KERNELS, AdaptiveAvgPool, FilterBank, GlobalPool, Maxout, RandomAugment, conv,
-                       conv_general_dilated, depthwise_conv, get_activation, pool)
-from cnnjax.nn.pooling import pool_pads
+                       depthwise_conv, get_activation, pool)
 from cnnjax.train import count_params
 
 
@@ -67,77 +66,6 @@ def test_conv_option_errors_name_the_fix():
     conv(4, 3, padding="mirror")
   with pytest.raises(ValueError, match="do not split into 3 groups"):
     conv(4, 3, groups=3)
-
-
-def _channels_last(ndim: int) -> jax.lax.ConvDimensionNumbers:
-  spatial = tuple(range(1, ndim + 1))
-  return jax.lax.ConvDimensionNumbers((0, ndim + 1) + spatial, (ndim + 1, ndim) + tuple(range(ndim)),
-                                      (0, ndim + 1) + spatial)
-
-
-@pytest.mark.parametrize("spatial,kernel,stride,dilation,padding", [
-    ((2, 2), 3, 1, 1, ((1, 1), (1, 1))), ((2, 2), 3, 1, 1, "SAME"), ((3, 3), 5, 2, 1, "SAME"),
-    ((2, 3), 3, 1, 2, ((2, 2), (1, 3))), ((1, 1), 3, 1, 1, ((1, 1), (1, 1))), ((4,), 7, 2, 1, ((3, 3),)),
-    ((2, 2, 2), 3, 1, 1, ((1, 1),) * 3), ((2, 2), 3, 2, 1, "VALID"), ((5, 5), 3, 1, 1, "SAME"),
-    ((5, 5), 1, 2, 1, "SAME"), ((4, 4), 1, 1, 1, "VALID"), ((6, 6, 6), 1, 2, 1, "VALID"), ((3,), 1, 1, 1, ((1, 1),))])
-def test_small_input_and_1x1_convolutions_are_matrix_products_equal_to_xla(spatial, kernel, stride, dilation,
-                                                                           padding):
-  ndim = len(spatial)
-  x = jax.random.normal(jax.random.PRNGKey(0), (3,) + spatial + (4,))
-  w = jax.random.normal(jax.random.PRNGKey(1), (kernel,) * ndim + (4, 5))
-  options = dict(rhs_dilation=(dilation,) * ndim, dimension_numbers=_channels_last(ndim),
-                 precision=jax.lax.Precision.HIGHEST)
-
-  def loss(conv_fn):
-    return lambda x, w: jnp.sum(jnp.sin(conv_fn(x, w, (stride,) * ndim, padding, **options)))
-
-  ours, xla = conv_general_dilated(x, w, (stride,) * ndim, padding, **options), jax.lax.conv_general_dilated(
-      x, w, (stride,) * ndim, padding, **options)
-  assert ours.shape == xla.shape
-  np.testing.assert_allclose(ours, xla, atol=2e-5)
-  for ours_grad, xla_grad in zip(jax.grad(loss(conv_general_dilated), (0, 1))(x, w),
-                                 jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)):
-    np.testing.assert_allclose(ours_grad, xla_grad, atol=5e-5)
-  # Unpadded 1x1 kernels and fewer input pixels than kernel taps (where XLA would swap the operands)
-  # are matrix products; anything else is XLA's own convolution.
-  primitives = {e.primitive.name for e in jax.make_jaxpr(
-      lambda x, w: conv_general_dilated(x, w, (stride,) * ndim, padding, **options))(x, w).jaxpr.eqns}
-  unpadded_1x1 = kernel == 1 and (padding in ("SAME", "VALID") or all(p == (0, 0) for p in padding))
-  small = np.prod(spatial) < kernel ** ndim
-  assert ("conv_general_dilated" in primitives) == (not (small or unpadded_1x1)), primitives
-
-
-@pytest.mark.parametrize("kind,shape,window,stride,padding,ceil_mode", [
-    ("max", (2, 9, 9, 3), 3, 2, 1, False), ("max", (2, 8, 8, 3), 2, 2, "valid", False),
-    ("min", (2, 7, 7, 3), 3, 2, "valid", True), ("max", (2, 10, 5), 3, 1, "same", False),
-    ("max", (2, 5, 5, 5, 2), 2, 2, "valid", True)])
-def test_max_and_min_pooling_derivatives_equal_xla_with_ties(kind, shape, window, stride, padding, ceil_mode):
-  # Rounded ReLU outputs: many equal values per window, so which element receives the gradient matters.
-  x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), shape)) * 2) / 2
-  ndim = len(shape) - 2
-  pads = ((0, 0),) + pool_pads(shape[1:-1], (window,) * ndim, (stride,) * ndim, padding, ceil_mode) + ((0, 0),)
-  init, reduce = (-jnp.inf, jax.lax.max) if kind == "max" else (jnp.inf, jax.lax.min)
-
-  def xla(x):
-    return jax.lax.reduce_window(x, init, reduce, (1,) + (window,) * ndim + (1,), (1,) + (stride,) * ndim + (1,),
-                                 pads)
-
-  def ours(x):
-    return pool(x, kind, window, stride, padding=padding, ceil_mode=ceil_mode)
-
-  ours_y, ours_vjp = jax.vjp(ours, x)
-  xla_y, xla_vjp = jax.vjp(xla, x)
-  np.testing.assert_array_equal(ours_y, xla_y)
-  grad_y = jax.random.normal(jax.random.PRNGKey(1), ours_y.shape)
-  np.testing.assert_allclose(ours_vjp(grad_y)[0], xla_vjp(grad_y)[0], atol=1e-6)
-  # Forward mode too (a custom JVP, so Hessian-vector products and jacfwd work): the transpose of the
-  # gradient on tied inputs (XLA's own forward mode breaks ties by the tangent's value, so it is compared
-  # on untied inputs only).
-  x_dot = jax.random.normal(jax.random.PRNGKey(2), shape)
-  np.testing.assert_allclose(jnp.vdot(jax.jvp(ours, (x,), (x_dot,))[1], grad_y),
-                             jnp.vdot(x_dot, ours_vjp(grad_y)[0]), rtol=1e-5)
-  untied = jax.random.normal(jax.random.PRNGKey(3), shape)
-  np.testing.assert_allclose(jax.jvp(ours, (untied,), (x_dot,))[1], jax.jvp(xla, (untied,), (x_dot,))[1], atol=1e-6)
 
 
 def test_max_avg_min_pooling_and_formula():

@@ -166,8 +166,10 @@ def test_device_groups_split_evenly_and_disjointly():
   assert [[d.id for d in g] for g in groups] == [[0, 1], [2, 3], [4, 5], [6, 7]]
   assert len(runner.device_groups(configs, devices, 0, num_trials=20)) == 8
   assert [len(g) for g in runner.device_groups(configs, devices, 3, num_trials=4)] == [3, 3]
-  single = [experiment_config("lenet5_digits") for _ in range(2)]  # parallel.strategy=none
+  single = [experiment_config("lenet5_digits", **{"parallel.strategy": "none"}) for _ in range(2)]
   assert len(runner.device_groups(single, devices, 0, num_trials=2)) == 8
+  # auto: the devices split evenly over the trials, each trial's jit over its own group
+  assert len(runner.device_groups([experiment_config("lenet5_digits")] * 2, devices, 0, num_trials=2)) == 2
   with pytest.raises(ConfigError, match="--devices_per_trial=9 but 8 devices"):
     runner.device_groups(configs, devices, 9, num_trials=4)
   assert runner.resolve_mode("auto", configs, 8) == "vectorized"

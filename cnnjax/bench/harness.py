@@ -64,10 +64,11 @@ class Case:
   strategy: str
   dtype: str
   input_kind: str
+  num_devices: int = 0  # CPU devices the child starts with; 0: one for 'none', else SIMULATED_DEVICES
 
   @property
   def devices(self) -> int:
-    return 1 if self.strategy == "none" else SIMULATED_DEVICES
+    return self.num_devices or (1 if self.strategy == "none" else SIMULATED_DEVICES)
 
   @property
   def input_shape(self) -> tuple[int, int, int]:
@@ -140,7 +141,9 @@ def run_case(case: Case, *, warmup_steps: int, timed_steps: int) -> dict[str, An
     record.update(timing.time_train_step(exp, warmup_steps=warmup_steps, timed_steps=timed_steps))
     record["flops_per_step"] = timing.step_flops(exp)
     record["peak_host_memory_mb"] = timing.peak_rss_megabytes()
+    record["peak_device_memory_mb"] = timing.peak_device_megabytes(exp.strategy.layout.local_devices)
     record["backend"] = jax.default_backend()
+    record["device_kind"] = exp.strategy.layout.devices[0].device_kind
   return record
 
 

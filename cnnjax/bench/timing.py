@@ -94,6 +94,14 @@ def peak_matmul_flops_per_second() -> float:
   return 2.0 * size ** 3 / statistics.median(durations)
 
 
+def peak_device_megabytes(devices: Any) -> float | None:
+  """The largest peak memory in use on any of `devices` so far; None where the backend keeps no count (CPU)."""
+  peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in devices]
+  if any(peak is None for peak in peaks):
+    return None
+  return max(peaks) / 2 ** 20
+
+
 def peak_rss_megabytes() -> float:
   """This process's peak resident memory so far."""
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

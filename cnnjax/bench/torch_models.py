@@ -14,6 +14,7 @@ torchvision itself is not needed. PyTorch is an optional extra (`pip install
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
@@ -306,11 +307,17 @@ def count_params(model: nn.Module) -> int:
 
 def time_train_step(name: str, *, batch: int, input_shape: tuple[int, int, int], num_classes: int,
                     channels_last: bool, threads: int, warmup_steps: int, timed_steps: int,
-                    learning_rate: float = 0.1, momentum: float = 0.9, seed: int = 0) -> dict[str, Any]:
+                    learning_rate: float = 0.1, momentum: float = 0.9, seed: int = 0,
+                    autocast_dtype: str | None = None, compiled: bool = False) -> dict[str, Any]:
   """Median train-step time of the PyTorch twin, eager, optionally in channels_last memory format.
 
   Runs on the first CUDA GPU when PyTorch sees one (synchronizing before each
-  clock read), else on the CPU with `threads` threads.
+  clock read), else on the CPU with `threads` threads. `autocast_dtype`
+  ('bfloat16', 'float16') runs the forward pass and the loss under
+  `torch.autocast` (mixed precision with float32 weights: PyTorch's AMP);
+  `compiled` trains `torch.compile(model)`. The first warm-up step's time is
+  returned as `first_step_seconds` (compilation included), and CUDA's peak
+  allocated memory over all steps as `peak_device_memory_mb` (None on the CPU).
   """
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.set_num_threads(threads)
@@ -324,19 +331,28 @@ def time_train_step(name: str, *, batch: int, input_shape: tuple[int, int, int],
     inputs = inputs.contiguous(memory_format=torch.channels_last)
   optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
   model.train()
+  forward = torch.compile(model) if compiled else model
 
   def step():
     optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(model(inputs), labels).backward()
+    with (torch.autocast(device.type, dtype=getattr(torch, autocast_dtype)) if autocast_dtype
+          else contextlib.nullcontext()):
+      loss = F.cross_entropy(forward(inputs), labels)
+    loss.backward()
     optimizer.step()
 
   def synchronize():
     if device.type == "cuda":
       torch.cuda.synchronize(device)
 
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
+  warmup_durations = []
   for _ in range(warmup_steps):
+    start = time.perf_counter()
     step()
-  synchronize()
+    synchronize()
+    warmup_durations.append(time.perf_counter() - start)
   durations = []
   for _ in range(timed_steps):
     start = time.perf_counter()
@@ -344,5 +360,10 @@ def time_train_step(name: str, *, batch: int, input_shape: tuple[int, int, int],
     synchronize()
     durations.append(time.perf_counter() - start)
   median = statistics.median(durations)
+  peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
   return {"median_step_seconds": median, "images_per_second": batch / median, "params": count_params(model),
-          "threads": threads, "device": str(device), "torch_version": torch.__version__}
+          "threads": threads, "device": str(device), "torch_version": torch.__version__,
+          "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+          "first_step_seconds": warmup_durations[0] if warmup_durations else None,
+          "peak_device_memory_mb": peak, "autocast_dtype": autocast_dtype, "compiled": compiled,
+          "channels_last": channels_last}

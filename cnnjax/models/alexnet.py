@@ -42,6 +42,7 @@ class AlexNet(nn.Module):
   norm: Norm = Norm(kind="none")
   act: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Any = jnp.float32
+  lowering: str = "auto"  # how convolutions and max pooling are computed: cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -50,12 +51,12 @@ class AlexNet(nn.Module):
     pools = 0
     for index, (features, kernel, stride, padding, pool_after) in enumerate(self.convs, start=1):
       fan_in = kernel * kernel * x.shape[-1]
-      x = conv(features, kernel, strides=stride, padding=padding, dtype=self.dtype,
+      x = conv(features, kernel, strides=stride, padding=padding, dtype=self.dtype, lowering=self.lowering,
                kernel_init=torch_default_kernel, bias_init=torch_default_bias(fan_in), name=f"conv{index}")(x)
       x = self.act(norm(name=f"norm{index}")(x))
       if pool_after:
         pools += 1
-        x = MaxPool(POOL_WINDOW, POOL_STRIDE, name=f"pool{pools}")(x)
+        x = MaxPool(POOL_WINDOW, POOL_STRIDE, lowering=self.lowering, name=f"pool{pools}")(x)
     x = AdaptiveAvgPool(GRID, name="avgpool")(x)
     x = x.reshape((x.shape[0], -1))
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=torch_default_kernel)

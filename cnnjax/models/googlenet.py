@@ -85,6 +85,7 @@ class Inception(nn.Module):
   norm: ModuleDef
   act: Callable[[jax.Array], jax.Array]
   wide_kernel: int = TORCHVISION_WIDE_KERNEL
+  lowering: str = "auto"  # how convolutions and max pooling are computed: cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -93,7 +94,7 @@ class Inception(nn.Module):
     branch1 = block(ones, 1, name="branch1")(x)
     branch2 = block(threes, 3, name="branch2_conv")(block(reduce3, 1, name="branch2_reduce")(x))
     branch3 = block(fives, self.wide_kernel, name="branch3_conv")(block(reduce5, 1, name="branch3_reduce")(x))
-    pooled = MaxPool(3, 1, padding=1, ceil_mode=True, name="branch4_pool")(x)
+    pooled = MaxPool(3, 1, padding=1, ceil_mode=True, lowering=self.lowering, name="branch4_pool")(x)
     branch4 = block(projection, 1, name="branch4_proj")(pooled)
     return jnp.concatenate([branch1, branch2, branch3, branch4], axis=-1)
 
@@ -109,24 +110,25 @@ class GoogLeNet(nn.Module):
   norm: Norm = Norm(kind="batch", epsilon=TORCHVISION_BN_EPSILON)
   act: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Any = jnp.float32
+  lowering: str = "auto"  # how convolutions and max pooling are computed: cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.transform_input:
       x = (x * jnp.asarray(IMAGENET_STD) + jnp.asarray(IMAGENET_MEAN) - PRETRAINED_CENTER) / PRETRAINED_SCALE
-    conv_def = functools.partial(conv, use_bias=False, dtype=self.dtype)
+    conv_def = functools.partial(conv, use_bias=False, dtype=self.dtype, lowering=self.lowering)
     norm = self.norm(train)
     block = functools.partial(ConvNormAct, conv=conv_def, norm=norm, act=self.act)
     x = block(64, 7, strides=2, name="stem_conv1")(x.astype(self.dtype))
-    x = MaxPool(3, 2, ceil_mode=True, name="stem_pool1")(x)
+    x = MaxPool(3, 2, ceil_mode=True, lowering=self.lowering, name="stem_pool1")(x)
     x = block(64, 1, name="stem_conv2")(x)
     x = block(192, 3, name="stem_conv3")(x)
-    x = MaxPool(3, 2, ceil_mode=True, name="stem_pool2")(x)
+    x = MaxPool(3, 2, ceil_mode=True, lowering=self.lowering, name="stem_pool2")(x)
     for name, widths in self.inception_modules:
-      x = Inception(widths, conv_def, norm, self.act, self.wide_kernel, name=f"inception{name}")(x)
+      x = Inception(widths, conv_def, norm, self.act, self.wide_kernel, self.lowering, name=f"inception{name}")(x)
       if name in POOLS_AFTER:
         window, stride = POOLS_AFTER[name]
-        x = MaxPool(window, stride, ceil_mode=True, name=f"pool_after_{name}")(x)
+        x = MaxPool(window, stride, ceil_mode=True, lowering=self.lowering, name=f"pool_after_{name}")(x)
     x = GlobalPool("avg", name="global_pool")(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=googlenet_truncated_normal,

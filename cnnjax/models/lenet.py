@@ -23,16 +23,20 @@ class LeNet5(nn.Module):
   norm: Norm = Norm(kind="none")
   act: Callable[[jax.Array], jax.Array] = nn.tanh
   dtype: Any = jnp.float32
+  lowering: str = "auto"  # how convolutions and max pooling are computed: cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     norm = self.norm(train)
     x = x.astype(self.dtype)
-    x = self.act(norm(name="norm1")(Conv(6, (5, 5), padding="VALID", dtype=self.dtype, name="c1")(x)))
+    x = self.act(norm(name="norm1")(Conv(6, (5, 5), padding="VALID", dtype=self.dtype, lowering=self.lowering,
+                                          name="c1")(x)))
     x = AvgPool(2, name="s2")(x)
-    x = self.act(norm(name="norm3")(Conv(16, (5, 5), padding="VALID", dtype=self.dtype, name="c3")(x)))
+    x = self.act(norm(name="norm3")(Conv(16, (5, 5), padding="VALID", dtype=self.dtype, lowering=self.lowering,
+                                          name="c3")(x)))
     x = AvgPool(2, name="s4")(x)
-    x = self.act(norm(name="norm5")(Conv(120, (5, 5), padding="VALID", dtype=self.dtype, name="c5")(x)))
+    x = self.act(norm(name="norm5")(Conv(120, (5, 5), padding="VALID", dtype=self.dtype, lowering=self.lowering,
+                                          name="c5")(x)))
     x = x.reshape((x.shape[0], -1))
     x = self.act(nn.Dense(84, dtype=self.dtype, name="f6")(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)

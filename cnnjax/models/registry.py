@@ -15,6 +15,7 @@ from flax import linen as nn
 
 from cnnjax.models import alexnet, googlenet, lenet, mlp, resnet, simple_cnn, text_cnn, unet, vgg
 from cnnjax.nn import Norm, get_activation
+from cnnjax.nn import lowering as lowering_lib
 
 BATCH_NORM = Norm(kind="batch")
 
@@ -54,7 +55,7 @@ def get_model_constructor(name: str) -> Callable[..., nn.Module]:
 
 
 def build_model(name: str, *, num_classes: int, norm_kind: str = "", norm_options: dict[str, Any] | None = None,
-                dtype: Any = None, **options: Any) -> nn.Module:
+                dtype: Any = None, lowering: str = lowering_lib.AUTO, **options: Any) -> nn.Module:
   """Builds a registered model.
 
   Args:
@@ -67,6 +68,9 @@ def build_model(name: str, *, num_classes: int, norm_kind: str = "", norm_option
       BatchNorm statistic groups); those not given keep the architecture's own
       (GoogLeNet's epsilon is 1e-3).
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
+    lowering: how convolutions and max/min pooling are computed: 'auto', 'plain'
+      or 'cpu_tuned' (`cnnjax.nn.lowering`); models without either (the MLP)
+      have nothing to lower and ignore it.
     **options: the family's own fields (e.g. `dropout_rate`), and `activation` by name.
   """
   constructor = get_model_constructor(name)
@@ -80,4 +84,5 @@ def build_model(name: str, *, num_classes: int, norm_kind: str = "", norm_option
     raise TypeError(f"model {name!r} does not accept these options {sorted(options)}: {e}") from None
   norm = model.norm
   kind = norm_kind or norm.kind
-  return model.clone(norm=dataclasses.replace(norm, kind=kind, dtype=model.dtype, **(norm_options or {})))
+  lowered = {"lowering": lowering_lib.check(lowering)} if hasattr(model, "lowering") else {}
+  return model.clone(norm=dataclasses.replace(norm, kind=kind, dtype=model.dtype, **(norm_options or {})), **lowered)

@@ -7,7 +7,8 @@
   or bottleneck (50, 101, 152) blocks with projection shortcuts; parameter counts
   match torchvision's. Stride sits on the 3x3 convolution of a bottleneck (v1.5).
 
-Conv, norm and activation are injected; padding is explicit and symmetric
+Conv, norm and activation are injected (the convolutions and the stem pool in
+the model's `lowering`, `cnnjax.nn.lowering`); padding is explicit and symmetric
 (k // 2 on each side) so that shapes and arithmetic match the PyTorch layouts.
 """
 
@@ -111,10 +112,12 @@ class CifarResNet(nn.Module):
   norm: Norm = Norm(kind="batch")
   act: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Any = jnp.float32
+  lowering: str = "auto"  # how convolutions and max pooling are computed: cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init,
+                             lowering=self.lowering)
     norm = self.norm(train)
     x = conv(self.stage_features[0], (3, 3), padding=_padding(3), name="stem_conv")(x.astype(self.dtype))
     x = self.act(norm(name="stem_norm")(x))
@@ -139,14 +142,16 @@ class ResNet(nn.Module):
   norm: Norm = Norm(kind="batch")
   act: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Any = jnp.float32
+  lowering: str = "auto"  # how convolutions and max pooling are computed: cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init,
+                             lowering=self.lowering)
     norm = self.norm(train)
     x = conv(self.stage_features[0], (7, 7), (2, 2), padding=_padding(7), name="stem_conv")(x.astype(self.dtype))
     x = self.act(norm(name="stem_norm")(x))
-    x = MaxPool(3, 2, padding=_padding(3), name="stem_pool")(x)
+    x = MaxPool(3, 2, padding=_padding(3), lowering=self.lowering, name="stem_pool")(x)
     block = BottleneckBlock if self.bottleneck else BasicBlock
     for stage, (blocks, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
       for index in range(blocks):

@@ -42,6 +42,7 @@ class SimpleCNN(nn.Module):
   norm: Norm = Norm(kind="batch")
   act: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Any = jnp.float32
+  lowering: str = "auto"  # how convolutions and max pooling are computed: cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -52,11 +53,11 @@ class SimpleCNN(nn.Module):
     x = RandomAugment(self.augment_crop_padding, self.augment_flip, self.augment_rotation_degrees,
                       name="augment")(x.astype(self.dtype), train)
     for i, width in enumerate(self.features):
-      x = Conv(width, (self.kernel_size, self.kernel_size), padding="SAME",
-                  dtype=self.dtype, name=f"conv{i}")(x)
+      x = Conv(width, (self.kernel_size, self.kernel_size), padding="SAME", dtype=self.dtype,
+               lowering=self.lowering, name=f"conv{i}")(x)
       x = self.act(x)
       if self.pool != "none":
-        x = Pool(2, kind=self.pool, name=f"pool{i}")(x)
+        x = Pool(2, kind=self.pool, lowering=self.lowering, name=f"pool{i}")(x)
       x = norm(name=f"norm{i}")(x)
     if self.head == "global":
       x = GlobalPool("avg", name="global_pool")(x)

@@ -34,6 +34,7 @@ class TextCNN(nn.Module):
   norm: Norm = Norm(kind="none")
   act: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Any = jnp.float32
+  lowering: str = "auto"  # how convolutions and max pooling are computed: cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
@@ -42,9 +43,11 @@ class TextCNN(nn.Module):
     norm = self.norm(train)
     x = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, name="embedding")(tokens.astype(jnp.int32))
     first, second = self.features
-    x = conv(first, self.kernel_size, padding="same", ndim=1, dtype=self.dtype, name="conv1")(x)
-    x = MaxPool(self.pool_size, name="pool1")(norm(name="norm1")(x))
-    x = conv(second, self.kernel_size, padding="same", ndim=1, dtype=self.dtype, name="conv2")(x)
+    x = conv(first, self.kernel_size, padding="same", ndim=1, dtype=self.dtype, lowering=self.lowering,
+             name="conv1")(x)
+    x = MaxPool(self.pool_size, lowering=self.lowering, name="pool1")(norm(name="norm1")(x))
+    x = conv(second, self.kernel_size, padding="same", ndim=1, dtype=self.dtype, lowering=self.lowering,
+             name="conv2")(x)
     x = GlobalPool("max", name="pool2")(norm(name="norm2")(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(self.act(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)

@@ -38,11 +38,13 @@ class DoubleConv(nn.Module):
   norm: ModuleDef
   act: Callable[[jax.Array], jax.Array]
   dtype: Any = jnp.float32
+  lowering: str = "auto"  # how convolutions and max pooling are computed: cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for index in (1, 2):
-      x = conv(self.features, 3, padding="same", ndim=self.ndim, dtype=self.dtype, name=f"conv{index}")(x)
+      x = conv(self.features, 3, padding="same", ndim=self.ndim, dtype=self.dtype, lowering=self.lowering,
+               name=f"conv{index}")(x)
       x = self.act(self.norm(name=f"norm{index}")(x))
     return x
 
@@ -56,6 +58,7 @@ class UNet(nn.Module):
   norm: Norm = Norm(kind="none")
   act: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Any = jnp.float32
+  lowering: str = "auto"  # how convolutions and max pooling are computed: cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -70,14 +73,15 @@ class UNet(nn.Module):
     x = x.astype(self.dtype)
     skips = []
     for level, width in enumerate(self.features[:-1]):
-      x = DoubleConv(width, self.ndim, norm, self.act, self.dtype, name=f"down{level}")(x)
+      x = DoubleConv(width, self.ndim, norm, self.act, self.dtype, self.lowering, name=f"down{level}")(x)
       skips.append(x)
-      x = MaxPool(DOWNSAMPLE, name=f"pool{level}")(x)
-    x = DoubleConv(self.features[-1], self.ndim, norm, self.act, self.dtype, name="bottleneck")(x)
+      x = MaxPool(DOWNSAMPLE, lowering=self.lowering, name=f"pool{level}")(x)
+    x = DoubleConv(self.features[-1], self.ndim, norm, self.act, self.dtype, self.lowering, name="bottleneck")(x)
     for level in reversed(range(len(self.features) - 1)):
       window = (DOWNSAMPLE,) * self.ndim
       x = nn.ConvTranspose(self.features[level], window, strides=window, dtype=self.dtype, name=f"upconv{level}")(x)
       x = jnp.concatenate([skips[level], x], axis=-1)
-      x = DoubleConv(self.features[level], self.ndim, norm, self.act, self.dtype, name=f"up{level}")(x)
-    x = conv(self.num_classes, 1, ndim=self.ndim, dtype=self.dtype, name="classifier")(x)
+      x = DoubleConv(self.features[level], self.ndim, norm, self.act, self.dtype, self.lowering,
+                     name=f"up{level}")(x)
+    x = conv(self.num_classes, 1, ndim=self.ndim, dtype=self.dtype, lowering=self.lowering, name="classifier")(x)
     return x.astype(jnp.float32)

@@ -160,26 +160,35 @@ def step_memory_bytes(model: nn.Module, tx: Any, input_shape: Sequence[int], per
 
 
 def device_memory_bytes(devices: Sequence[Any]) -> int:
-  """The memory one of `devices` has: the accelerator's own, or for CPU devices the host RAM shared by
-  the devices of this process (each simulated CPU device gets its share)."""
-  device = devices[0]
-  stats = device.memory_stats() if device.platform != "cpu" else None
+  """The memory of one of `devices` (an accelerator's own; for CPU devices, the host's RAM)."""
+  stats = devices[0].memory_stats() if devices[0].platform != "cpu" else None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
-  local = [d for d in devices if d.process_index == device.process_index]
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, len(local))
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def check_memory(model: nn.Module, tx: Any, input_shape: Sequence[int], per_device_batch: int,
-                 devices: Sequence[Any]) -> None:
-  """Raises TooLargeError when one training step clearly cannot fit a device's memory."""
+                 devices: Sequence[Any], *, replicas: int = 1, host_copies: int = 1) -> None:
+  """Raises TooLargeError when one training step clearly cannot fit the devices' memory.
+
+  `replicas`: models each device holds (a vectorized population's members per
+  device). On CPU devices, which share the host's RAM, the step of every local
+  device and `host_copies` host copies of the state (what a checkpoint saves)
+  must fit the RAM together.
+  """
   need = step_memory_bytes(model, tx, input_shape, per_device_batch)
-  have = device_memory_bytes(devices)
+  per_device = need["total"] * replicas
+  what = "one training step needs about"
   if devices[0].platform == "cpu":
-    need["total"] += need["saved"]  # a checkpoint's host copy of the state shares the RAM
-  if need["total"] > have:
+    local = sum(d.process_index == devices[0].process_index for d in devices)
+    per_device = per_device * local + need["saved"] * host_copies
+    what = f"the training step on {local} CPU device(s) needs about" if local > 1 else what
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  else:
+    have = device_memory_bytes(devices)
+  if per_device > have:
     raise TooLargeError(
-        f"one training step needs about {need['total'] / GIGABYTE:.1f} GiB per device (parameters, gradients "
-        f"and optimizer state {need['state'] / GIGABYTE:.1f} GiB, activations of {per_device_batch} examples "
-        f"{need['activations'] / GIGABYTE:.1f} GiB) but a device here has {have / GIGABYTE:.1f} GiB; use a "
-        "smaller data.image_size, batch_size or model")
+        f"{what} {per_device / GIGABYTE:.1f} GiB (parameters, gradients and optimizer state "
+        f"{need['state'] * replicas / GIGABYTE:.1f} GiB, activations of {per_device_batch} examples "
+        f"{need['activations'] * replicas / GIGABYTE:.1f} GiB per device) but there is {have / GIGABYTE:.1f} GiB; "
+        "use a smaller data.image_size, batch_size or model")

@@ -40,6 +40,7 @@ class VGG(nn.Module):
   norm: Norm = Norm(kind="none")
   act: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: Any = jnp.float32
+  lowering: str = "auto"  # how convolutions and max pooling are computed: cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -48,9 +49,9 @@ class VGG(nn.Module):
     for stage, (convs, features) in enumerate(zip(self.stage_sizes, self.stage_features), start=1):
       for index in range(1, convs + 1):
         x = conv(features, 3, padding=1, dtype=self.dtype, kernel_init=kaiming_normal_fan_out,
-                 name=f"conv{stage}_{index}")(x)
+                 lowering=self.lowering, name=f"conv{stage}_{index}")(x)
         x = self.act(norm(name=f"norm{stage}_{index}")(x))
-      x = MaxPool(2, name=f"pool{stage}")(x)
+      x = MaxPool(2, lowering=self.lowering, name=f"pool{stage}")(x)
     x = AdaptiveAvgPool(GRID, name="avgpool")(x)
     x = x.reshape((x.shape[0], -1))
     for index in (6, 7):

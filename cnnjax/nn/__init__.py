@@ -1,17 +1,18 @@
 """Layers: convolution options, normalization (with explicit BatchNorm statistic groups), activations,
-maxout, pooling, the augmentation layer and the fixed classic kernels."""
+maxout, pooling, the augmentation layer and the fixed classic kernels; `lowering` chooses per backend how
+convolution and max/min pooling are computed."""
 
 from cnnjax.nn.activations import ACTIVATIONS, get_activation
 from cnnjax.nn.augment import RandomAugment, augment_images
-from cnnjax.nn.conv import (PADDING_MODES, Conv, conv, conv_general_dilated, conv_padding, depthwise_conv,
-                            effective_kernel_size)
+from cnnjax.nn.conv import PADDING_MODES, Conv, conv, conv_padding, depthwise_conv, effective_kernel_size
 from cnnjax.nn.kernels import CLASSIC_KERNELS, FilterBank
+from cnnjax.nn.lowering import LOWERINGS, conv_general_dilated
 from cnnjax.nn.maxout import Maxout
 from cnnjax.nn.norm import NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS, BatchNorm, GroupNorm, Identity, Norm
 from cnnjax.nn.pooling import POOL_KINDS, AdaptiveAvgPool, AvgPool, GlobalPool, MaxPool, MinPool, Pool, pool
 
 __all__ = ["ACTIVATIONS", "AdaptiveAvgPool", "AvgPool", "BatchNorm", "CLASSIC_KERNELS", "Conv", "FilterBank",
-           "GlobalPool", "GroupNorm", "Identity", "MaxPool", "Maxout", "MinPool", "NORM_KINDS", "Norm",
+           "GlobalPool", "GroupNorm", "Identity", "LOWERINGS", "MaxPool", "Maxout", "MinPool", "NORM_KINDS", "Norm",
            "PADDING_MODES", "POOL_KINDS", "Pool", "RUNNING_VARIANCE_CONVENTIONS", "RandomAugment", "augment_images",
            "conv", "conv_general_dilated", "conv_padding", "depthwise_conv", "effective_kernel_size", "get_activation",
            "pool"]

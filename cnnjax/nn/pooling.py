@@ -9,16 +9,14 @@ Output size per axis: floor((W + P_low + P_high - F) / S) + 1, the notes'
 option, which GoogLeNet's torchvision layout uses), never starting a window in
 the padding.
 
-Max and min pooling carry their own derivative (`extremum_pool`): XLA CPU runs
-the generic gradient (select-and-scatter) at about a tenth of a forward pass's
-speed, 375 ms of backward for ResNet-18's 3x3/2 stem pool on 32 images of
-224x224.
+Max and min pooling compute through the lowering that `lowering` chooses for
+the backend (`cnnjax.nn.lowering`): plain `reduce_window` with JAX's gradient
+on GPU and TPU, and on XLA CPU a custom derivative that avoids its slow
+select-and-scatter. Average pooling has one lowering.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 from typing import Sequence
 
@@ -26,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cnnjax.nn import lowering as lowering_lib
 from cnnjax.nn.conv import Padding, per_axis
 
 POOL_KINDS = ("max", "avg", "min")
@@ -63,58 +62,20 @@ def pool_pads(sizes: Sequence[int], window: Sequence[int], strides: Sequence[int
   return tuple(extended)
 
 
-def _window_extremum(x: jax.Array, kind: str, window: tuple[int, ...], strides: tuple[int, ...],
-                     pads: tuple[tuple[int, int], ...]) -> jax.Array:
-  init, reduce = (-jnp.inf, jax.lax.max) if kind == "max" else (jnp.inf, jax.lax.min)
-  return jax.lax.reduce_window(x, init, reduce, (1,) + window + (1,), (1,) + strides + (1,),
-                               ((0, 0),) + pads + ((0, 0),))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
-def extremum_pool(x: jax.Array, kind: str, window: tuple[int, ...], strides: tuple[int, ...],
-                  pads: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Max or min (`kind`) over windows of x (B, *spatial, C), padded by `pads` with -inf / +inf.
-
-  Its derivative takes each window's tangent from the first element (in
-  row-major window order) that attains the window's extremum, as XLA's own
-  select-and-scatter gradient does, as one masked strided slice per window tap;
-  JAX transposes those slices into strided pads for the gradient, which XLA CPU
-  runs far faster than select-and-scatter. Forward and reverse mode both work.
-  """
-  return _window_extremum(x, kind, window, strides, pads)
-
-
-@extremum_pool.defjvp
-def _extremum_pool_jvp(kind, window, strides, pads, primals, tangents):
-  (x,), (x_dot,) = primals, tangents
-  y = _window_extremum(x, kind, window, strides, pads)
-  fill = jnp.asarray(-jnp.inf if kind == "max" else jnp.inf, x.dtype)
-  spatial_pads = [(0, 0, 0)] + [(low, high, 0) for low, high in pads] + [(0, 0, 0)]
-  padded = jax.lax.pad(x, fill, spatial_pads)
-  padded_dot = jax.lax.pad(x_dot, jnp.zeros((), x_dot.dtype), spatial_pads)
-  y_dot = jnp.zeros(y.shape, x_dot.dtype)
-  unclaimed = jnp.ones(y.shape, bool)
-  for tap in itertools.product(*(range(f) for f in window)):
-    start = (0,) + tap + (0,)
-    limit = (x.shape[0], *(t + (o - 1) * s + 1 for t, o, s in zip(tap, y.shape[1:-1], strides)), x.shape[-1])
-    step = (1,) + strides + (1,)
-    hit = (jax.lax.slice(padded, start, limit, step) == y) & unclaimed
-    unclaimed = unclaimed & ~hit
-    y_dot = y_dot + jnp.where(hit, jax.lax.slice(padded_dot, start, limit, step), jnp.zeros((), x_dot.dtype))
-  return y, y_dot
-
-
 def pool(x: jax.Array, kind: str, window: int | Sequence[int], strides: int | Sequence[int] | None = None, *,
-         padding: Padding = "valid", ceil_mode: bool = False, count_include_pad: bool = True) -> jax.Array:
+         padding: Padding = "valid", ceil_mode: bool = False, count_include_pad: bool = True,
+         lowering: str = lowering_lib.AUTO) -> jax.Array:
   """Max, average or min pooling over the spatial axes of x (B, *spatial, C).
 
   `strides` defaults to the window (non-overlapping, the notes' F = S). Average
   pooling divides by the window size when `count_include_pad` (explicit zero
   padding counts, as in PyTorch), else by the number of input pixels it covers;
-  windows that only `ceil_mode` extends never count the extension.
+  windows that only `ceil_mode` extends never count the extension. `lowering`
+  ('auto', 'plain', 'cpu_tuned') chooses how max and min pooling are computed.
   """
   if kind not in POOL_KINDS:
     raise ValueError(f"unknown pooling {kind!r}; choose one of {', '.join(POOL_KINDS)}")
+  lowering_lib.check(lowering)
   ndim = x.ndim - 2
   window = per_axis(window, ndim, "window")
   strides = window if strides is None else per_axis(strides, ndim, "strides")
@@ -125,7 +86,7 @@ def pool(x: jax.Array, kind: str, window: int | Sequence[int], strides: int | Se
       raise ValueError(f"a pooling window of {f} does not fit an input of {size} padded by ({low}, {high}); "
                        "use a larger input or a smaller window")
   if kind in ("max", "min"):
-    return extremum_pool(x, kind, window, strides, pads)
+    return lowering_lib.window_extremum(x, kind, window, strides, pads, lowering)
   dims, steps = (1,) + window + (1,), (1,) + strides + (1,)
   full_pads = ((0, 0),) + pads + ((0, 0),)
   total = jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, steps, full_pads)
@@ -149,10 +110,12 @@ class Pool(nn.Module):
   padding: Padding = "valid"
   ceil_mode: bool = False
   kind: str = "max"
+  lowering: str = lowering_lib.AUTO  # see cnnjax.nn.lowering
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return pool(x, self.kind, self.window, self.strides, padding=self.padding, ceil_mode=self.ceil_mode)
+    return pool(x, self.kind, self.window, self.strides, padding=self.padding, ceil_mode=self.ceil_mode,
+                lowering=self.lowering)
 
 
 class MaxPool(Pool):

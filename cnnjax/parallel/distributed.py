@@ -36,12 +36,17 @@ def check_coordinator_port(coordinator_address: str) -> None:
   host, _, port = coordinator_address.rpartition(":")
   if not port.isdigit():
     raise DistributedError(f"--coordinator_address={coordinator_address} needs the form HOST:PORT")
-  with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as probe:
+  for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
     try:
-      probe.bind(("::" if socket.has_ipv6 else "", int(port)))
-    except OSError as e:
-      raise DistributedError(f"the coordinator port {port} is in use on this host ({e.strerror}); pick a free "
-                             f"port in --coordinator_address={host or 'HOST'}:PORT for every process") from None
+      probe = socket.socket(family)
+    except OSError:
+      continue  # this host has no such address family (IPv6 disabled)
+    with probe:
+      try:
+        probe.bind((address, int(port)))
+      except OSError as e:
+        raise DistributedError(f"the coordinator port {port} is in use on this host ({e.strerror}); pick a free "
+                               f"port in --coordinator_address={host or 'HOST'}:PORT for every process") from None
 
 
 def _give_up_waiting(coordinator_address: str, num_processes: int, process_id: int, seconds: int) -> None:

@@ -12,6 +12,10 @@ and moves states and batches in and out:
 | shard_map | `jax.jit(jax.shard_map(...))` on a 1-D mesh    | one device's slice     | `lax.pmean` over 'batch'    |
 | jit       | `jax.jit` with NamedSharding, batch sharded    | the global batch       | inserted by XLA             |
 
+`auto` (the default) stands for `none` on a single device and `jit` over every
+device otherwise (across processes too), on as many devices as the batches
+divide evenly over (`resolve`).
+
 States are replicated on every device; the global batch is split contiguously,
 device d of D holding rows [d B/D, (d+1) B/D) of its process's slice. Across
 processes (`jax.distributed`), each process feeds only its own slice.
@@ -26,7 +30,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-STRATEGIES = ("none", "pmap", "shard_map", "jit")
+AUTO = "auto"
+STRATEGIES = (AUTO, "none", "pmap", "shard_map", "jit")
 BATCH_AXIS = "batch"
 
 PyTree = Any
@@ -60,6 +65,36 @@ class Layout:
   @property
   def local_devices(self) -> tuple[Any, ...]:
     return tuple(d for d in self.devices if d.process_index == jax.process_index())
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """What `auto` (or an explicit choice) comes to: the strategy and the devices it runs on."""
+
+  strategy: str
+  devices: tuple[Any, ...]
+  available: int  # devices present (over every process)
+  automatic: bool  # whether `auto` chose the strategy
+
+
+def resolve(strategy: str, num_devices: int, batches: Sequence[int],
+            devices: Sequence[Any] | None = None) -> Resolved:
+  """The strategy and devices of a run. `auto` takes `none` on one device, else `jit` on the most
+  devices (the same number from every process) that every batch in `batches` divides evenly over."""
+  available = tuple(devices) if devices is not None else tuple(jax.devices())
+  if strategy != AUTO:
+    return Resolved(strategy, select_devices(strategy, num_devices, available), len(available), False)
+  if len(available) == 1:
+    return Resolved("none", available, 1, True)
+  if num_devices:
+    return Resolved("jit", select_devices("jit", num_devices, available), len(available), True)
+  processes = len({d.process_index for d in available})
+  per_process = min(sum(d.process_index == p for d in available) for p in {d.process_index for d in available})
+  count = next(processes * k for k in range(per_process, 0, -1)
+               if all(batch % (processes * k) == 0 for batch in batches))
+  if count == 1:
+    return Resolved("none", select_devices("none", 0, available), len(available), True)
+  return Resolved("jit", select_devices("jit", count, available), len(available), True)
 
 
 def select_devices(strategy: str, num_devices: int, devices: Sequence[Any] | None = None) -> tuple[Any, ...]:

@@ -26,6 +26,7 @@ from cnnjax.errors import NonFiniteError
 from cnnjax.study import probes, report
 from cnnjax.study.plan import MISSING, Context, Task, TrialPlan, run_record, train_task
 from cnnjax.train import engines, population
+from cnnjax.train.preemption import Preemption
 from cnnjax.train.state import TrainState
 from cnnjax.train.step import train_step
 
@@ -98,12 +99,15 @@ def _compare_member(ctx: Context, members: list[TrialPlan], twin: TrialPlan, sol
   return f"member vs solo max abs diff {result['member_vs_solo_max_abs_diff']:.3g}"
 
 
-def train_confused_population(configs: Sequence[ml_collections.ConfigDict]) -> list[TrainState]:
+def train_confused_population(configs: Sequence[ml_collections.ConfigDict],
+                              preemption: Preemption | None = None) -> list[TrainState]:
   """Trains the configs as one vmapped population whose BatchNorm reduces over the member axis too.
 
   Everything else is the production population's step (`cnnjax.train.step.train_step`
   with no device axis): each member keeps its own parameters, optimizer, data
-  stream and gradients; only the statistics are pooled.
+  stream and gradients; only the statistics are pooled. A measurement, not a
+  run: it keeps no checkpoints, so SIGTERM or SIGINT (`preemption`) stop it at
+  the next step and a rerun measures again.
   """
   experiments = [train.build(population.member_config(config)) for config in configs]
   base = experiments[0]
@@ -119,6 +123,8 @@ def train_confused_population(configs: Sequence[ml_collections.ConfigDict]) -> l
   smoothing = np.asarray([exp.config.label_smoothing for exp in experiments], np.float32)
   iterators = [exp.train_batches() for exp in experiments]
   for step_index in range(base.total_steps):
+    if preemption is not None and preemption.signum is not None:
+      raise preemption.stopped(step_index)
     parts = [engines.device_part(next(iterator)) for iterator in iterators]
     state, metrics = step(state, {k: np.stack([p[k] for p in parts]) for k in parts[0]}, smoothing)
     if not np.all(np.asarray(metrics["finite"]) > 0):
@@ -130,7 +136,7 @@ def train_confused_population(configs: Sequence[ml_collections.ConfigDict]) -> l
 def _confused(ctx: Context, members: list[TrialPlan], twin: TrialPlan, solo: TrialPlan) -> str:
   if solo.summary() is None:
     return "skipped: the solo run is missing"
-  states = train_confused_population([p.config for p in members])
+  states = train_confused_population([p.config for p in members], ctx.preemption)
   exp = train.build(solo.config)
   evaluate = probes.Evaluator(exp)
   twin_state = states[members.index(twin)]

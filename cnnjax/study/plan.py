@@ -28,7 +28,7 @@ from cnnjax import train
 from cnnjax.errors import NonFiniteError
 from cnnjax.sweep import Trial, apply_overrides, load_experiment_file, make_trials
 from cnnjax.train.preemption import Preemption
-from cnnjax.train.rundir import DIVERGED, FINISHED, RunDir
+from cnnjax.train.rundir import DAMAGED_DIR, DIVERGED, FINISHED, RunDir, read_json_object
 
 PROBE_DIR = "probes"  # inside an experiment's directory: cached measurements, one JSON per task
 # How a run or a measurement stands, as the report shows it.
@@ -137,7 +137,8 @@ class Context:
 
   def read_probe(self, key: str, name: str, *sources: TrialPlan) -> dict[str, Any] | None:
     """A cached measurement, if it was made on the runs' current final parameters."""
-    probe = metrics_lib.read_json(self.probe_path(key, name))
+    path = self.probe_path(key, name)
+    probe = read_json_object(path, os.path.join(os.path.dirname(path), DAMAGED_DIR))  # damaged: measure again
     if probe is None:
       return None
     return probe if probe.get("sources") == source_checksums(*sources) else None

@@ -29,6 +29,7 @@ from cnnjax.study import (ensembles, ghost_batch, per_device_batch, report, sync
 from cnnjax.study.plan import SCALES, Context, Scale, Task
 from cnnjax.sweep import write_results
 from cnnjax.train.preemption import Preemption
+from cnnjax.train.rundir import DAMAGED_DIR, read_json_object
 
 # In report order. Each module has KEY, EXPERIMENT_FILE, tasks(ctx), results(ctx) and section(results, ctx).
 EXPERIMENTS = (sync_vs_devices, per_device_batch, vmap_leakage, ensembles, train_vs_eval, ghost_batch)
@@ -133,7 +134,8 @@ def run_study(workdir: str, scale: str | Scale = "small", *, experiments_dir: st
 
 def check_scale(ctx: Context) -> None:
   """Refuses a workdir that holds a study of another scale (its runs would all read as missing)."""
-  held = (metrics_lib.read_json(os.path.join(ctx.workdir, STUDY_FILE)) or {}).get("scale")
+  study_file = os.path.join(ctx.workdir, STUDY_FILE)
+  held = (read_json_object(study_file, os.path.join(ctx.workdir, DAMAGED_DIR)) or {}).get("scale")
   if held is not None and held != ctx.scale.name:
     raise ConfigError(f"{ctx.workdir} holds a study at --scale={held}, not {ctx.scale.name}; pass --scale={held} "
                       "or use another --workdir")

@@ -14,6 +14,7 @@ and stop with exit status 128 + the signal.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -22,6 +23,7 @@ from ml_collections import config_flags
 
 from cnnjax import cli
 
+cli.define_device_flags()
 FLAGS = flags.FLAGS
 EXIT_TRIALS_FAILED = 1  # the sweep ran, but some trials failed (exit status 2 is for bad input)
 config_flags.DEFINE_config_file("config", None, "Experiment config file with a sweep() (experiments/NAME.py).",
@@ -78,21 +80,27 @@ def _commands(trials) -> list[str]:
 def main(argv: list[str]) -> None:
   del argv
   cli.configure_logging()
+  # Trials are spread over devices (partitioned, vectorized): a CPU host gets virtual ones by default.
+  host = cli.configure_host_devices(FLAGS.simulate_devices)
 
   def go():
     trials = _selected_trials()
     if FLAGS.print_commands:
       print("\n".join(_commands(trials)))
       return
+    from cnnjax.errors import ConfigError  # pylint: disable=import-outside-toplevel
     from cnnjax.sweep import results, run_sweep  # pylint: disable=import-outside-toplevel
     from cnnjax.train import Preemption  # pylint: disable=import-outside-toplevel
     from cnnjax.train.rundir import check_workdir  # pylint: disable=import-outside-toplevel
     check_workdir(FLAGS.workdir)
+    if FLAGS.summarize_only and not os.path.isdir(FLAGS.workdir):
+      raise ConfigError(f"--workdir={FLAGS.workdir} holds no sweep to summarize (it does not exist); give the "
+                        "sweep's directory")
     if not FLAGS.summarize_only:
       with Preemption().handling() as preemption:
         report = run_sweep(FLAGS.config, trials, FLAGS.workdir, mode=FLAGS.mode,
                            devices_per_trial=FLAGS.devices_per_trial, population_size=FLAGS.population_size,
-                           record={"command": sys.argv}, preemption=preemption)
+                           record={"command": sys.argv}, preemption=preemption, host=host)
       print(f"sweep: {len(report.runs)} trials in {report.mode} mode, {len(report.trained)} trained now, "
             f"{report.wall_seconds:.1f} s")
     written = results.write_results(FLAGS.workdir, trials, FLAGS.metric)

@@ -58,10 +58,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from cnnjax import config as config_lib
 from cnnjax import metrics as metrics_lib
 from cnnjax import parallel, train
-from cnnjax.errors import CheckpointError, ConfigError, DiskFullError, NonFiniteError
+from cnnjax.errors import CheckpointError, ConfigError, DiskFullError, NonFiniteError, WorkdirBusyError
 from cnnjax.sweep.declare import Trial, apply_overrides
+from cnnjax.parallel.host_devices import HostDevices
 from cnnjax.train import population
-from cnnjax.train import rundir as rundir_lib
 from cnnjax.train.preemption import Preempted, Preemption
 from cnnjax.train.rundir import DIVERGED, FAILED, FINISHED, NOT_STARTED, RunDir, exclusive_lock
 
@@ -125,7 +125,8 @@ def resolve_mode(mode: str, configs: Sequence[ml_collections.ConfigDict], num_de
     raise ConfigError(f"--mode={mode} is unknown; choose one of {', '.join(MODES)}")
   if mode != "auto":
     return mode
-  if len(configs) > 1 and not population.non_vectorizable_differences(configs):
+  if (len(configs) > 1 and not population.non_vectorizable_differences(configs)
+      and min(c.keep_checkpoints for c in configs) >= population.MIN_KEPT_CHECKPOINTS):
     return "vectorized"
   return "partitioned" if num_devices > 1 else "sequential"
 
@@ -155,8 +156,10 @@ def _structure(config: ml_collections.ConfigDict) -> str:
                     default=str)
 
 
-def _prepare(runs: Sequence[TrialRun], mode: str, groups: Sequence[Sequence[Any]]) -> None:
-  """Checks every trial before anything is written; marks finished, diverged and failed ones.
+def _prepare(runs: Sequence[TrialRun], mode: str, groups: Sequence[Sequence[Any]],
+             host: HostDevices) -> dict[str, int]:
+  """Checks every trial before anything is written (its config, and that its directory holds no run of
+  another config); returns each trial's number of steps, by name.
 
   Trials that differ only in learning rate, weight decay, label smoothing or
   seed share one build (building opens the dataset, about 0.4 s for the digits);
@@ -165,6 +168,7 @@ def _prepare(runs: Sequence[TrialRun], mode: str, groups: Sequence[Sequence[Any]
   if mode == "vectorized":
     population.check_vectorizable([r.config for r in runs])
   total_steps: dict[str, int] = {}
+  steps: dict[str, int] = {}
   for run in runs:
     try:
       config_lib.validate(run.config)
@@ -173,19 +177,27 @@ def _prepare(runs: Sequence[TrialRun], mode: str, groups: Sequence[Sequence[Any]
         if mode == "vectorized":
           exp = train.build(population.member_config(run.config))
         else:
-          exp = train.build(run.config, devices=groups[0])  # every group has the same size
+          exp = train.build(run.config, devices=groups[0], host=host)  # every group has the same size
         total_steps[key] = exp.total_steps
     except ConfigError as e:
       raise ConfigError(f"trial {run.trial.name!r}: {e}") from None
-    rundir = RunDir(run.workdir)
-    differences = rundir.config_differences(run.config)
+    steps[run.trial.name] = total_steps[key]
+    # Read only: a damaged file is set aside later, under the sweep's lock.
+    differences = RunDir(run.workdir, is_writer=False).config_differences(run.config)
     if differences:
       raise CheckpointError(
           f"trial {run.trial.name!r}: {run.workdir} holds a run with a different config ({differences}); the "
           "sweep's config changed since that run: use a new --workdir, or delete that trial's directory to "
           "retrain it")
+  return steps
+
+
+def _mark_status(runs: Sequence[TrialRun], steps: dict[str, int]) -> None:
+  """Marks finished, diverged and failed trials, under the sweep's lock (damaged files are set aside)."""
+  for run in runs:
+    rundir = RunDir(run.workdir)
     # A summary of a different length (the step count was changed) does not count as finished.
-    run.status = rundir.status(total_steps[key])
+    run.status = rundir.status(steps[run.trial.name])
     run.summary = rundir.summary() if run.status == FINISHED else None
     if run.status == FAILED:
       run.reason = (rundir.failure() or {}).get("reason", "")
@@ -199,7 +211,8 @@ def one_line(error: BaseException) -> str:
 
 def _record_failure(run: TrialRun, error: BaseException) -> None:
   run.status, run.reason = FAILED, one_line(error)
-  RunDir(run.workdir).write_failure(run.reason)
+  if not isinstance(error, WorkdirBusyError):  # another process owns that directory: write nothing there
+    RunDir(run.workdir).write_failure(run.reason)
   logger.warning("trial %s failed (%s); the other trials go on, and a rerun retries it", run.trial.name,
                  run.reason)
 
@@ -256,7 +269,7 @@ def _log_event(workdir: str, lock: threading.Lock, event: dict[str, Any]) -> Non
 
 
 def _train_alone(run: TrialRun, devices: Sequence[Any], mode: str, log: Callable[[dict], None],
-                 preemption: Preemption) -> None:
+                 preemption: Preemption, host: HostDevices) -> None:
   """Trains one trial through `cnnjax.train.run` on `devices`; records the outcome.
 
   Divergence and any other error are recorded on the trial; `Preempted` is
@@ -264,14 +277,15 @@ def _train_alone(run: TrialRun, devices: Sequence[Any], mode: str, log: Callable
   """
   _context.trial = run.trial.name
   # The devices the run's strategy takes from the group (one of them for strategy 'none').
-  used = parallel.select_devices(run.config.parallel.strategy, run.config.parallel.num_devices, devices)
+  config = run.config
+  used = parallel.resolve(config.parallel.strategy, config.parallel.num_devices,
+                          (config.batch_size, config.eval_batch_size or config.batch_size), devices).devices
   run.device_ids = tuple(d.id for d in used)
   run.start_time = time.time()
   log({"event": "start", "trial": run.trial.name, "mode": mode, "devices": list(run.device_ids)})
   try:
-    run.summary = train.run(run.config, run.workdir, devices=devices, preemption=preemption)
+    run.summary = train.run(run.config, run.workdir, devices=devices, preemption=preemption, host=host)
     run.status, run.reason = FINISHED, ""
-    RunDir(run.workdir).remove(rundir_lib.FAILURE_FILE)
   except NonFiniteError:
     run.status = DIVERGED  # train.run wrote error.json; the other trials go on
   except Preempted as stop:
@@ -290,7 +304,8 @@ def _train_alone(run: TrialRun, devices: Sequence[Any], mode: str, log: Callable
 
 
 def _run_groups(pending: Sequence[TrialRun], groups: Sequence[tuple[Any, ...]], mode: str,
-                progress: _TrialProgress, log: Callable[[dict], None], preemption: Preemption) -> None:
+                progress: _TrialProgress, log: Callable[[dict], None], preemption: Preemption,
+                host: HostDevices) -> None:
   """One worker per device group takes trials from a shared queue until none are left.
 
   A preemption (or an error of the sweep itself) stops every worker from
@@ -308,7 +323,7 @@ def _run_groups(pending: Sequence[TrialRun], groups: Sequence[tuple[Any, ...]], 
           return
         run = queue.pop(0)
       try:
-        _train_alone(run, group, mode, log, preemption)
+        _train_alone(run, group, mode, log, preemption, host)
       except BaseException as e:  # pylint: disable=broad-except  (handed to the main thread below)
         with queue_lock:
           errors.append(e)
@@ -371,8 +386,6 @@ def _run_vectorized(pending: Sequence[TrialRun], devices: Sequence[Any], populat
       else:
         summary = run.summary = outcome
         run.status = FINISHED if summary is not None else DIVERGED
-        if summary is not None:
-          RunDir(run.workdir).remove(rundir_lib.FAILURE_FILE)
       # The population spreads its members over the first devices (as many as divide the members evenly).
       run.device_ids = tuple(d.id for d in devices[:summary["num_devices"]]) if summary else ()
       log({"event": "end", "trial": run.trial.name, "status": run.status,
@@ -384,7 +397,7 @@ def _run_vectorized(pending: Sequence[TrialRun], devices: Sequence[Any], populat
 def run_sweep(base_config: ml_collections.ConfigDict, trials: Sequence[Trial], workdir: str, *,
               mode: str = "auto", devices: Sequence[Any] | None = None, devices_per_trial: int = 0,
               population_size: int = 0, record: dict[str, Any] | None = None,
-              preemption: Preemption | None = None) -> SweepReport:
+              preemption: Preemption | None = None, host: HostDevices = HostDevices()) -> SweepReport:
   """Trains every unfinished trial of the sweep into `workdir/<trial>/`; returns what happened to each.
 
   `devices` defaults to this process's local devices. `devices_per_trial`
@@ -393,6 +406,7 @@ def run_sweep(base_config: ml_collections.ConfigDict, trials: Sequence[Trial], w
   `record` is stored in `workdir/sweep.json` with the trials (e.g. the command).
   Raises ConfigError before writing anything if any trial cannot run, and
   `Preempted` once `preemption` saw SIGTERM or SIGINT and the trials saved.
+  `host` describes the process's CPU devices (see `cnnjax.train.build`).
   """
   started = time.time()
   preemption = preemption or Preemption()
@@ -405,10 +419,11 @@ def run_sweep(base_config: ml_collections.ConfigDict, trials: Sequence[Trial], w
   groups = [devices]  # sequential: one group of every device
   if mode == "partitioned":
     groups = device_groups(configs, devices, devices_per_trial, len(runs))
-  _prepare(runs, mode, groups)
-  pending = [r for r in runs if r.status not in (FINISHED, DIVERGED)]
+  steps = _prepare(runs, mode, groups, host)
 
   with exclusive_lock(workdir, what="sweep", lock_name=LOCK_FILE):
+    _mark_status(runs, steps)
+    pending = [r for r in runs if r.status not in (FINISHED, DIVERGED)]
     metrics_lib.write_json(os.path.join(workdir, SWEEP_FILE), {
         **(record or {}), "mode": mode,
         "trials": [{"name": r.trial.name, "overrides": r.trial.overrides} for r in runs]})
@@ -424,5 +439,5 @@ def run_sweep(base_config: ml_collections.ConfigDict, trials: Sequence[Trial], w
       if pending and mode == "vectorized":
         _run_vectorized(pending, devices, population_size, progress, log, preemption)
       elif pending:
-        _run_groups(pending, groups, mode, progress, log, preemption)
+        _run_groups(pending, groups, mode, progress, log, preemption, host)
   return SweepReport(mode=mode, runs=runs, wall_seconds=time.time() - started)

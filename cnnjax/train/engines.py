@@ -84,8 +84,7 @@ class PopulationEngine:
     self.num_members = len(self.experiments)
     self.global_batch = base.config.batch_size
     available = list(devices) if devices is not None else jax.local_devices()
-    # The largest device count that divides the members evenly.
-    count = max(d for d in range(1, min(len(available), self.num_members) + 1) if self.num_members % d == 0)
+    count = members_device_count(self.num_members, len(available))
     self.devices = tuple(available[:count])
     self.num_devices = count
     self.strategy_name = "vectorized"
@@ -141,6 +140,11 @@ class PopulationEngine:
       for total, sums in zip(totals, per_member):
         _accumulate(total, sums)
     return totals
+
+
+def members_device_count(num_members: int, available: int) -> int:
+  """The devices a population spreads over: the largest count that divides the members evenly."""
+  return max(d for d in range(1, min(available, num_members) + 1) if num_members % d == 0)
 
 
 def _zero_sums() -> dict[str, float]:

@@ -42,11 +42,16 @@ from cnnjax.checkpoint import Checkpointer
 from cnnjax.errors import ConfigError, NonFiniteError
 from cnnjax.models import build_model, torchvision_import
 from cnnjax.models.validation import InputTooSmallError, TooLargeError, check_input_shape, check_memory
+from cnnjax.parallel.host_devices import HostDevices
 from cnnjax.train import engines
 from cnnjax.train.preemption import Preemption
-from cnnjax.train.rundir import SUMMARY_FILE, RunDir, check_workdir
+from cnnjax.train.rundir import METRICS_FILE, RunDir, check_workdir
 from cnnjax.train.state import TrainState, count_params, create_train_state
 from cnnjax.train.step import eval_step, train_step
+
+
+# The TrainState's step counter is an int32.
+MAX_STEPS = 2 ** 31 - 1
 
 
 @dataclasses.dataclass
@@ -64,6 +69,21 @@ class Experiment:
   total_steps: int
   train_slice: data_lib.ProcessSlice
   eval_slice: data_lib.ProcessSlice
+  placement: parallel.Resolved  # what `parallel.strategy` came to, and the devices present
+  host: HostDevices  # the process's CPU devices, and whether cnnjax chose their count
+  bn_groups: str  # which examples BatchNorm normalizes over, in words
+
+  def describe(self) -> str:
+    """One line of what runs where: backend, devices, processes, strategy, BatchNorm, batches, data, steps."""
+    device = self.strategy.layout.devices[0]
+    devices = self.strategy.layout.num_devices
+    strategy = self.strategy.name + (f" ({parallel.AUTO})" if self.placement.automatic else "")
+    host = self.host.describe() if device.platform == "cpu" else ""
+    return (f"{device.platform} ({device.device_kind}{'; ' + host if host else ''}): {devices} of "
+            f"{self.placement.available} devices, {jax.process_count()} process(es) | strategy {strategy} | "
+            f"bn_sync {self.config.model.bn_sync} ({self.bn_groups}) | batch {self.config.batch_size} global, "
+            f"{self.strategy.layout.per_device_batch} per device | {len(self.dataset.train)} train / "
+            f"{len(self.dataset.eval)} eval examples | {self.total_steps} steps")
 
   def init_state(self) -> TrainState:
     return create_train_state(self.config.seed, self.model, self.tx, self.input_shape)
@@ -119,19 +139,46 @@ def dataset_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
               max_length=config.data.max_length, cache_megabytes=config.data.cache_megabytes)
 
 
-def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = None) -> Experiment:
-  """Validates `config` and builds the run; raises a CnnjaxError on any bad input. Writes nothing."""
+def batchnorm_semantics(config: ml_collections.ConfigDict, host: HostDevices, device: Any,
+                        process_count: int) -> tuple[str, int, str]:
+  """(bn_sync, bn_group_size, description) as the layers apply them.
+
+  Virtual CPU devices that cnnjax chose by itself never change what is
+  computed: `local` then means each process's own batch, the batch its one CPU
+  device would hold without them (ghost groups of batch / processes).
+  """
+  bn_sync, group_size = config.model.bn_sync, config.model.bn_group_size
+  if bn_sync == "global":
+    return bn_sync, group_size, "the whole batch"
+  if bn_sync == "local" and host.automatic and device.platform == "cpu":
+    group_size = config.batch_size // process_count
+    return "ghost", group_size, f"each process's batch of {group_size}, whatever the virtual CPU devices"
+  if bn_sync == "local":
+    return bn_sync, group_size, "each device's slice"
+  return bn_sync, group_size, f"groups of {group_size}"
+
+
+def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = None,
+          host: HostDevices = HostDevices()) -> Experiment:
+  """Validates `config` and builds the run; raises a CnnjaxError on any bad input. Writes nothing.
+
+  `host` says how many CPU devices the process started with and whether cnnjax
+  chose that number (see `cnnjax.parallel.host_devices`).
+  """
   config_lib.validate(config)
   process_count = jax.process_count()
   try:
-    selected = parallel.select_devices(config.parallel.strategy, config.parallel.num_devices, devices)
     eval_batch = config.eval_batch_size or config.batch_size
+    placement = parallel.resolve(config.parallel.strategy, config.parallel.num_devices,
+                                 (config.batch_size, eval_batch), devices)
+    selected = placement.devices
     parallel.check_divisible(config.batch_size, len(selected), process_count, "batch_size")
     parallel.check_divisible(eval_batch, len(selected), process_count,
                              "eval_batch_size" if config.eval_batch_size else "batch_size (used for eval)")
-    layout = parallel.Layout(config.parallel.strategy, selected, config.batch_size)
+    layout = parallel.Layout(placement.strategy, selected, config.batch_size)
+    bn_sync, bn_group_size, bn_groups = batchnorm_semantics(config, host, selected[0], process_count)
     grouping = parallel.batchnorm_grouping(
-        config.model.bn_sync, config.model.bn_group_size, per_device_view=layout.per_device_view,
+        bn_sync, bn_group_size, per_device_view=layout.per_device_view,
         axis_name=layout.axis_name, num_devices=layout.num_devices, global_batch=config.batch_size)
   except ValueError as e:
     raise ConfigError(str(e)) from None
@@ -160,12 +207,15 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
                       **dataclasses.asdict(grouping))
   try:
     model = build_model(config.model.name, num_classes=dataset.num_classes, norm_kind=config.model.norm,
-                        norm_options=norm_options, dtype=_dtype(config.model.dtype),
+                        norm_options=norm_options, dtype=_dtype(config.model.dtype), lowering=config.model.lowering,
                         **{**config_lib.model_options(config), **dataset.model_options})
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e).splitlines()[0]) from None
 
   num_steps = planned_steps(config, len(dataset.train))
+  if num_steps > MAX_STEPS:
+    raise ConfigError(f"the run would take {num_steps} steps, more than the step counter holds ({MAX_STEPS}); "
+                      "lower num_epochs or num_train_steps")
   shape = optim.schedule_shape(config.optimizer.schedule, total_steps=num_steps,
                                warmup_steps=config.optimizer.warmup_steps,
                                decay_boundaries=tuple(config.optimizer.decay_boundaries),
@@ -179,13 +229,14 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
                       "(see the experiment's docstring), or pass --config.init_from= to start from scratch")
   try:
     check_input_shape(model, input_shape, config.model.name)
-    check_memory(model, tx, input_shape, layout.per_device_batch, selected)
+    # Evaluation holds the activations of its own batch (no gradients): the larger batch decides.
+    check_memory(model, tx, input_shape, max(layout.per_device_batch, eval_batch // len(selected)), selected)
   except (InputTooSmallError, TooLargeError) as e:
     raise ConfigError(str(e)) from None
   return Experiment(
       config=config, dataset=dataset, preprocess=preprocess, input_shape=input_shape,
       model=model, tx=tx, schedule_shape=shape, strategy=parallel.Strategy(layout),
-      total_steps=num_steps,
+      total_steps=num_steps, placement=placement, host=host, bn_groups=bn_groups,
       train_slice=data_lib.ProcessSlice(config.batch_size, jax.process_index(), process_count),
       eval_slice=data_lib.ProcessSlice(eval_batch, jax.process_index(), process_count))
 
@@ -306,8 +357,8 @@ class Member:
     self.data_state: dict[str, Any] | None = None
     self.timing = Timing()  # of the invocations before this one
     self.resumed = False
-    # The workdirs of the vectorized population this member trains in (saved with its checkpoints, so
-    # that a population interrupted mid-save resumes as the same population), or None.
+    # The workdir names (basenames) of the vectorized population this member trains in, in order (saved
+    # with its checkpoints, so that an interrupted population resumes as the same population), or None.
     self.population: list[str] | None = None
 
   def finished_summary(self) -> dict[str, Any] | None:
@@ -340,7 +391,18 @@ class Member:
     self.checkpointer.save(step, host_state, data_state, {**self.log.state(), "population": self.population,
                                                           "timing": dataclasses.asdict(timing)})
 
+  def stand_in(self, workdir: str) -> "Member":
+    """An inert member in the place of a population member that is not here (it diverged, or was left
+    out): it computes beside the others, starting from this member's state, and is never logged, saved or
+    summarized, nor is its `workdir` written."""
+    member = Member(self.exp, workdir)
+    member.host_state, member.data_state, member.population = self.host_state, self.data_state, self.population
+    member.error = f"a stand-in for {workdir}, which is not part of this run"
+    return member
+
   def open_outputs(self, start_step: int) -> metrics_lib.MetricsWriter:
+    if self.error is not None:  # a stand-in writes nothing
+      return metrics_lib.MetricsWriter(self.rundir.path(METRICS_FILE), enabled=False)
     self.rundir.write_config(self.config)
     return self.rundir.metrics_writer(start_step)
 
@@ -380,10 +442,11 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
   total_steps = members[0].exp.total_steps
   config = members[0].config
   writers = [member.open_outputs(start_step) for member in members]
-  progress = metrics_lib.Progress(total=total_steps, initial=start_step, enabled=members[0].is_writer,
+  lead = next(member for member in members if member.error is None)  # stand-ins aside
+  progress = metrics_lib.Progress(total=total_steps, initial=start_step, enabled=lead.is_writer,
                                   allow_bar=config.progress_bar)
-  if members[0].resumed:
-    progress.message(f"resuming from step {start_step} ({members[0].checkpointer.directory})")
+  if lead.resumed:
+    progress.message(f"resuming from step {start_step} ({lead.checkpointer.directory})")
 
   state = engine.put_state([member.host_state for member in members])
   for member in members:
@@ -422,7 +485,7 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
       else:
         member.log.add(values)
     if all(member.error is not None for member in members):
-      raise NonFiniteError(members[0].error)
+      raise NonFiniteError(lead.error)
 
   def evaluate_alive(step: int) -> None:
     for member, writer, totals in zip(members, writers, engine.eval_sums(state, eval_fn)):
@@ -436,7 +499,7 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
       if member.error is None:
         member.save(step, host_state, iterator.get_state(), timing(member))
 
-  if start_step < total_steps and preemption.reached(start_step, members[0].checkpointer):
+  if start_step < total_steps and preemption.reached(start_step, lead.checkpointer):
     raise preemption.stopped(start_step)  # asked to stop before any step: the newest checkpoint stands
   last_reported = start_step
   try:
@@ -474,7 +537,7 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
         first = alive()[0][0]
         progress.message(f"step {done}: eval accuracy {first.last_eval['accuracy']:.4f} "
                           f"loss {first.last_eval['loss']:.4f}")
-      stop = done < total_steps and preemption.reached(done, members[0].checkpointer)
+      stop = done < total_steps and preemption.reached(done, lead.checkpointer)
       if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
         check(pending)
         pending = None
@@ -482,7 +545,7 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
           save_alive(done)
       if stop:
         progress.message(f"{signal_name(preemption)}: saved a checkpoint at step {done} of {total_steps} in "
-                         f"{members[0].checkpointer.directory}; rerun the same command to resume from it")
+                         f"{lead.checkpointer.directory}; rerun the same command to resume from it")
         raise preemption.stopped(done)
   finally:
     progress.close()
@@ -495,7 +558,7 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
       summaries.append(None)
       continue
     summary = member.summary(final_state, timing(member), engine)
-    member.rundir.write_json(SUMMARY_FILE, summary)
+    member.rundir.write_summary(summary)
     summaries.append(summary)
   return summaries
 
@@ -506,22 +569,27 @@ def signal_name(preemption: Preemption) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[Any] | None = None,
-        fresh: bool = False, preemption: Preemption | None = None) -> dict[str, Any]:
+        fresh: bool = False, preemption: Preemption | None = None, host: HostDevices = HostDevices()
+        ) -> dict[str, Any]:
   """Trains and evaluates `config` in `workdir`, resuming if it holds checkpoints. Returns the summary.
 
   The workdir is locked while the run trains: a second run on it is refused. A
   workdir holding a run of a different config is refused unless `fresh`, which
   first moves the earlier run's files into `workdir/replaced-<time>/`. SIGTERM
   or SIGINT (through `preemption`) save the current step and raise `Preempted`.
+  `host` describes the process's CPU devices (see `build`).
   """
   check_workdir(workdir)
-  exp = build(config, devices=devices)
+  exp = build(config, devices=devices, host=host)
   member = Member(exp, workdir)
   with member.rundir.lock():
     if fresh:
       moved = member.rundir.set_aside_run()
       if moved:
         logging.getLogger("cnnjax").info("moved the earlier run in %s to %s", workdir, moved)
+      if jax.process_count() > 1:  # the other processes must not read what process 0 is moving
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices("cnnjax fresh start")
     else:
       member.rundir.check_same_run(config)
       finished = member.finished_summary()
@@ -529,6 +597,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[An
         logging.getLogger("cnnjax").info("%s already finished at step %d; its summary stands (pass --fresh to "
                                          "train it again)", workdir, finished["step"])
         return finished
+    if member.is_writer:
+      logging.getLogger("cnnjax").info("run: %s", exp.describe())
     try:
       start_step = member.restore()
       return train_members([member], engines.SingleEngine(exp), start_step=start_step,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 from typing import Any, Sequence
 
@@ -23,10 +24,13 @@ import jax
 import ml_collections
 
 from cnnjax import config as config_lib
-from cnnjax.errors import ConfigError, NonFiniteError
+from cnnjax.errors import ConfigError, NonFiniteError, WorkdirBusyError
+from cnnjax.models.validation import TooLargeError, check_memory
 from cnnjax.train import engines
 from cnnjax.train.loop import Member, build, train_members
 from cnnjax.train.preemption import Preemption
+
+logger = logging.getLogger("cnnjax")
 
 VECTORIZABLE_KEYS = ("optimizer.learning_rate", "optimizer.weight_decay", "label_smoothing", "seed")
 # Keys that may differ without changing the computation: where and how often things are written.
@@ -45,8 +49,19 @@ def non_vectorizable_differences(configs: Sequence[ml_collections.ConfigDict]) -
   return differing
 
 
+# A kill while a population saves can leave some members one checkpoint ahead; resuming needs the one
+# before it on every member.
+MIN_KEPT_CHECKPOINTS = 2
+
+
 def check_vectorizable(configs: Sequence[ml_collections.ConfigDict]) -> None:
-  """Raises ConfigError naming the first key that differs in shape or structure."""
+  """Raises ConfigError naming the first key that differs in shape or structure, or a checkpoint count
+  too small for a population to resume in lockstep."""
+  kept = min(c.keep_checkpoints for c in configs)
+  if kept < MIN_KEPT_CHECKPOINTS:
+    raise ConfigError(f"keep_checkpoints={kept}: a vectorized population keeps at least {MIN_KEPT_CHECKPOINTS} "
+                      "(its members save one after another, and a kill in between must leave a step they all "
+                      "have); set keep_checkpoints >= 2, or run the trials sequentially")
   differing = non_vectorizable_differences(configs)
   if differing:
     key, values = next(iter(differing.items()))
@@ -69,8 +84,8 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
                    devices: Sequence[Any] | None = None,
                    preemption: Preemption | None = None) -> list[dict[str, Any] | None | Exception]:
   """Trains the configs as one vectorized population; returns each member's outcome: its summary, None
-  if it diverged, or the exception that kept it from training (a member that cannot be built is left
-  out of the population; the others train).
+  if it diverged, or the exception that kept it from training (a member that cannot be built, or whose
+  workdir another run holds, is left out of the population; the others train).
 
   Finished members are skipped (their summary is returned). Interrupted members
   resume from their checkpoints, in populations that give every one of them the
@@ -80,7 +95,10 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
     from the newest step every one of them has a good checkpoint for
     (checkpoints are saved member by member, so a kill during a save can leave
     some members a checkpoint ahead; those newer checkpoints are deleted, and
-    written again, identically, by the resumed population);
+    written again, identically, by the resumed population). Members of that
+    population that are not here (they diverged, or were left out) keep their
+    places as inert stand-ins, since the population's size and order decide the
+    device layout and with it the float rounding;
   * the others (not started, or interrupted in a run of their own) train
     together with those that resume from the same step.
   """
@@ -98,9 +116,14 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
     except Exception as error:  # pylint: disable=broad-except  (this member only; the rest train)
       outcomes[index] = error
   with contextlib.ExitStack() as stack:
-    for member in members.values():
-      stack.enter_context(member.rundir.lock())
-      stack.callback(member.close)
+    for index in list(members):
+      try:
+        stack.enter_context(members[index].rundir.lock())
+      except WorkdirBusyError as error:
+        outcomes[index] = error
+        del members[index]
+        continue
+      stack.callback(members[index].close)
     training = []
     for index, member in members.items():
       finished = member.finished_summary()
@@ -108,23 +131,44 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
         outcomes[index] = finished
       else:
         training.append(index)
-    for start_step, indices in _resume_groups({i: members[i] for i in training}):
-      group = [members[i] for i in indices]
-      population_id = [os.path.abspath(m.workdir) for m in group]
-      for member in group:
+    for start_step, group in _resume_groups({i: members[i] for i in training}):
+      population_id = [workdir_name(m.workdir) for m, _ in group]
+      for member, _ in group:
         member.population = population_id
-      engine = engines.PopulationEngine([m.exp for m in group], devices=devices)
+      check_population_memory([m.exp for m, _ in group], devices)
+      engine = engines.PopulationEngine([m.exp for m, _ in group], devices=devices)
       try:
-        results = train_members(group, engine, start_step=start_step, preemption=preemption)
+        results = train_members([m for m, _ in group], engine, start_step=start_step, preemption=preemption)
       except NonFiniteError:
         results = [None] * len(group)  # every member diverged; each one's error.json says where
-      for i, result in zip(indices, results):
-        outcomes[i] = result
+      for (_, index), result in zip(group, results):
+        if index is not None:
+          outcomes[index] = result
   return outcomes
 
 
-def _resume_groups(members: dict[int, Member]) -> list[tuple[int, list[int]]]:
-  """Restores every member and returns the populations to train, as (start step, member indices)."""
+def workdir_name(workdir: str) -> str:
+  """How a population names its members: their directories' names (the trial names of a sweep), which
+  stay valid when the whole sweep directory moves."""
+  return os.path.basename(os.path.normpath(workdir))
+
+
+def check_population_memory(experiments: Sequence[Any], devices: Sequence[Any] | None) -> None:
+  """Refuses a population whose members, as many per device as the engine will put there, cannot fit."""
+  available = list(devices) if devices is not None else jax.local_devices()
+  per_device = -(-len(experiments) // engines.members_device_count(len(experiments), len(available)))
+  base = experiments[0]
+  try:
+    check_memory(base.model, base.tx, base.input_shape, base.strategy.layout.per_device_batch, available[:1],
+                 replicas=per_device, host_copies=len(experiments))
+  except TooLargeError as e:
+    raise ConfigError(f"a population of {len(experiments)} ({per_device} per device): {e}; use a smaller "
+                      "--population_size") from None
+
+
+def _resume_groups(members: dict[int, Member]) -> list[tuple[int, list[tuple[Member, int | None]]]]:
+  """Restores every member and returns the populations to train: (start step, [(member, its index, or None
+  for a stand-in)]), in the order of the population each member last trained in."""
   starts = {i: member.restore() for i, member in members.items()}
   by_start = collections.defaultdict(list)  # members not saved by a population
   by_population = collections.defaultdict(list)
@@ -132,14 +176,23 @@ def _resume_groups(members: dict[int, Member]) -> list[tuple[int, list[int]]]:
     if member.population:
       by_population[tuple(member.population)].append(i)
     else:
-      by_start[starts[i]].append(i)
+      by_start[starts[i]].append((member, i))
   groups = list(by_start.items())
-  for indices in by_population.values():
+  for population_id, indices in by_population.items():
     common = min(starts[i] for i in indices)
     while any(starts[i] != common for i in indices):  # an unreadable checkpoint pulls every member back
       starts.update({i: members[i].restore(at_most=common) for i in indices})
       common = min(starts[i] for i in indices)
+    newer = sorted({os.path.basename(members[i].workdir) for i in indices
+                    if members[i].checkpointer.latest_step() not in (None, common)})
+    if newer:
+      logger.warning("the population resumes from step %d, where each member has a checkpoint; the newer "
+                     "checkpoints of %s are written again, identically", common, ", ".join(newer))
     for i in indices:
       members[i].checkpointer.delete_after(common)
-    groups.append((common, indices))
-  return sorted(groups)
+    by_name = {workdir_name(members[i].workdir): i for i in indices}
+    template = members[indices[0]]
+    parent = os.path.dirname(os.path.normpath(template.workdir))
+    groups.append((common, [(members[by_name[name]], by_name[name]) if name in by_name else
+                            (template.stand_in(os.path.join(parent, name)), None) for name in population_id]))
+  return sorted(groups, key=lambda group: group[0])

@@ -47,6 +47,8 @@ class Preemption:
       return
     multi_process = jax.process_count() > 1
     signals = (signal.SIGINT,) if multi_process else HANDLED_SIGNALS
+    # A signal ignored at start (SIGINT in a shell's background job) stays ignored: it is not aimed at us.
+    signals = [signum for signum in signals if signal.getsignal(signum) is not signal.SIG_IGN]
     previous = {signum: signal.signal(signum, self._handle) for signum in signals}
     try:
       yield self

@@ -42,7 +42,7 @@ import numpy as np
 from cnnjax import config as config_lib
 from cnnjax import metrics as metrics_lib
 from cnnjax.checkpoint import UNREADABLE_DIR, Checkpointer, Restored
-from cnnjax.errors import CheckpointError, ConfigError
+from cnnjax.errors import CheckpointError, ConfigError, WorkdirBusyError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -83,27 +83,57 @@ def check_workdir(workdir: str, flag: str = "--workdir") -> None:
                       "directory") from None
 
 
+# What each entry of a workdir must be, when it exists: a file or a directory.
+ENTRY_KINDS = {LOCK_FILE: "file", METRICS_FILE: "file", CONFIG_FILE: "file", SUMMARY_FILE: "file",
+               ERROR_FILE: "file", FAILURE_FILE: "file", CHECKPOINT_DIR: "directory", UNREADABLE_DIR: "directory",
+               DAMAGED_DIR: "directory"}
+# flock answers these on file systems that do not support it (some NFS and Lustre mounts).
+LOCK_UNSUPPORTED_ERRNOS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
+
+
+def check_entries(directory: str, kinds: dict[str, str] = ENTRY_KINDS) -> None:
+  """Raises ConfigError when an entry cnnjax keeps in `directory` is of the wrong kind (a directory where
+  its lock or metrics file goes, a file where its checkpoints go)."""
+  for name, kind in kinds.items():
+    path = os.path.join(directory, name)
+    if os.path.exists(path) and os.path.isdir(path) != (kind == "directory"):
+      raise ConfigError(f"{path} should be a {kind}, where cnnjax keeps its {name}; move it out of the way "
+                        "(or use another --workdir)")
+
+
 @contextlib.contextmanager
 def exclusive_lock(directory: str, *, what: str, lock_name: str = LOCK_FILE) -> Iterator[None]:
   """Holds an exclusive lock on `directory` while the block runs; the OS drops it if the process dies.
 
   A second holder is refused at once with ConfigError naming the first (its
   process id, host, start time and command). `what` names the holder's kind in
-  the message ('run', 'sweep').
+  the message ('run', 'sweep'). On a file system without flock the block runs
+  unguarded, with a warning.
   """
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, lock_name)
-  # 'a+' does not truncate: the holder's description stays readable until a new holder replaces it.
-  with open(path, "a+") as handle:
+  check_entries(directory, {lock_name: "file"})
+  try:
+    # 'a+' does not truncate: the holder's description stays readable until a new holder replaces it.
+    handle = open(path, "a+")  # pylint: disable=consider-using-with  (closed below)
+  except OSError as e:
+    raise ConfigError(f"cannot open the lock file {path} ({e.strerror}); its owner may be another user: use "
+                      "another --workdir") from None
+  with handle:
     try:
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
+      if e.errno in LOCK_UNSUPPORTED_ERRNOS:
+        logger.warning("%s is on a file system without file locks (%s): nothing stops a second %s from using "
+                       "it at the same time", directory, e.strerror, what)
+        yield
+        return
       if e.errno not in (errno.EAGAIN, errno.EACCES):
         raise
       handle.seek(0)
       holder = handle.read().strip() or "a process that has not yet said which"
-      raise ConfigError(f"another {what} is using {directory} ({holder}); wait for it to finish or stop it, "
-                        f"or use another --workdir") from None
+      raise WorkdirBusyError(f"another {what} is using {directory} ({holder}); wait for it to finish or stop "
+                             "it, or use another --workdir") from None
     try:
       handle.seek(0)
       handle.truncate()
@@ -113,6 +143,30 @@ def exclusive_lock(directory: str, *, what: str, lock_name: str = LOCK_FILE) -> 
       yield
     finally:
       fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_json_object(path: str, damaged_dir: str, *, is_writer: bool = True) -> dict[str, Any] | None:
+  """The JSON object in `path`, or None if absent. One that is truncated, empty or not an object is
+  reported and moved into `damaged_dir` (by the writer; the others only read), and None returned, so that
+  the file is written anew."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      payload = json.load(f)
+    if isinstance(payload, dict):
+      return payload
+    problem = f"it holds a JSON {type(payload).__name__}, not an object"
+  except (ValueError, UnicodeDecodeError) as e:
+    problem = f"it is not valid JSON ({' '.join(str(e).split())[:120]})"
+  except IsADirectoryError:
+    problem = "it is a directory"
+  target = os.path.join(damaged_dir, f"{os.path.basename(path)}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+  if is_writer:
+    os.makedirs(damaged_dir, exist_ok=True)
+    shutil.move(path, target)
+    logger.warning("%s is damaged (%s); moved to %s", path, problem, target)
+  return None
 
 
 def _all_agree(ok: bool) -> bool:
@@ -144,6 +198,7 @@ class RunDir:
     """Holds the workdir's lock for one run. The processes of a multi-process run share it: process 0
     holds it, and all of them stop with the same error when it is taken."""
     check_workdir(self.workdir)
+    check_entries(self.workdir)
     with contextlib.ExitStack() as stack:
       refusal = None
       if jax.process_index() == 0:
@@ -159,30 +214,8 @@ class RunDir:
   # -- small JSON files --------------------------------------------------------------------------
 
   def read_json(self, name: str) -> dict[str, Any] | None:
-    """A JSON object file of the workdir, or None if absent. One that is truncated, empty or not an
-    object is reported and moved into `damaged_files/` (and None returned)."""
-    path = self.path(name)
-    if not os.path.exists(path):
-      return None
-    try:
-      with open(path) as f:
-        payload = json.load(f)
-      if isinstance(payload, dict):
-        return payload
-      problem = f"it holds a JSON {type(payload).__name__}, not an object"
-    except (ValueError, UnicodeDecodeError) as e:
-      problem = f"it is not valid JSON ({' '.join(str(e).split())[:120]})"
-    except IsADirectoryError:
-      problem = "it is a directory"
-    self.set_aside_damaged(name, problem)
-    return None
-
-  def set_aside_damaged(self, name: str, problem: str) -> None:
-    target = self.path(os.path.join(DAMAGED_DIR, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
-    if self.is_writer:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(self.path(name), target)
-    logger.warning("%s is damaged (%s); moved to %s", self.path(name), problem, target)
+    """A JSON object file of the workdir, or None if absent; a damaged one is set aside (`read_json_object`)."""
+    return read_json_object(self.path(name), self.path(DAMAGED_DIR), is_writer=self.is_writer)
 
   def write_json(self, name: str, payload: dict[str, Any]) -> None:
     """Writes a JSON file atomically (a temporary file renamed into place); writer only."""
@@ -273,15 +306,21 @@ class RunDir:
     return bool(self.checkpoint_steps())
 
   def status(self, total_steps: int | None = None, *, require_config: bool = True) -> str:
-    """finished, diverged, failed, incomplete (checkpoints only) or not started (`require_config`: see
-    `finished_summary`)."""
+    """failed, finished, diverged, incomplete (checkpoints only) or not started (`require_config`: see
+    `finished_summary`). A failure counts first: `failure.json` says the latest attempt failed (a run
+    that finishes removes it), whatever an earlier attempt's summary says."""
+    if self.failure() is not None:
+      return FAILED
     if self.finished_summary(total_steps, require_config=require_config) is not None:
       return FINISHED
     if self.error() is not None:
       return DIVERGED
-    if self.failure() is not None:
-      return FAILED
     return INCOMPLETE if self.has_checkpoints() else NOT_STARTED
+
+  def write_summary(self, summary: dict[str, Any]) -> None:
+    """The finished run's summary; an earlier attempt's failure no longer stands."""
+    self.write_json(SUMMARY_FILE, summary)
+    self.remove(FAILURE_FILE)
 
   def write_error(self, step: int, message: str) -> None:
     self.write_json(ERROR_FILE, {"step": step, "error": message})
@@ -291,16 +330,17 @@ class RunDir:
 
   # -- checkpoints -------------------------------------------------------------------------------
 
-  def checkpointer(self, config: ml_collections.ConfigDict) -> Checkpointer:
-    """The run's checkpoints, checked against `config`'s fingerprint on every restore."""
+  def checkpointer(self, config: ml_collections.ConfigDict, *, read_only: bool = False) -> Checkpointer:
+    """The run's checkpoints, checked against `config`'s fingerprint on every restore (`read_only`: for
+    readers beside a possibly live run)."""
     return Checkpointer(self.checkpoint_dir, max_to_keep=config.keep_checkpoints,
-                        fingerprint=config_lib.fingerprint(config))
+                        fingerprint=config_lib.fingerprint(config), read_only=read_only)
 
   def restore_latest(self, config: ml_collections.ConfigDict, template: Any) -> Restored:
     """The newest good checkpoint of a run of `config` (read-only use: analysis, probes)."""
     if not self.has_checkpoints():
       raise CheckpointError(f"{self.workdir} holds no checkpoint; train it first with python -m cnnjax.main")
-    checkpointer = self.checkpointer(config)
+    checkpointer = self.checkpointer(config, read_only=True)
     try:
       restored = checkpointer.restore_latest(template)
     finally:
@@ -310,7 +350,7 @@ class RunDir:
     return restored
 
   def restore_step(self, config: ml_collections.ConfigDict, template: Any, step: int) -> Restored:
-    checkpointer = self.checkpointer(config)
+    checkpointer = self.checkpointer(config, read_only=True)
     try:
       return checkpointer.restore(step, template)
     finally:

@@ -1,0 +1,471 @@
+"""The GPU check: what one GPU machine without network says about cnnjax, in one JSON file and a log.
+
+`scripts/gpu_check.sh` installs the carried wheels and runs `scripts/gpu_check.py`,
+which calls `run`. Within `budget_seconds` it measures, in this order:
+
+1. environment: the GPU (nvidia-smi), Python and package versions, JAX's devices;
+2. throughput on one GPU (`THROUGHPUT_CASES`): ResNet-50 at batch 256,
+   224x224x3, bfloat16, and ResNet-20 at batch 512, 32x32x3, bfloat16: the
+   cnnjax train step (strategy none; median of the timed steps after warm-up,
+   compile time, peak device memory) next to its PyTorch twin on the same GPU
+   (`cnnjax.bench.torch_models`: bf16 autocast, channels_last, SGD with
+   momentum), eager and under torch.compile (where it works; its first step,
+   compilation included, and peak memory), with the ratios and the issue's goals;
+3. the GPU subset of the tests on the GPU (`GPU_TESTS`: the lowerings,
+   BatchNorm modes, bfloat16, the reliability core of SIGKILL and exact
+   resume), with float32 matrix products at full precision so that the
+   tests' float32 tolerances hold (no TF32); the parallel-equivalence matrix
+   needs 8 devices, so it runs on 8 simulated CPU devices of the same host
+   (`SIMULATED_TESTS`) and says so;
+4. `bn_sync=global` against `local`: one GPU has no peers, so the two are the
+   same computation there and nothing is measured; beside it the
+   simulated-device measure (`scripts/bench_parallel.py`, strategy jit on 8
+   CPU devices).
+
+Every measurement runs in its own child process (its memory its own, the GPU
+free again for the next one), with a timeout from what is left of the budget;
+a section that does not fit is recorded as skipped with the reason, so the
+JSON always has every field. The JSON is rewritten after each section, so an
+interrupted check leaves what it had measured.
+
+`dry_run` runs the same sections and writes the same fields at tiny sizes
+(`DRY_RUN`) on whatever backend the host has, with a tiny test selection and
+without torch.compile (its CPU compile alone takes minutes): what
+`tests/test_gpu_check.py` runs on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from typing import Any
+
+# The harness imports JAX and cnnjax only inside its functions: the parent process never starts JAX.
+from cnnjax.bench import harness
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Under 8 minutes with the wheels' installation (scripts/gpu_check.sh): the device lease's per-command
+# limit is 10.
+DEFAULT_BUDGET_SECONDS = 420
+# A section is started only with at least this much of the budget left (a child's start and JAX import).
+MIN_SECTION_SECONDS = 20
+# The issue's goals on one H100.
+GOAL_RESNET50_IMAGES_PER_SECOND = 3000.0
+GOAL_RATIO_VS_TORCH = 1.0
+# Packages whose versions the environment section records (distribution names).
+PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin", "flax", "optax",
+            "orbax-checkpoint", "numpy", "ml-dtypes", "torch", "triton", "grain", "tensorflow-datasets",
+            "array-record", "ml-collections", "protobuf", "pytest", "pytest-xdist")
+# On the GPU: one device is enough for each of these (node ids or files under tests/).
+GPU_TESTS = ("tests/test_lowering.py", "tests/test_nn.py", "tests/test_precision.py",
+             "tests/test_reliability.py::test_sigkill_anywhere_then_resume_is_bit_identical",
+             "tests/test_reliability.py::test_unreadable_latest_checkpoint_is_reported_skipped_and_kept")
+# The GPU subset's -k filter: the SIGKILL test's pmap case needs several devices.
+GPU_TESTS_FILTER = "not pmap"
+# Eight devices: on one GPU host they can only be simulated CPU devices.
+SIMULATED_TESTS = ("tests/test_parallel.py",)
+SIMULATED_DEVICES = 8
+TEST_WORKERS = 4  # pytest-xdist workers sharing the GPU (each allocates on demand)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """The sizes one check runs at: the real ones, or the dry run's tiny ones."""
+
+  resnet50_batch: int = 256
+  resnet50_image_size: int = 224
+  resnet20_batch: int = 512
+  resnet20_image_size: int = 32
+  dtype: str = "bfloat16"
+  warmup_steps: int = 3
+  timed_steps: int = 20
+  torch_compile: bool = True
+  gpu_tests: tuple[str, ...] = GPU_TESTS
+  gpu_tests_filter: str = GPU_TESTS_FILTER
+  simulated_tests: tuple[str, ...] = SIMULATED_TESTS
+  bn_model: str = "resnet20"
+  bn_batch: int = 128
+  bn_image_size: int = 32
+  bn_devices: int = SIMULATED_DEVICES
+  bn_warmup_steps: int = 3
+  bn_timed_steps: int = 10
+
+
+FULL = Sizes()
+DRY_RUN = Sizes(resnet50_batch=2, resnet50_image_size=32, resnet20_batch=4, warmup_steps=1, timed_steps=2,
+                torch_compile=False,
+                gpu_tests=("tests/test_lowering.py::test_auto_takes_the_cpu_rewrites_on_cpu_only",),
+                gpu_tests_filter="",
+                simulated_tests=("tests/test_parallel.py::test_each_device_and_step_draws_its_own_reproducible_key",),
+                bn_batch=8, bn_image_size=8, bn_devices=2, bn_warmup_steps=0, bn_timed_steps=1)
+
+# (section name, cap in seconds) in the order they run; the budget cuts from the end.
+SECTION_SECONDS = {"environment": 60, "jax_resnet50": 180, "torch_eager_resnet50": 90, "jax_resnet20": 120,
+                   "torch_eager_resnet20": 60, "gpu_tests": 180, "torch_compiled_resnet50": 240,
+                   "torch_compiled_resnet20": 150, "bn_sync_simulated": 120, "simulated_tests": 240}
+NO_PEERS = ("one GPU has no peers: bn_sync=global and local normalize over the same examples with no collective, "
+            "the same computation, so there is no cost to measure on this machine; the simulated-device measure "
+            "is beside it")
+
+
+class Check:
+  """One run of the check: its budget, its log and the JSON it keeps rewriting."""
+
+  def __init__(self, json_path: str, log_path: str, budget_seconds: float, dry_run: bool):
+    self.json_path, self.log_path, self.dry_run = json_path, log_path, dry_run
+    self.start = time.monotonic()
+    self.deadline = self.start + budget_seconds
+    self.payload: dict[str, Any] = {"check": {
+        "dry_run": dry_run, "budget_seconds": budget_seconds, "log": log_path,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv), "sizes": dataclasses.asdict(DRY_RUN if dry_run else FULL)}}
+    with open(log_path, "w") as f:
+      f.write(f"cnnjax GPU check, dry_run={dry_run}, budget {budget_seconds:.0f} s\n")
+
+  def say(self, line: str) -> None:
+    print(line, flush=True)
+    with open(self.log_path, "a") as f:
+      f.write(line + "\n")
+
+  def log_output(self, title: str, text: str) -> None:
+    with open(self.log_path, "a") as f:
+      f.write(f"----- {title} -----\n{text.rstrip()}\n----- end of {title} -----\n")
+
+  def timeout_for(self, section: str) -> float | None:
+    """Seconds the section may take, or None when too little of the budget is left."""
+    left = self.deadline - time.monotonic()
+    if left < MIN_SECTION_SECONDS:
+      return None
+    return min(SECTION_SECONDS[section], left)
+
+  def write(self) -> None:
+    self.payload["check"]["wall_seconds"] = time.monotonic() - self.start
+    with open(self.json_path + ".tmp", "w") as f:
+      json.dump(self.payload, f, indent=2)
+    os.replace(self.json_path + ".tmp", self.json_path)
+
+  def run(self, title: str, command: list[str], timeout: float, env: dict[str, str]) -> dict[str, Any]:
+    """Runs a child process in its own process group; its output goes to the log."""
+    start = time.monotonic()
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+      output, _ = process.communicate(timeout=timeout)
+      timed_out = False
+    except subprocess.TimeoutExpired:
+      os.killpg(process.pid, signal.SIGKILL)  # the child and whatever it started (pytest workers)
+      output, _ = process.communicate()
+      timed_out = True
+    self.log_output(title, output)
+    return {"returncode": process.returncode, "timed_out": timed_out, "seconds": time.monotonic() - start,
+            "output": output}
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+  env = {**os.environ, **extra}
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _last_line(output: str) -> str:
+  lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+  errors = [line for line in lines if "Error" in line or "error:" in line]
+  return (errors or lines or ["no output"])[-1][:500]
+
+
+def _child_record(check: Check, title: str, section: str, spec: dict[str, Any]) -> dict[str, Any]:
+  """Runs `spec` in a child (`python -m cnnjax.bench.gpu_check --child=...`) and returns its record."""
+  timeout = check.timeout_for(section)
+  if timeout is None:
+    return {"status": "skipped: the budget ran out"}
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "record.json")
+    env = _child_env(**(harness.ALLOCATOR_ENV if spec["what"] == "jax" else {}))
+    result = check.run(title, [sys.executable, "-m", "cnnjax.bench.gpu_check", f"--child={json.dumps(spec)}",
+                               f"--out={out}"], timeout, env)
+    if result["timed_out"]:
+      return {"status": f"timed out after {timeout:.0f} s"}
+    if result["returncode"] != 0 or not os.path.exists(out):
+      return {"status": "failed", "error": _last_line(result["output"])}
+    with open(out) as f:
+      return {"status": "ok", **json.load(f)}
+
+
+def environment_record() -> dict[str, Any]:
+  """In a child: the machine, the packages, JAX's view of the devices."""
+  versions = {}
+  for name in PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  record: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
+                            "cpu_count": os.cpu_count(), "packages": versions}
+  if shutil.which("nvidia-smi"):
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=False)
+    record["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+  else:
+    record["nvidia_smi"] = None
+  import jax  # pylint: disable=import-outside-toplevel
+  record["jax_backend"] = jax.default_backend()
+  record["jax_devices"] = [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()]
+  for module in ("grain", "tensorflow_datasets", "ml_collections", "array_record"):
+    try:
+      __import__(module)
+      record.setdefault("imports", {})[module] = "ok"
+    except Exception as e:  # pylint: disable=broad-except  (recorded, the check goes on)
+      record.setdefault("imports", {})[module] = f"{type(e).__name__}: {e}"[:300]
+  return record
+
+
+def throughput_cases(sizes: Sizes) -> list[dict[str, Any]]:
+  """The two models of the throughput section at `sizes`."""
+  return [dict(model="resnet50", batch=sizes.resnet50_batch, image_size=sizes.resnet50_image_size, channels=3,
+               num_classes=1000, input_kind="imagenet"),
+          dict(model="resnet20", batch=sizes.resnet20_batch, image_size=sizes.resnet20_image_size, channels=3,
+               num_classes=10, input_kind="cifar")]
+
+
+def jax_record(spec: dict[str, Any]) -> dict[str, Any]:
+  """In a child: the cnnjax train step of a case on one device (`cnnjax.bench.harness.run_case`)."""
+  case = harness.Case(model=spec["model"], batch=spec["batch"], image_size=spec["image_size"],
+                      channels=spec["channels"], num_classes=spec["num_classes"], strategy="none",
+                      dtype=spec["dtype"], input_kind=spec["input_kind"])
+  return harness.run_case(case, warmup_steps=spec["warmup_steps"], timed_steps=spec["timed_steps"])
+
+
+def torch_record(spec: dict[str, Any]) -> dict[str, Any]:
+  """In a child: the PyTorch twin's train step, bf16 autocast and channels_last, eager or compiled."""
+  from cnnjax.bench import torch_models  # pylint: disable=import-outside-toplevel
+  return torch_models.time_train_step(
+      spec["model"], batch=spec["batch"], input_shape=(spec["image_size"], spec["image_size"], spec["channels"]),
+      num_classes=spec["num_classes"], channels_last=True, threads=os.cpu_count(),
+      warmup_steps=spec["warmup_steps"], timed_steps=spec["timed_steps"], autocast_dtype=spec["dtype"],
+      compiled=spec["compiled"])
+
+
+def _ratio(jax_side: dict[str, Any], torch_side: dict[str, Any]) -> float | None:
+  if jax_side.get("status") != "ok" or torch_side.get("status") != "ok":
+    return None
+  return jax_side["images_per_second"] / torch_side["images_per_second"]
+
+
+def throughput_section(check: Check, sizes: Sizes, phase: str) -> None:
+  """phase 'first': cnnjax and eager PyTorch; 'compiled': torch.compile, after the tests."""
+  entries = check.payload.setdefault("throughput", [])
+  for case in throughput_cases(sizes):
+    if phase == "first":
+      entry = {**case, "dtype": sizes.dtype, "strategy": "none"}
+      entries.append(entry)
+      spec = {**case, "dtype": sizes.dtype, "warmup_steps": sizes.warmup_steps, "timed_steps": sizes.timed_steps}
+      entry["jax"] = _child_record(check, f"jax {case['model']}", f"jax_{case['model']}", {"what": "jax", **spec})
+      check.say(_describe("cnnjax", case, entry["jax"]))
+      check.write()
+      entry["torch_eager"] = _child_record(check, f"torch eager {case['model']}", f"torch_eager_{case['model']}",
+                                           {"what": "torch", "compiled": False, **spec})
+      check.say(_describe("torch eager bf16 channels_last", case, entry["torch_eager"]))
+      entry["ratio_vs_torch_eager"] = _ratio(entry["jax"], entry["torch_eager"])
+      entry["torch_compiled"] = {"status": "not run yet"}
+      entry["ratio_vs_torch_compiled"] = None
+    else:
+      entry = next(e for e in entries if e["model"] == case["model"])
+      spec = {**case, "dtype": sizes.dtype, "warmup_steps": sizes.warmup_steps, "timed_steps": sizes.timed_steps}
+      if sizes.torch_compile:
+        entry["torch_compiled"] = _child_record(check, f"torch compiled {case['model']}",
+                                                f"torch_compiled_{case['model']}",
+                                                {"what": "torch", "compiled": True, **spec})
+      else:
+        entry["torch_compiled"] = {"status": "skipped: no torch.compile in a dry run (its CPU compile takes "
+                                             "minutes)"}
+      entry["ratio_vs_torch_compiled"] = _ratio(entry["jax"], entry["torch_compiled"])
+      check.say(_describe("torch compiled bf16 channels_last", case, entry["torch_compiled"]))
+    check.write()
+
+
+def _describe(who: str, case: dict[str, Any], record: dict[str, Any]) -> str:
+  name = f"{case['model']} b{case['batch']} {case['image_size']}px {who}"
+  if record.get("status") != "ok":
+    return f"{name}: {record.get('status')} {record.get('error', '')}".rstrip()
+  # cnnjax compiles ahead of the steps; PyTorch's first step holds torch.compile's compilation.
+  start = (f"compile {record['compile_seconds']:.1f} s" if "compile_seconds" in record
+           else f"first step {record['first_step_seconds'] or 0:.1f} s")
+  memory = record.get("peak_device_memory_mb")
+  return (f"{name}: {record['images_per_second']:.1f} img/s, {record['median_step_seconds'] * 1e3:.1f} ms/step, "
+          f"{start}, peak device memory {'n/a' if memory is None else f'{memory:.0f} MiB'}")
+
+
+def _junit_counts(path: str) -> dict[str, Any]:
+  """passed / failed / errors / skipped and the failing test ids, from pytest's JUnit XML."""
+  root = ElementTree.parse(path).getroot()
+  counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+  failures = []
+  for case in root.iter("testcase"):
+    test_id = f"{case.get('classname')}::{case.get('name')}"
+    outcome = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
+    if outcome is None:
+      counts["passed"] += 1
+    elif outcome.tag == "skipped":
+      counts["skipped"] += 1
+    else:
+      counts["failed" if outcome.tag == "failure" else "errors"] += 1
+      failures.append({"test": test_id, "message": (outcome.get("message") or "").splitlines()[0][:300]
+                       if outcome.get("message") else ""})
+  return {**counts, "failures": failures}
+
+
+def tests_section(check: Check, sizes: Sizes, which: str) -> None:
+  """Runs a test selection: 'gpu' on the GPU, 'simulated' on simulated CPU devices."""
+  tests = check.payload.setdefault("tests", {})
+  section = "gpu_tests" if which == "gpu" else "simulated_tests"
+  selection = sizes.gpu_tests if which == "gpu" else sizes.simulated_tests
+  if which == "gpu":
+    # On the GPU (outside a dry run); float32 matrix products at full precision, as on CPU.
+    env = _child_env(XLA_PYTHON_CLIENT_PREALLOCATE="false", JAX_DEFAULT_MATMUL_PRECISION="highest",
+                     **({} if check.dry_run else {"JAX_PLATFORMS": "cuda"}))
+    where = "the host's backend (dry run)" if check.dry_run else "the GPU (JAX_PLATFORMS=cuda)"
+  else:
+    env = _child_env(JAX_PLATFORMS="cpu",
+                     XLA_FLAGS=f"--xla_force_host_platform_device_count={SIMULATED_DEVICES}")
+    where = f"{SIMULATED_DEVICES} simulated CPU devices (one GPU cannot hold the 8-device matrix)"
+  record: dict[str, Any] = {"selection": list(selection), "filter": sizes.gpu_tests_filter if which == "gpu" else "",
+                            "where": where}
+  timeout = check.timeout_for(section)
+  if timeout is None:
+    tests[which] = {**record, "status": "skipped: the budget ran out"}
+    check.write()
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    junit = os.path.join(tmp, "junit.xml")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+               "-n", str(TEST_WORKERS), *selection]
+    if record["filter"]:
+      command += ["-k", record["filter"]]
+    result = check.run(f"tests ({which})", command, timeout, env)
+    record.update(seconds=result["seconds"], returncode=result["returncode"])
+    if result["timed_out"]:
+      record["status"] = f"timed out after {timeout:.0f} s"
+    elif os.path.exists(junit):
+      record.update(_junit_counts(junit))
+      record["status"] = "ok" if result["returncode"] == 0 else "failures"
+    else:
+      record.update(status="failed", error=_last_line(result["output"]))
+  tests[which] = record
+  check.say(f"tests on {where}: {record['status']}" +
+            (f", {record['passed']} passed, {record['failed']} failed, {record['errors']} errors, "
+             f"{record['skipped']} skipped" if "passed" in record else ""))
+  check.write()
+
+
+def bn_sync_section(check: Check, sizes: Sizes) -> None:
+  """`bn_sync` global against local: nothing to measure on one GPU; the simulated-device measure beside it."""
+  record: dict[str, Any] = {"gpu": {"devices": 1, "measured": False, "note": NO_PEERS}}
+  timeout = check.timeout_for("bn_sync_simulated")
+  simulated: dict[str, Any] = {"devices": sizes.bn_devices, "strategy": "jit", "model": sizes.bn_model,
+                               "batch": sizes.bn_batch, "image_size": sizes.bn_image_size,
+                               "where": f"{sizes.bn_devices} simulated CPU devices on this host's CPU"}
+  if timeout is None:
+    simulated["status"] = "skipped: the budget ran out"
+  else:
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "bn.json")
+      command = [sys.executable, os.path.join(REPO_ROOT, "scripts", "bench_parallel.py"), f"--json={out}",
+                 "--strategies=jit", f"--devices={sizes.bn_devices}", f"--model={sizes.bn_model}",
+                 f"--batch={sizes.bn_batch}", f"--image_size={sizes.bn_image_size}",
+                 f"--warmup_steps={sizes.bn_warmup_steps}", f"--timed_steps={sizes.bn_timed_steps}"]
+      # bench_parallel.py adds its own device count to XLA_FLAGS: drop any count already there.
+      flags = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                       if not flag.startswith("--xla_force_host_platform_device_count"))
+      result = check.run("bn_sync on simulated devices", command, timeout,
+                         _child_env(JAX_PLATFORMS="cpu", XLA_FLAGS=flags))
+      if result["timed_out"]:
+        simulated["status"] = f"timed out after {timeout:.0f} s"
+      elif result["returncode"] != 0 or not os.path.exists(out):
+        simulated.update(status="failed", error=_last_line(result["output"]))
+      else:
+        with open(out) as f:
+          measured = json.load(f)
+        times = {c["bn_sync"]: c["median_step_seconds"] for c in measured["cases"]}
+        simulated.update(status="ok", global_step_seconds=times["global"], local_step_seconds=times["local"],
+                         global_over_local=measured["global_over_local_step_time"]["jit"])
+  record["simulated_devices"] = simulated
+  check.payload["bn_sync"] = record
+  check.say(f"bn_sync: {NO_PEERS.split(':')[0]}; simulated: " + (
+      f"global / local step time {simulated['global_over_local']:.3f} on {sizes.bn_devices} CPU devices"
+      if simulated.get("status") == "ok" else simulated["status"]))
+  check.write()
+
+
+def goals(payload: dict[str, Any]) -> dict[str, Any]:
+  """The issue's goals on one H100, read off the throughput section (None where not measured)."""
+  by_model = {e["model"]: e for e in payload.get("throughput", [])}
+
+  def at_least(value: float | None, goal: float) -> bool | None:
+    return None if value is None else value >= goal
+
+  r50_rate = by_model.get("resnet50", {}).get("jax", {}).get("images_per_second")
+  if payload["check"]["dry_run"]:  # tiny sizes on any backend: nothing to hold against the goals
+    return {"resnet50_images_per_second": r50_rate, "resnet50_at_least_3000_images_per_second": None,
+            "resnet50_at_least_torch": None, "resnet20_at_least_torch": None, "ratio_vs_faster_torch": {},
+            "note": "a dry run measures nothing comparable with the goals (one H100)"}
+  worst_ratio = {model: min((r for r in (e.get("ratio_vs_torch_eager"), e.get("ratio_vs_torch_compiled"))
+                             if r is not None), default=None) for model, e in by_model.items()}
+  return {"resnet50_images_per_second": r50_rate,
+          "resnet50_at_least_3000_images_per_second": at_least(r50_rate, GOAL_RESNET50_IMAGES_PER_SECOND),
+          # Against the faster PyTorch variant (eager or compiled): the smaller ratio.
+          "resnet50_at_least_torch": at_least(worst_ratio.get("resnet50"), GOAL_RATIO_VS_TORCH),
+          "resnet20_at_least_torch": at_least(worst_ratio.get("resnet20"), GOAL_RATIO_VS_TORCH),
+          "ratio_vs_faster_torch": worst_ratio,
+          "note": "the goals are for one H100: read them against environment.nvidia_smi"}
+
+
+def run(json_path: str, log_path: str, *, dry_run: bool = False,
+        budget_seconds: float = DEFAULT_BUDGET_SECONDS) -> dict[str, Any]:
+  """Runs the check (see the module docstring) and returns what it wrote to `json_path`."""
+  sizes = DRY_RUN if dry_run else FULL
+  check = Check(json_path, log_path, budget_seconds, dry_run)
+  check.payload["environment"] = _child_record(check, "environment", "environment", {"what": "environment"})
+  environment = check.payload["environment"]
+  check.say(f"environment: {environment.get('nvidia_smi') or 'no nvidia-smi'}; JAX {environment.get('jax_backend')} "
+            f"{environment.get('jax_devices')}; {environment.get('status')}")
+  check.write()
+  throughput_section(check, sizes, "first")
+  tests_section(check, sizes, "gpu")
+  throughput_section(check, sizes, "compiled")
+  bn_sync_section(check, sizes)
+  tests_section(check, sizes, "simulated")
+  check.payload["goals"] = goals(check.payload)
+  check.write()
+  check.say(f"wrote {json_path} and {log_path} in {check.payload['check']['wall_seconds']:.0f} s")
+  return check.payload
+
+
+CHILDREN = {"environment": lambda spec: environment_record(), "jax": jax_record, "torch": torch_record}
+
+
+def _child_main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--child", required=True, help="a JSON spec with 'what' in " + ", ".join(CHILDREN))
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  spec = json.loads(args.child)
+  record = CHILDREN[spec["what"]](spec)
+  with open(args.out, "w") as f:
+    json.dump(record, f)
+
+
+if __name__ == "__main__":
+  _child_main()

@@ -1,0 +1,83 @@
+"""Virtual CPU devices: how many XLA CPU devices a process starts with, decided before JAX starts.
+
+XLA runs one program per device. On a CPU host a single device leaves cores
+idle in parts of every step, while the same global batch split over several
+virtual CPU devices (XLA's `--xla_force_host_platform_device_count`) keeps
+them busy: smaller independent programs run side by side. With
+`bn_sync=global` the numbers are the same on any device count (up to float
+rounding), so the entry points (`cnnjax.main`, `cnnjax.sweep`, the BatchNorm
+study, the benchmarks) start a CPU host with `AUTOMATIC_CPU_DEVICES` of them
+when the run leaves the devices to cnnjax (`parallel.strategy=auto`,
+`parallel.num_devices=0`), and `--simulate_devices=N` asks for N explicitly.
+A count already in `XLA_FLAGS` always wins, and accelerator hosts are not
+affected (the flag only adds CPU devices beside the accelerators).
+
+The count must be set before JAX initializes its backends (importing JAX does
+not yet), so the entry points call `configure` before anything asks for devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+XLA_FLAGS = "XLA_FLAGS"
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+AUTO = -1  # --simulate_devices default: cnnjax chooses
+# Virtual CPU devices a CPU host gets when cnnjax chooses, measured on a 2-core host: see
+# docs/results/cpu_devices.json (written by scripts/bench_cpu_devices.py).
+AUTOMATIC_CPU_DEVICES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class HostDevices:
+  """What the process's CPU devices are: their count, and whether cnnjax chose it (not the user)."""
+
+  count: int = 1
+  automatic: bool = False
+
+  def describe(self) -> str:
+    if self.count <= 1:
+      return ""
+    chosen = ("chosen by cnnjax; --simulate_devices=N chooses" if self.automatic else "as asked")
+    return f"{self.count} virtual CPU devices ({chosen})"
+
+
+def requested_count() -> int | None:
+  """The CPU device count that XLA_FLAGS already asks for, if any."""
+  for part in os.environ.get(XLA_FLAGS, "").split():
+    if part.startswith(DEVICE_COUNT_FLAG + "="):
+      return int(part.split("=", 1)[1])
+  return None
+
+
+def configure(simulate_devices: int = AUTO, *, leaves_devices_to_cnnjax: bool = True) -> HostDevices:
+  """Sets the CPU device count in XLA_FLAGS before JAX starts, and says what it is.
+
+  `simulate_devices`: N > 0 asks for N devices; AUTO lets cnnjax choose
+  `AUTOMATIC_CPU_DEVICES` when `leaves_devices_to_cnnjax` (else one). A count
+  already in XLA_FLAGS wins over both. Raises ValueError when JAX has started
+  already (the count could no longer take effect).
+  """
+  existing = requested_count()
+  if existing is not None:
+    return HostDevices(existing, automatic=False)
+  if simulate_devices == 0 or simulate_devices < AUTO:
+    raise ValueError(f"--simulate_devices={simulate_devices} must be a positive device count "
+                     f"(or {AUTO}: let cnnjax choose)")
+  if simulate_devices == AUTO:
+    count, automatic = (AUTOMATIC_CPU_DEVICES, True) if leaves_devices_to_cnnjax else (1, False)
+  else:
+    count, automatic = simulate_devices, False
+  if count > 1:
+    if "jax" in sys.modules and _backends_started():
+      raise ValueError("the CPU device count must be set before JAX starts; call configure() first")
+    os.environ[XLA_FLAGS] = f"{os.environ.get(XLA_FLAGS, '')} {DEVICE_COUNT_FLAG}={count}".strip()
+  return HostDevices(count, automatic)
+
+
+def _backends_started() -> bool:
+  """Whether JAX has initialized its backends (after which XLA_FLAGS is read no more)."""
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  return bool(getattr(xla_bridge, "_backends", None))

@@ -1,0 +1,34 @@
+"""The GPU check: cnnjax on one GPU, next to PyTorch, in one JSON file and a log (cnnjax.bench.gpu_check).
+
+Command (on the GPU machine, through scripts/gpu_check.sh, which installs the
+carried wheels first):
+  bash scripts/gpu_check.sh [--json=gpu_check.json] [--log=gpu_check.log] [--budget_seconds=420] [--dry_run]
+Expected: the GPU and package versions; ResNet-50 (batch 256, 224x224, bfloat16)
+and ResNet-20 (batch 512, 32x32) images per second, compile time and peak device
+memory, next to PyTorch (bf16 autocast, channels_last, eager and torch.compile)
+with the ratios and the issue's goals; the GPU subset of the tests; bn_sync
+global against local (none on one GPU; the 8-simulated-device measure beside it).
+Cost: under 8 minutes on one H100 (the budget cuts what does not fit, and says
+so in the JSON); --dry_run, tiny sizes on any host: about 2 minutes on 2 CPU cores.
+"""
+
+import argparse
+
+from cnnjax.bench import gpu_check
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", default="gpu_check.json", help="where to write the results")
+  parser.add_argument("--log", default="gpu_check.log", help="where to write the log (children's output too)")
+  parser.add_argument("--budget_seconds", type=float, default=gpu_check.DEFAULT_BUDGET_SECONDS,
+                      help="wall-clock budget; sections that do not fit are recorded as skipped")
+  parser.add_argument("--dry_run", action="store_true", help="tiny sizes on any backend (what the CPU test runs)")
+  args = parser.parse_args()
+  if args.budget_seconds <= 0:
+    parser.error(f"--budget_seconds={args.budget_seconds} must be positive")
+  gpu_check.run(args.json, args.log, dry_run=args.dry_run, budget_seconds=args.budget_seconds)
+
+
+if __name__ == "__main__":
+  main()

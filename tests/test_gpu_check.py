@@ -1,0 +1,88 @@
+"""The GPU check (scripts/gpu_check.sh, cnnjax.bench.gpu_check): its dry run on CPU writes every field of the
+JSON and the log; a budget too small for any section still writes them all, each saying why it is empty; the
+issue's goals are read off the throughput correctly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cnnjax.bench import gpu_check
+from helpers import REPO_ROOT, SUBPROCESS_TIMEOUT
+
+THROUGHPUT_FIELDS = ("model", "batch", "image_size", "dtype", "strategy", "jax", "torch_eager", "torch_compiled",
+                     "ratio_vs_torch_eager", "ratio_vs_torch_compiled")
+TEST_FIELDS = ("selection", "where", "status")
+GOAL_FIELDS = ("resnet50_images_per_second", "resnet50_at_least_3000_images_per_second", "resnet50_at_least_torch",
+               "resnet20_at_least_torch", "ratio_vs_faster_torch", "note")
+
+
+def assert_every_field(payload):
+  assert set(payload) == {"check", "environment", "throughput", "tests", "bn_sync", "goals"}
+  assert payload["check"]["dry_run"] is True and payload["check"]["wall_seconds"] > 0
+  assert [entry["model"] for entry in payload["throughput"]] == ["resnet50", "resnet20"]
+  for entry in payload["throughput"]:
+    assert all(field in entry for field in THROUGHPUT_FIELDS), sorted(entry)
+    for side in ("jax", "torch_eager", "torch_compiled"):
+      assert "status" in entry[side]
+  assert set(payload["tests"]) == {"gpu", "simulated"}
+  for record in payload["tests"].values():
+    assert all(field in record for field in TEST_FIELDS), sorted(record)
+  assert set(payload["bn_sync"]) == {"gpu", "simulated_devices"}
+  assert "no peers" in payload["bn_sync"]["gpu"]["note"] and payload["bn_sync"]["gpu"]["measured"] is False
+  assert "status" in payload["bn_sync"]["simulated_devices"]
+  assert all(field in payload["goals"] for field in GOAL_FIELDS)
+
+
+@pytest.mark.slow
+def test_dry_run_on_cpu_writes_every_field_and_the_log(tmp_path):
+  json_path, log_path = tmp_path / "check.json", tmp_path / "check.log"
+  # No wheels: the interpreter running the tests already has every package.
+  env = {**os.environ, "PYTHON": sys.executable, "CNNJAX_WHEELS": str(tmp_path / "none")}
+  result = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry_run", f"--json={json_path}", f"--log={log_path}"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+  assert result.returncode == 0, result.stderr[-2000:]
+  payload = json.loads(json_path.read_text())
+  assert_every_field(payload)
+  assert payload["environment"]["status"] == "ok" and payload["environment"]["jax_backend"] == "cpu"
+  assert all(payload["environment"]["imports"][m] == "ok" for m in ("grain", "tensorflow_datasets", "ml_collections"))
+  for entry in payload["throughput"]:
+    for side in ("jax", "torch_eager"):
+      assert entry[side]["status"] == "ok" and entry[side]["images_per_second"] > 0, entry[side]
+    assert entry["jax"]["compile_seconds"] > 0 and "peak_device_memory_mb" in entry["jax"]
+    assert entry["torch_eager"]["autocast_dtype"] == "bfloat16" and entry["torch_eager"]["channels_last"]
+    assert entry["ratio_vs_torch_eager"] > 0
+    assert entry["torch_compiled"]["status"].startswith("skipped")
+  for record in payload["tests"].values():
+    assert record["status"] == "ok" and record["passed"] > 0 and record["failed"] == record["errors"] == 0
+  simulated = payload["bn_sync"]["simulated_devices"]
+  assert simulated["status"] == "ok" and simulated["global_over_local"] > 0
+  assert payload["goals"]["resnet50_at_least_3000_images_per_second"] is None  # a dry run is held to nothing
+  log = log_path.read_text()
+  assert "resnet50" in log and "tests on" in log and "bn_sync" in log
+
+
+def test_a_spent_budget_still_writes_every_field_saying_why(tmp_path):
+  payload = gpu_check.run(str(tmp_path / "check.json"), str(tmp_path / "check.log"), dry_run=True,
+                          budget_seconds=1)
+  assert json.loads(json.dumps(payload)) == json.loads((tmp_path / "check.json").read_text())
+  assert_every_field(payload)
+  assert payload["environment"]["status"] == "skipped: the budget ran out"
+  assert payload["throughput"][0]["jax"]["status"] == "skipped: the budget ran out"
+  assert payload["tests"]["gpu"]["status"] == "skipped: the budget ran out"
+
+
+def test_goals_are_read_against_the_faster_pytorch():
+  def entry(model, rate, eager, compiled):
+    return {"model": model, "jax": {"status": "ok", "images_per_second": rate}, "ratio_vs_torch_eager": eager,
+            "ratio_vs_torch_compiled": compiled}
+
+  payload = {"check": {"dry_run": False},
+             "throughput": [entry("resnet50", 3100.0, 1.2, 0.95), entry("resnet20", 20000.0, 1.5, None)]}
+  goals = gpu_check.goals(payload)
+  assert goals["resnet50_at_least_3000_images_per_second"] is True
+  assert goals["resnet50_at_least_torch"] is False  # torch.compile was faster
+  assert goals["resnet20_at_least_torch"] is True  # compiled did not run: eager is all there is
+  assert goals["ratio_vs_faster_torch"] == {"resnet50": 0.95, "resnet20": 1.5}
