@@ -86,21 +86,24 @@ def define_distributed_flags() -> None:
 def define_device_flags() -> None:
   flags.DEFINE_integer("simulate_devices", -1,
                        "CPU devices to start with (XLA's --xla_force_host_platform_device_count): N, or -1 to let "
-                       "cnnjax choose (several virtual devices on a CPU host when parallel.strategy=auto and "
-                       "parallel.num_devices=0, which keeps every core busy; one otherwise). A count already in "
+                       "cnnjax choose (on a CPU host, the count measured fastest for the model when "
+                       "parallel.strategy=auto and parallel.num_devices=0; one otherwise). A count already in "
                        "XLA_FLAGS wins. Accelerator hosts are not affected.")
 
 
-def configure_host_devices(simulate_devices: int, config: Any = None) -> Any:
+def configure_host_devices(simulate_devices: int, config: Any, *, sweep: bool = False) -> Any:
   """Sets the CPU device count before JAX starts (see `cnnjax.parallel.host_devices`); returns what it is.
-  `config` (a run's) says whether the run leaves its devices to cnnjax."""
+  `config` (a run's; None for other tools) says whether the run leaves its devices to cnnjax, and for
+  which model; a sweep spreads its trials over `SWEEP_CPU_DEVICES`."""
   from cnnjax.parallel import host_devices  # pylint: disable=import-outside-toplevel
   try:
-    leaves = config is None or (config.parallel.strategy == "auto" and not config.parallel.num_devices)
+    leaves = sweep or (config.parallel.strategy == "auto" and not config.parallel.num_devices)
+    model = config.model.name
   except (AttributeError, KeyError):
-    leaves = False  # not a cnnjax config: validation names the problem once JAX is up
+    leaves, model = False, ""  # not a cnnjax config: validation names the problem once JAX is up
   try:
-    return host_devices.configure(simulate_devices, leaves_devices_to_cnnjax=leaves)
+    return host_devices.configure(simulate_devices, leaves_devices_to_cnnjax=leaves, model=model,
+                                  automatic_count=host_devices.SWEEP_CPU_DEVICES if sweep else None)
   except ValueError as e:
     fail(str(e))
 

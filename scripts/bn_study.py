@@ -49,7 +49,7 @@ def main(argv):
   cli.configure_logging()
   # Its experiments spread batches over up to 8 devices: asked for explicitly, so bn_sync=local means each
   # of them.
-  cli.configure_host_devices(SIMULATED_DEVICES if FLAGS.simulate_devices == -1 else FLAGS.simulate_devices)
+  cli.configure_host_devices(SIMULATED_DEVICES if FLAGS.simulate_devices == -1 else FLAGS.simulate_devices, None)
   from cnnjax import study  # pylint: disable=import-outside-toplevel  (JAX after XLA_FLAGS)
 
   def go():

@@ -51,14 +51,16 @@ def started_with(env_flags: str, code: str) -> str:
 
 def test_cnnjax_chooses_virtual_cpu_devices_only_when_the_run_leaves_them_to_it():
   code = ("from cnnjax.parallel import host_devices as h; import sys; "
-          "host = h.configure({arg}, leaves_devices_to_cnnjax={leaves}); import jax; "
+          "host = h.configure({arg}, leaves_devices_to_cnnjax={leaves}, model='{model}'); import jax; "
           "print(host.count, host.automatic, jax.device_count())")
-  chosen = host_devices.AUTOMATIC_CPU_DEVICES
-  assert started_with("", code.format(arg=-1, leaves=True)) == f"{chosen} True {chosen}"
-  assert started_with("", code.format(arg=-1, leaves=False)) == "1 False 1"
-  assert started_with("", code.format(arg=3, leaves=True)) == "3 False 3"
+  chosen = host_devices.AUTOMATIC_CPU_DEVICES["resnet20"]
+  assert started_with("", code.format(arg=-1, leaves=True, model="resnet20")) == f"{chosen} True {chosen}"
+  assert started_with("", code.format(arg=-1, leaves=True, model="resnet18")) == "1 False 1"  # measured best
+  assert started_with("", code.format(arg=-1, leaves=False, model="resnet20")) == "1 False 1"
+  assert started_with("", code.format(arg=3, leaves=True, model="resnet20")) == "3 False 3"
   # A count the user put in XLA_FLAGS wins.
-  assert started_with("--xla_force_host_platform_device_count=2", code.format(arg=-1, leaves=True)) == "2 False 2"
+  assert started_with("--xla_force_host_platform_device_count=2",
+                      code.format(arg=-1, leaves=True, model="resnet20")) == "2 False 2"
 
 
 def test_a_device_count_set_after_jax_started_is_refused(monkeypatch):
@@ -77,7 +79,7 @@ def test_the_start_up_line_says_what_runs_where(tmp_path, tfds_data_dir):
                    env={"XLA_FLAGS": ""}, timeout=180)
   assert result.returncode == 0, result.stderr[-3000:]
   line = next(line for line in result.stderr.splitlines() if " run: " in line)
-  chosen = host_devices.AUTOMATIC_CPU_DEVICES
+  chosen = host_devices.AUTOMATIC_CPU_DEVICES["lenet5"]
   assert (f"run: cpu (cpu; {chosen} virtual CPU devices (chosen by cnnjax; --simulate_devices=N chooses)): "
           f"{chosen} of {chosen} devices, 1 process(es) | strategy jit (auto) | bn_sync global (the whole batch) | "
           f"batch 32 global, {32 // chosen} per device | 1437 train / 360 eval examples | 2 steps") in line

@@ -1,15 +1,18 @@
 """Virtual CPU devices: how many XLA CPU devices a process starts with, decided before JAX starts.
 
 XLA runs one program per device. On a CPU host a single device leaves cores
-idle in parts of every step, while the same global batch split over several
-virtual CPU devices (XLA's `--xla_force_host_platform_device_count`) keeps
-them busy: smaller independent programs run side by side. With
+idle in parts of a step made of small convolutions, while the same global batch
+split over several virtual CPU devices (XLA's
+`--xla_force_host_platform_device_count`) keeps them busy: smaller
+independent programs run side by side. Wide convolutions already keep every
+core busy, and splitting them only adds overhead. So the entry points
+(`cnnjax.main`, `cnnjax.sweep`) start a CPU host with the count measured best
+for the model (`AUTOMATIC_CPU_DEVICES`, one for models not measured) when the
+run leaves the devices to cnnjax (`parallel.strategy=auto`,
+`parallel.num_devices=0`); `--simulate_devices=N` asks for N explicitly. With
 `bn_sync=global` the numbers are the same on any device count (up to float
-rounding), so the entry points (`cnnjax.main`, `cnnjax.sweep`, the BatchNorm
-study, the benchmarks) start a CPU host with `AUTOMATIC_CPU_DEVICES` of them
-when the run leaves the devices to cnnjax (`parallel.strategy=auto`,
-`parallel.num_devices=0`), and `--simulate_devices=N` asks for N explicitly.
-A count already in `XLA_FLAGS` always wins, and accelerator hosts are not
+rounding), and `local` keeps its meaning (see `cnnjax.train.loop.build`). A
+count already in `XLA_FLAGS` always wins, and accelerator hosts are not
 affected (the flag only adds CPU devices beside the accelerators).
 
 The count must be set before JAX initializes its backends (importing JAX does
@@ -25,9 +28,14 @@ import sys
 XLA_FLAGS = "XLA_FLAGS"
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 AUTO = -1  # --simulate_devices default: cnnjax chooses
-# Virtual CPU devices a CPU host gets when cnnjax chooses, measured on a 2-core host: see
-# docs/results/cpu_devices.json (written by scripts/bench_cpu_devices.py).
-AUTOMATIC_CPU_DEVICES = 8
+# Virtual CPU devices a CPU host gets when cnnjax chooses, by model: the best count measured on a 2-core
+# host (docs/results/cpu_devices.json, written by scripts/bench_cpu_devices.py; ResNet-18 measured best
+# on one device). Every other model keeps one device.
+AUTOMATIC_CPU_DEVICES = {"resnet20": 8, "lenet5": 2}
+# A sweep on a CPU host spreads its trials (vectorized members, partitioned groups) over this many virtual
+# devices: the README's sweep timings (scripts/bench_sweep.py) were measured on 8, where a vectorized
+# population ran 3.2x faster than the same trials one after another.
+SWEEP_CPU_DEVICES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +60,15 @@ def requested_count() -> int | None:
   return None
 
 
-def configure(simulate_devices: int = AUTO, *, leaves_devices_to_cnnjax: bool = True) -> HostDevices:
+def configure(simulate_devices: int = AUTO, *, leaves_devices_to_cnnjax: bool = True,
+              model: str = "", automatic_count: int | None = None) -> HostDevices:
   """Sets the CPU device count in XLA_FLAGS before JAX starts, and says what it is.
 
   `simulate_devices`: N > 0 asks for N devices; AUTO lets cnnjax choose
-  `AUTOMATIC_CPU_DEVICES` when `leaves_devices_to_cnnjax` (else one). A count
-  already in XLA_FLAGS wins over both. Raises ValueError when JAX has started
-  already (the count could no longer take effect).
+  `AUTOMATIC_CPU_DEVICES[model]` (or `automatic_count`, a sweep's) when
+  `leaves_devices_to_cnnjax` (else one). A count already in XLA_FLAGS wins over
+  both. Raises ValueError when JAX has
+  started already (the count could no longer take effect).
   """
   existing = requested_count()
   if existing is not None:
@@ -67,7 +77,9 @@ def configure(simulate_devices: int = AUTO, *, leaves_devices_to_cnnjax: bool = 
     raise ValueError(f"--simulate_devices={simulate_devices} must be a positive device count "
                      f"(or {AUTO}: let cnnjax choose)")
   if simulate_devices == AUTO:
-    count, automatic = (AUTOMATIC_CPU_DEVICES, True) if leaves_devices_to_cnnjax else (1, False)
+    chosen = automatic_count if automatic_count is not None else AUTOMATIC_CPU_DEVICES.get(model, 1)
+    count = chosen if leaves_devices_to_cnnjax else 1
+    automatic = count > 1
   else:
     count, automatic = simulate_devices, False
   if count > 1:

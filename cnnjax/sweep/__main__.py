@@ -80,8 +80,8 @@ def _commands(trials) -> list[str]:
 def main(argv: list[str]) -> None:
   del argv
   cli.configure_logging()
-  # Trials are spread over devices (partitioned, vectorized): a CPU host gets virtual ones by default.
-  host = cli.configure_host_devices(FLAGS.simulate_devices)
+  # Trials are spread over devices (vectorized members, partitioned groups).
+  host = cli.configure_host_devices(FLAGS.simulate_devices, FLAGS.config, sweep=True)
 
   def go():
     trials = _selected_trials()
