@@ -43,6 +43,9 @@ def test_missing_config_file_is_one_line(tmp_path):
     ("model.bn_running_variance", "sample", "model.bn_running_variance='sample' is unknown"),
     ("optimizer.weight_decay", -1.0, "must be >= 0"),
     ("num_epochs", 0.0, "one must be positive"),
+    ("model.renorm_rmax", 0.5, "model.renorm_rmax=0.5 must be >= 1"),
+    ("model.renorm_dmax", -1.0, "model.renorm_dmax=-1.0 must be >= 0"),
+    ("model.renorm_rmax_steps", -1, "model.renorm_rmax_steps=-1 must be >= 0"),
 ])
 def test_validate_rejects_impossible_values(key, value, message):
   config = experiment_config("lenet5_digits", **{key: value})

@@ -42,6 +42,7 @@ from cnnjax.checkpoint import Checkpointer
 from cnnjax.errors import ConfigError, NonFiniteError
 from cnnjax.models import build_model, torchvision_import
 from cnnjax.models.validation import InputTooSmallError, TooLargeError, check_input_shape, check_memory
+from cnnjax.nn import RenormClipping
 from cnnjax.parallel.host_devices import HostDevices
 from cnnjax.train import engines
 from cnnjax.train.preemption import Preemption
@@ -204,6 +205,10 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
   norm_options = dict(momentum=config.model.bn_momentum, epsilon=config.model.bn_epsilon,
                       running_variance=config.model.bn_running_variance,
                       group_norm_groups=config.model.group_norm_groups,
+                      renorm=RenormClipping(
+                          rmax=config.model.renorm_rmax, dmax=config.model.renorm_dmax,
+                          warmup_steps=config.model.renorm_warmup_steps, rmax_steps=config.model.renorm_rmax_steps,
+                          dmax_steps=config.model.renorm_dmax_steps),
                       **dataclasses.asdict(grouping))
   try:
     model = build_model(config.model.name, num_classes=dataset.num_classes, norm_kind=config.model.norm,
