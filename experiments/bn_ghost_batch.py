@@ -22,7 +22,7 @@ simulated devices.
 
 import os
 
-from cnnjax.sweep import grid, load_experiment_file
+from cnnjax.sweep import grid, load_experiment_file, product
 
 BASE_EXPERIMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bn_base.py")
 GLOBAL_BATCH = 512
@@ -45,4 +45,4 @@ def get_config(scale: str = "small"):
 
 
 def sweep():
-  return grid({"model.bn_group_size": GROUP_SIZES})
+  return product(grid({"model.bn_group_size": GROUP_SIZES}), grid({"seed": load_experiment_file(BASE_EXPERIMENT).SEEDS}))

@@ -24,7 +24,7 @@ cores with 8 simulated devices.
 
 import os
 
-from cnnjax.sweep import grid, load_experiment_file
+from cnnjax.sweep import grid, load_experiment_file, product
 
 BASE_EXPERIMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bn_base.py")
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -39,6 +39,7 @@ def get_config(scale: str = "small"):
 
 
 def sweep():
-  return (grid({"parallel.num_devices": DEVICE_COUNTS, "model.bn_sync": SYNC_MODES})
-          + grid({"parallel.num_devices": (max(DEVICE_COUNTS),), "model.bn_sync": ("ghost",),
-                  "model.bn_group_size": GHOST_GROUP_SIZES}))
+  seeds = grid({"seed": load_experiment_file(BASE_EXPERIMENT).SEEDS})
+  return product(grid({"parallel.num_devices": DEVICE_COUNTS, "model.bn_sync": SYNC_MODES})
+                 + grid({"parallel.num_devices": (max(DEVICE_COUNTS),), "model.bn_sync": ("ghost",),
+                         "model.bn_group_size": GHOST_GROUP_SIZES}), seeds)

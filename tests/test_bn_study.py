@@ -91,6 +91,25 @@ def check_report(workdir, results):
   # The reading is computed from the numbers: e.g. the local run's divergence appears in it.
   local = next(r for r in results["sync_vs_devices"] if r["bn_sync"] == "local")
   assert study.report.num(local["replica_stat_divergence"]) in report
+  check_seeds(workdir, results, report)
+
+
+def check_seeds(workdir, results, report):
+  """Every accuracy of a trained configuration is a mean over its seeds, with its interval in the report."""
+  seeds = study.SCALES["tiny"].seeds
+  for key in ("sync_vs_devices", "per_device_batch", "ghost_batch"):
+    for record in results[key]:
+      values = record["eval_accuracy_seeds"]
+      assert len(values) == len(record["seeds"]) == seeds, (key, record["trial"])
+      assert record["eval_accuracy"] == pytest.approx(np.mean(values))
+      assert record["eval_accuracy_ci95"] is not None and study.report.pct_ci(record, "eval_accuracy") in report
+  # The per-device batch's seeds trained as one population: each seed's run is its own directory.
+  renorm = next(r for r in results["per_device_batch"] if r["norm"] == "renorm")
+  for seed in renorm["seeds"]:
+    summary = json.load(open(os.path.join(workdir, "per_device_batch", f"{renorm['trial']},seed={seed}",
+                                          "summary.json")))
+    assert summary["eval_accuracy"] in renorm["eval_accuracy_seeds"]
+  assert "beyond the seed spread" in report or "within the seed spread" in report
 
 
 def check_invariants(results):
@@ -127,10 +146,14 @@ def check_rerun_and_missing(workdir, results, copy):
   assert again["sync_vs_devices"] == results["sync_vs_devices"]
 
   local = next(r for r in results["sync_vs_devices"] if r["bn_sync"] == "local")
-  shutil.rmtree(os.path.join(copy, "sync_vs_devices", local["trial"]))
+  for seed in local["seeds"]:  # every seed of the configuration
+    shutil.rmtree(os.path.join(copy, "sync_vs_devices", f"{local['trial']},seed={seed}"))
   ghost = results["ghost_batch"][0]
-  summary_path = os.path.join(copy, "ghost_batch", ghost["trial"], "summary.json")
-  os.remove(summary_path)
+  for seed in ghost["seeds"]:
+    os.remove(os.path.join(copy, "ghost_batch", f"{ghost['trial']},seed={seed}", "summary.json"))
+  # One seed missing of a configuration: the configuration is missing, its statistics cover the seed left.
+  group = next(r for r in results["per_device_batch"] if r["norm"] == "group")
+  os.remove(os.path.join(copy, "per_device_batch", f"norm=group,seed={group['seeds'][-1]}", "summary.json"))
   # A measurement made on other weights than the run's current ones is stale, hence missing too.
   solo_summary = os.path.join(copy, "ensemble", "solo", "seed=1", "summary.json")
   summary = json.load(open(solo_summary))
@@ -144,6 +167,9 @@ def check_rerun_and_missing(workdir, results, copy):
   record = next(r for r in partial["sync_vs_devices"] if r["bn_sync"] == "local")
   assert record["status"] == "missing" and record["eval_accuracy"] is None and record["replica_stat_divergence"] is None
   assert partial["ghost_batch"][0]["status"] == "missing" and partial["ghost_batch"][0]["eval_accuracy"] is None
+  group_left = next(r for r in partial["per_device_batch"] if r["norm"] == "group")
+  assert group_left["status"] == "missing" and group_left["seeds_finished"] == 1
+  assert group_left["eval_accuracy"] == group["eval_accuracy_seeds"][0] and group_left["eval_accuracy_ci95"] is None
   assert partial["ensemble_member_vs_solo_max_abs_diff"] is None
   assert partial["ensemble"]["confused_vs_solo_max_abs_diff"] is None
   report = open(os.path.join(copy, "report.md")).read()
@@ -171,3 +197,30 @@ def test_the_progress_bar_counts_runs_and_measurements(monkeypatch, capsys):
   shown = terminal.getvalue()
   assert "BatchNorm study" in shown and "2/3" in shown, shown
   assert "[2/3] ghost_batch / bn_group_size=8: ok" in shown + capsys.readouterr().err
+
+
+def test_seed_statistics_are_the_t_interval_of_the_mean():
+  stats = study.plan.seed_statistics("eval_accuracy", [0.1, 0.2, 0.3])
+  assert stats["eval_accuracy"] == pytest.approx(0.2) and stats["eval_accuracy_std"] == pytest.approx(0.1)
+  # Student's t with 2 degrees of freedom: 4.303 standard errors.
+  assert stats["eval_accuracy_ci95"] == pytest.approx(4.3027 * 0.1 / np.sqrt(3), rel=1e-4)
+  single = study.plan.seed_statistics("eval_accuracy", [0.5])
+  assert single["eval_accuracy"] == 0.5 and single["eval_accuracy_std"] is None and single["eval_accuracy_ci95"] is None
+
+
+def record_of(values):
+  return study.plan.seed_statistics("eval_accuracy", values)
+
+
+def test_differences_are_findings_only_beyond_the_seed_spread():
+  base = record_of([0.90, 0.91, 0.92])
+  far, near = record_of([0.80, 0.81, 0.82]), record_of([0.905, 0.915, 0.925])
+  assert study.report.beyond_seeds(far, base) is True and study.report.beyond_seeds(near, base) is False
+  assert study.report.compared(far, base).startswith("-10.00 points (95% interval")
+  assert study.report.compared(far, base).endswith("beyond the seed spread")
+  assert study.report.compared(near, base).endswith("within the seed spread")
+  assert study.report.beyond_seeds(record_of([0.9]), base) is None
+  assert "not comparable" in study.report.compared(record_of([0.9]), base)
+  # Welch's interval: by hand for these two groups (equal variances 1e-4, n = 3, 4 degrees of freedom).
+  difference, half_width = study.report.difference_interval(near, base, "eval_accuracy")
+  assert difference == pytest.approx(0.005) and half_width == pytest.approx(2.7764 * np.sqrt(2e-4 / 3), rel=1e-4)

@@ -15,12 +15,14 @@ import json
 import math
 import os
 import platform
+import statistics
 from typing import Any, Sequence
 
 import jax
 
 from cnnjax import metrics as metrics_lib
 from cnnjax.study.plan import FINISHED, MISSING, Context
+from cnnjax.sweep.results import CONFIDENCE_QUANTILE
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -30,6 +32,7 @@ PLOT_DPI = 100
 PANEL_INCHES = (5.0, 3.8)  # one panel of a figure: width, height
 SIGNIFICANT_DIGITS = 3
 PERCENT = 100.0  # accuracies are fractions; tables and plots show percentages
+ERROR_CAP = 3  # points: the caps of error bars
 
 
 # -- formatting ----------------------------------------------------------------------------------
@@ -86,24 +89,73 @@ def monotone(values: Sequence[float]) -> str | None:
   return None
 
 
-def seed_spread(results: dict[str, Any]) -> tuple[float, int] | None:
-  """(range of eval accuracy, number of seeds) over the ensemble experiment's members: the study's base
-  model trained with different seeds and nothing else, hence its seed-to-seed variation. None until at
-  least two members have finished."""
-  members = (results.get("ensemble") or {}).get("members") or []
-  accuracies = [m["eval_accuracy"] for m in members if present(m.get("eval_accuracy"))]
-  if len(accuracies) < 2:
+# -- seeds -----------------------------------------------------------------------------------------
+# Every configuration runs with several seeds (`cnnjax.study.plan.group_record`): a record's metric is the
+# mean over them, with `<metric>_std`, `<metric>_ci95` (the 95% interval's half-width) and `<metric>_seeds`.
+# Two configurations differ *beyond the seed spread* when the 95% interval of the difference of their means
+# (Welch's t) excludes 0; anything else is no evidence of an effect, and the readings say so.
+
+def pct_ci(record: dict[str, Any], metric: str) -> str:
+  """A mean accuracy with its 95% interval, e.g. '95.20% ± 0.35'; without one when fewer than two seeds."""
+  half_width = record.get(f"{metric}_ci95")
+  if not present(record.get(metric)) or not present(half_width):
+    return pct(record.get(metric))
+  return f"{pct(record[metric])} ± {PERCENT * half_width:.2f}"
+
+
+def num_ci(record: dict[str, Any], metric: str) -> str:
+  """A mean loss with its 95% interval, e.g. '0.183 ± 0.012'."""
+  half_width = record.get(f"{metric}_ci95")
+  if not present(record.get(metric)) or not present(half_width):
+    return num(record.get(metric))
+  return f"{num(record[metric])} ± {num(half_width, 2)}"
+
+
+def difference_interval(a: dict[str, Any], b: dict[str, Any], metric: str) -> tuple[float, float] | None:
+  """(mean of a - mean of b, half-width of its 95% interval by Welch's t), or None without two finished seeds
+  on each side."""
+  values_a, values_b = a.get(f"{metric}_seeds") or [], b.get(f"{metric}_seeds") or []
+  if len(values_a) < 2 or len(values_b) < 2:
     return None
-  return max(accuracies) - min(accuracies), len(accuracies)
+  import scipy.stats  # pylint: disable=import-outside-toplevel  (only reports need it)
+  variance_a = statistics.variance(values_a) / len(values_a)
+  variance_b = statistics.variance(values_b) / len(values_b)
+  difference = statistics.fmean(values_a) - statistics.fmean(values_b)
+  if variance_a + variance_b == 0:
+    return difference, 0.0
+  freedom = (variance_a + variance_b) ** 2 / (variance_a ** 2 / (len(values_a) - 1)
+                                              + variance_b ** 2 / (len(values_b) - 1))
+  return difference, float(scipy.stats.t.ppf(CONFIDENCE_QUANTILE, freedom) * math.sqrt(variance_a + variance_b))
 
 
-def against_seeds(difference: float | None, spread: tuple[float, int] | None) -> str:
-  """How an accuracy difference compares with the seed-to-seed range of the base model."""
-  if not present(difference) or spread is None:
-    return "not yet comparable with a seed-to-seed range (fewer than two seeds of the base model finished)"
-  width, seeds = spread
-  where = "within" if abs(difference) <= width else "beyond"
-  return f"{where} the {PERCENT * width:.2f}-point range of the base model over {seeds} seeds (experiment 4)"
+def beyond_seeds(a: dict[str, Any], b: dict[str, Any], metric: str = "eval_accuracy") -> bool | None:
+  """Whether a and b differ beyond the seed spread (None: not enough seeds to say)."""
+  interval = difference_interval(a, b, metric)
+  return None if interval is None else abs(interval[0]) > interval[1]
+
+
+def compared(a: dict[str, Any], b: dict[str, Any], metric: str = "eval_accuracy") -> str:
+  """'+1.20 points (95% interval +0.80 to +1.60): beyond the seed spread', or 'within the seed spread'."""
+  interval = difference_interval(a, b, metric)
+  if interval is None:
+    return "not comparable with the seed spread (fewer than two finished seeds)"
+  difference, half_width = interval
+  scale, unit = (PERCENT, " points") if "accuracy" in metric or "gap" in metric else (1.0, "")
+  where = "beyond" if abs(difference) > half_width else "within"
+  return (f"{scale * difference:+.2f}{unit} (95% interval {scale * (difference - half_width):+.2f} to "
+          f"{scale * (difference + half_width):+.2f}): {where} the seed spread")
+
+
+def seed_spread(results: dict[str, Any]) -> tuple[float, int, int] | None:
+  """(median over configurations of the seed-to-seed standard deviation of eval accuracy, configurations,
+  most seeds per configuration) over every seeded record of the study; None before any has two seeds."""
+  stds, seeds = [], 0
+  for records in results.values():
+    for record in records if isinstance(records, list) else []:
+      if isinstance(record, dict) and present(record.get("eval_accuracy_std")):
+        stds.append(record["eval_accuracy_std"])
+        seeds = max(seeds, len(record.get("eval_accuracy_seeds") or []))
+  return (statistics.median(stds), len(stds), seeds) if stds else None
 
 
 def unfinished(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -140,6 +192,14 @@ def figure(columns: int, title: str) -> tuple[Any, Any]:
   fig, axes = pyplot.subplots(1, columns, figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1]), squeeze=False)
   fig.suptitle(title)
   return fig, list(axes[0])
+
+
+def error_bars(axis: Any, xs: Sequence[float], records: Sequence[dict[str, Any]], metric: str, scale: float = 1.0,
+               **style: Any) -> None:
+  """Means over seeds with their 95% intervals as error bars (none where a record has fewer than two seeds)."""
+  means = [scale * r[metric] for r in records]
+  errors = [scale * (r.get(f"{metric}_ci95") or 0.0) for r in records]
+  axis.errorbar(xs, means, yerr=errors, capsize=ERROR_CAP, **style)
 
 
 def powers_of_two(panels: Sequence[tuple[Any, str]], xlabel: str, *, legend: bool = True) -> None:
@@ -207,12 +267,17 @@ def _preamble(header: dict[str, Any], results: dict[str, Any]) -> str:
            f"{header['written']}.",
            "Every number below comes from a run or measurement in this directory (all of them in "
            f"`{RESULTS_FILE}`); a run that is not there shows as *{MISSING_TEXT}*. Accuracies are on the "
-           "eval split, one seed per configuration.", ""]
+           "eval split. Every accuracy and loss is a mean over seeds (each configuration trained with "
+           "several seeds and nothing else changed), shown as mean ± the half-width of its 95% interval "
+           "(Student's t), and the plots show that interval as error bars. Measurements of invariants "
+           "(divergences, leakage, equality of runs) read one seed.", ""]
   spread = seed_spread(results)
   if spread is not None:
-    lines += [f"Seed-to-seed variation: the base model's eval accuracy spans {PERCENT * spread[0]:.2f} points over "
-              f"{spread[1]} seeds (experiment 4's members, which differ in nothing else); an accuracy difference "
-              "smaller than that is no evidence of an effect, and the readings say which ones are.", ""]
+    lines += [f"Seed-to-seed variation: the standard deviation of eval accuracy over seeds has a median of "
+              f"{PERCENT * spread[0]:.2f} points over {spread[1]} configurations (up to {spread[2]} seeds each). "
+              "A difference between two configurations counts as a finding only when the 95% interval of the "
+              "difference of their means (Welch's t) excludes 0, *beyond the seed spread*; the readings say "
+              "which differences are, and call the others *within the seed spread*.", ""]
   if missing:
     lines += [f"**{len(missing)} runs or measurements are missing**: {', '.join(missing)}.", ""]
   if header.get("wall_seconds") is not None:
