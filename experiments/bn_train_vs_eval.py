@@ -20,7 +20,7 @@ Cost: 2 runs of 200 steps and 20 reloaded checkpoints, 8 s in the study on 2 CPU
 
 import os
 
-from cnnjax.sweep import grid, load_experiment_file
+from cnnjax.sweep import grid, load_experiment_file, product
 
 BASE_EXPERIMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bn_base.py")
 MOMENTA = (0.9, 0.99)
@@ -35,4 +35,4 @@ def get_config(scale: str = "small"):
 
 
 def sweep():
-  return grid({"model.bn_momentum": MOMENTA})
+  return product(grid({"model.bn_momentum": MOMENTA}), grid({"seed": load_experiment_file(BASE_EXPERIMENT).SEEDS}))

@@ -23,7 +23,7 @@ Cost: 2 runs of 200 steps and the measurement, 10 s in the study on 2 CPU cores.
 
 import os
 
-from cnnjax.sweep import grid, load_experiment_file
+from cnnjax.sweep import grid, load_experiment_file, product
 
 BASE_EXPERIMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bn_base.py")
 NORMS = ("batch", "group")
@@ -34,4 +34,4 @@ def get_config(scale: str = "small"):
 
 
 def sweep():
-  return grid({"model.norm": NORMS})
+  return product(grid({"model.norm": NORMS}), grid({"seed": load_experiment_file(BASE_EXPERIMENT).SEEDS}))

@@ -2,9 +2,10 @@
 
 Command:
   python scripts/bn_study.py --workdir=/tmp/cnnjax/bn_study [--scale=small|full|tiny] [--only=KEY,...]
-  [--report_only]
+  [--report_only] [--readme=README.md]
 Writes DIR/report.md (a section per experiment: question, table, plot, reading),
-DIR/results.json (every number) and DIR/*.png; each experiment's runs train
+DIR/results.json (every number), DIR/summary.md (the README's summary; `--readme=README.md`
+writes it into the README between its markers) and DIR/*.png; each experiment's runs train
 into DIR/<experiment>/<trial>/ with results.csv/results.md as `python -m
 cnnjax.sweep` writes them. Rerunning resumes: finished runs and measurements are
 not redone. `--report_only` rewrites the report from what DIR holds. SIGTERM or
@@ -40,6 +41,8 @@ flags.DEFINE_list("only", [], "Run only these experiments (the report still cove
                   "per_device_batch, vmap_leakage, ensemble, train_vs_eval, ghost_batch.")
 flags.DEFINE_bool("report_only", False, "Write the report from what the workdir holds; train nothing.")
 flags.DEFINE_string("experiments_dir", os.path.join(REPO_ROOT, "experiments"), "Where the bn_*.py files are.")
+flags.DEFINE_string("readme", None, "Also rewrite this README's generated summary of the study (between its "
+                    "bn_study summary markers) from DIR/summary.md.")
 cli.define_device_flags()
 FLAGS = flags.FLAGS
 
@@ -53,6 +56,8 @@ def main(argv):
   from cnnjax import study  # pylint: disable=import-outside-toplevel  (JAX after XLA_FLAGS)
 
   def go():
+    if FLAGS.readme:
+      study.report.read_readme(FLAGS.readme)  # before training: a README it cannot write is an error now
     if FLAGS.report_only:
       results = study.write_study_report(study.Context(os.path.abspath(FLAGS.workdir),
                                                        study.SCALES[FLAGS.scale], FLAGS.experiments_dir))
@@ -61,6 +66,8 @@ def main(argv):
       with Preemption().handling() as preemption:
         results = study.run_study(FLAGS.workdir, FLAGS.scale, experiments_dir=FLAGS.experiments_dir,
                                   only=FLAGS.only, preemption=preemption)
+    if FLAGS.readme:
+      study.report.update_readme(FLAGS.readme, FLAGS.workdir)
     missing = study.report.missing_runs(results)
     print(f"report: {os.path.join(FLAGS.workdir, 'report.md')} (numbers in results.json); "
           + (f"{len(missing)} runs or measurements missing" if missing else "nothing missing"))

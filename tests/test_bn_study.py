@@ -92,6 +92,7 @@ def check_report(workdir, results):
   local = next(r for r in results["sync_vs_devices"] if r["bn_sync"] == "local")
   assert study.report.num(local["replica_stat_divergence"]) in report
   check_seeds(workdir, results, report)
+  check_summary(workdir, results)
 
 
 def check_seeds(workdir, results, report):
@@ -110,6 +111,26 @@ def check_seeds(workdir, results, report):
                                           "summary.json")))
     assert summary["eval_accuracy"] in renorm["eval_accuracy_seeds"]
   assert "beyond the seed spread" in report or "within the seed spread" in report
+
+
+def check_summary(workdir, results):
+  """The README's summary: the cost of the invocation that trained, one bullet per experiment, its numbers."""
+  summary = open(os.path.join(workdir, study.report.SUMMARY_FILE)).read()
+  paragraph, bullets = summary.split("\n\n")
+  done = results["study"]["tasks_total"]
+  assert paragraph.startswith("Measured with `--scale=tiny`")
+  seconds = results["study"]["wall_seconds"]
+  assert f"{done} runs and measurements in {seconds:.0f} s wall, in one invocation" in paragraph
+  assert "missing" not in summary
+  lines = bullets.strip().splitlines()
+  assert [line.split("**")[1] for line in lines] == [
+      "Sync vs devices", "Per-device batch", "vmap leakage", "Ensembles", "Train vs eval", "Ghost batch"]
+  per_device = lines[1]
+  for record in results["per_device_batch"]:
+    assert study.report.pct_ci(record, "eval_accuracy") in per_device
+  local = next(r for r in results["sync_vs_devices"] if r["bn_sync"] == "local")
+  assert study.report.num(local["replica_stat_divergence"]) in lines[0]
+  assert study.report.num(results["ensemble_member_vs_solo_max_abs_diff"]) in lines[3]
 
 
 def check_invariants(results):
@@ -143,6 +164,8 @@ def check_rerun_and_missing(workdir, results, copy):
   shutil.copytree(workdir, copy)
   again = study.run_study(copy, "tiny", experiments_dir=EXPERIMENTS)
   assert again["study"]["tasks_run"] == 0
+  # An invocation that did nothing leaves the study's recorded cost alone.
+  assert again["study"]["invocations"] == results["study"]["invocations"] and len(again["study"]["invocations"]) == 1
   assert again["sync_vs_devices"] == results["sync_vs_devices"]
 
   local = next(r for r in results["sync_vs_devices"] if r["bn_sync"] == "local")
@@ -160,9 +183,19 @@ def check_rerun_and_missing(workdir, results, copy):
   summary["param_checksum"] = "0" * len(summary["param_checksum"])
   json.dump(summary, open(solo_summary, "w"))
 
-  written = run_cli("bn_study", f"--workdir={copy}", "--scale=tiny", "--report_only", wrapper=SCRIPT)
+  readme = os.path.join(copy, "README.md")
+  with open(readme, "w") as f:
+    f.write(f"# Title\n\nBefore.\n{study.report.SUMMARY_BEGIN}\nan old summary\n{study.report.SUMMARY_END}\nAfter.\n")
+  written = run_cli("bn_study", f"--workdir={copy}", "--scale=tiny", "--report_only", f"--readme={readme}",
+                    wrapper=SCRIPT)
   assert written.returncode == 0, written.stderr[-2000:]
   assert "runs or measurements missing" in written.stdout
+  # The README's block is the new summary, which still gives the cost of the invocation that trained.
+  summary = open(os.path.join(copy, study.report.SUMMARY_FILE)).read()
+  assert open(readme).read() == (f"# Title\n\nBefore.\n{study.report.SUMMARY_BEGIN}\n{summary}"
+                                 f"{study.report.SUMMARY_END}\nAfter.\n")
+  assert f"{results['study']['tasks_total']} runs and measurements in" in summary
+  assert f"**{len(study.report.missing_runs(study.read_results(copy)))} runs or measurements missing**" in summary
   partial = study.read_results(copy)
   record = next(r for r in partial["sync_vs_devices"] if r["bn_sync"] == "local")
   assert record["status"] == "missing" and record["eval_accuracy"] is None and record["replica_stat_divergence"] is None
@@ -224,3 +257,42 @@ def test_differences_are_findings_only_beyond_the_seed_spread():
   # Welch's interval: by hand for these two groups (equal variances 1e-4, n = 3, 4 degrees of freedom).
   difference, half_width = study.report.difference_interval(near, base, "eval_accuracy")
   assert difference == pytest.approx(0.005) and half_width == pytest.approx(2.7764 * np.sqrt(2e-4 / 3), rel=1e-4)
+
+
+def test_the_readme_summary_is_spliced_between_its_markers_only():
+  begin, end = study.report.SUMMARY_BEGIN, study.report.SUMMARY_END
+  readme = f"intro\n{begin}\nold\nlines\n{end}\noutro\n"
+  spliced = study.report.splice_summary(readme, "new summary\n\n* a bullet\n")
+  assert spliced == f"intro\n{begin}\nnew summary\n\n* a bullet\n{end}\noutro\n"
+  assert study.report.splice_summary(spliced, "new summary\n\n* a bullet") == spliced  # rerunning changes nothing
+  for broken in ("no markers", f"{begin}\n{begin}\n{end}", f"{end}\n{begin}", f"{begin} only"):
+    with pytest.raises(ConfigError, match=r"^NOTES.md must hold the lines .* once each, in that order"):
+      study.report.splice_summary(broken, "summary", "NOTES.md")
+  # The repository's README holds the block, so that `--readme=README.md` can rewrite it.
+  study.report.read_readme(os.path.join(REPO_ROOT, "README.md"))
+
+
+def test_a_readme_without_markers_is_a_one_line_error_before_anything_runs(tmp_path):
+  readme = tmp_path / "README.md"
+  readme.write_text("# A README without the study's markers\n")
+  workdir = tmp_path / "study"
+  failed = run_cli("bn_study", f"--workdir={workdir}", "--scale=tiny", f"--readme={readme}", wrapper=SCRIPT)
+  assert failed.returncode == 2, failed.stderr[-2000:]
+  assert failed.stderr.strip().splitlines() == [
+      f"error: {readme} must hold the lines {study.report.SUMMARY_BEGIN!r} and {study.report.SUMMARY_END!r} "
+      "once each, in that order, around the study's summary"]
+  assert readme.read_text() == "# A README without the study's markers\n" and not workdir.exists()
+  absent = run_cli("bn_study", f"--workdir={workdir}", "--scale=tiny", f"--readme={tmp_path / 'nope.md'}",
+                   wrapper=SCRIPT)
+  assert absent.returncode == 2 and absent.stderr.strip().splitlines() == [
+      f"error: cannot read the README {tmp_path / 'nope.md'}: No such file or directory"]
+
+
+def test_the_study_cost_adds_up_the_invocations_that_did_its_tasks():
+  assert study.report.study_cost([]) == "no invocation recorded its cost"
+  one = {"tasks_run": 40, "tasks_total": 40, "wall_seconds": 612.4}
+  assert study.report.study_cost([one]) == "40 runs and measurements in 612 s wall, in one invocation"
+  resumed = [{"tasks_run": 10, "tasks_total": 40, "wall_seconds": 100.2},
+             {"tasks_run": 30, "tasks_total": 40, "wall_seconds": 500.0}]
+  assert study.report.study_cost(resumed) == ("40 runs and measurements in 2 invocations, 600 s wall in all "
+                                             "(100 s, 500 s)")

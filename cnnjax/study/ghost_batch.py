@@ -96,3 +96,16 @@ def reading(records: list[dict[str, Any]]) -> str:
     sentences.append("No run of this experiment is finished yet.")
   sentences += report.unfinished(records)
   return " ".join(sentences)
+
+
+def summary(results: dict[str, Any]) -> str:
+  """The README's bullet: accuracy over seeds by ghost batch, and whether best and worst differ."""
+  finished = [r for r in results[KEY] if report.present(r["eval_accuracy"])]
+  if not finished:
+    return "**Ghost batch**: no run finished."
+  best = max(finished, key=lambda r: r["eval_accuracy"])
+  worst = min(finished, key=lambda r: r["eval_accuracy"])
+  listing = ", ".join(f"{r['bn_group_size']}: {report.pct_ci(r, 'eval_accuracy')}" for r in finished)
+  text = (f"**Ghost batch** (global batch {finished[0]['global_batch']}, eval accuracy over seeds by ghost batch): "
+          f"{listing}")
+  return text + (f"; best minus worst: {report.compared(best, worst)}." if best is not worst else ".")

@@ -182,3 +182,34 @@ def _wu_he_shape(batch_curve: list[dict[str, Any]], others: list[dict[str, Any]]
             "depend on the per-device batch.")
   return (f"So Wu & He's shape is absent here: BatchNorm at {smallest} examples per device is not below "
           f"{REFERENCE_BATCH} beyond the seed spread.")
+
+
+def summary(results: dict[str, Any]) -> str:
+  """The README's bullet: the curve's means and intervals, and what exceeds the seed spread."""
+  records = results[KEY]
+  curves = _curves(records)
+  first = records[0] if records else {}
+  parts = []
+  for kind, curve in curves.items():
+    if curve:  # a partial study (`--only`, the tiny scale) may lack a kind
+      listing = ", ".join(f"{r['per_device_batch']}: {report.pct_ci(r, 'eval_accuracy')}" for r in curve)
+      parts.append(f"{NORM_LABELS[kind]} {listing}")
+  others = _others(records)
+  if others:
+    parts.append(", ".join(f"{NORM_LABELS[r['norm']]} {report.pct_ci(r, 'eval_accuracy')}" for r in others)
+                 + " (any per-device batch)")
+  seeds = max((len(r["seeds"]) for r in records), default=0)
+  text = (f"**Per-device batch** ({first.get('model')} on {first.get('data')}, global batch "
+          f"{first.get('global_batch')}, eval accuracy over {seeds} seeds by examples per device): "
+          + "; ".join(parts) + ".")
+  by_batch = {kind: {r["per_device_batch"]: r for r in curve if report.present(r["eval_accuracy"])}
+              for kind, curve in curves.items()}
+  batch, renorm = by_batch["batch"], by_batch["renorm"]
+  smallest = min(batch, default=None)
+  if smallest is not None and REFERENCE_BATCH in batch:
+    text += (f" BatchNorm at {smallest} minus at {REFERENCE_BATCH}: "
+             f"{report.compared(batch[smallest], batch[REFERENCE_BATCH])}.")
+  if smallest is not None and smallest in renorm:
+    text += f" Batch Renorm minus BatchNorm at {smallest}: {report.compared(renorm[smallest], batch[smallest])}."
+  shape = _wu_he_shape(curves["batch"], [r for r in others if report.present(r["eval_accuracy"])])
+  return text + (f" {shape}" if shape else "")

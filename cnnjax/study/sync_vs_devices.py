@@ -197,3 +197,21 @@ def reading(records: list[dict[str, Any]]) -> str:
                        f"{report.pct_ci(r, 'eval_accuracy')}, divergence {report.num(r['replica_stat_divergence'])}.")
   sentences += report.unfinished(records)
   return " ".join(sentences) if sentences else "No runs of this experiment are finished yet."
+
+
+def summary(results: dict[str, Any]) -> str:
+  """The README's bullet: accuracies over seeds by sync mode and devices, and the divergences."""
+  records = results[KEY]
+  parts = []
+  for label in dict.fromkeys(_label(r) for r in records):
+    chosen = sorted((r for r in records if _label(r) == label), key=lambda r: r["devices"])
+    parts.append(f"{label}: " + ", ".join(
+        f"{report.pct_ci(r, 'eval_accuracy')} (divergence {report.num(r['replica_stat_divergence'])}) on "
+        f"{r['devices']}" for r in chosen))
+  beyond = [f"{_label(r)} on {r['devices']}" for r in records for other in records
+            if _label(other) == "global" and other["devices"] == r["devices"] and r is not other
+            and report.beyond_seeds(r, other)]
+  return ("**Sync vs devices** (eval accuracy over seeds, and the devices' statistics divergence in full-batch "
+          "stds, by device count): " + "; ".join(parts) + ". Against global sync on the same devices, "
+          + (f"beyond the seed spread: {', '.join(beyond)}." if beyond else
+             "no accuracy difference is beyond the seed spread."))
