@@ -105,12 +105,84 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-# Keys that may change when a run resumes: they decide where, how often and how fast outputs
-# are written, not what is computed. Any other change means a different run.
+# The classic ImageNet recipe's fixed parts (Krizhevsky et al. 2012, He et al. 2016): 90 epochs of SGD
+# with momentum on 224x224 Inception-style crops with flips, batch 256, the rate divided by 10 at each
+# decay epoch.
+IMAGENET_EPOCHS = 90
+IMAGENET_BATCH = 256
+IMAGENET_IMAGE_SIZE = 224
+IMAGENET_INPUT_THREADS = 16
+IMAGENET_MOMENTUM = 0.9
+IMAGENET_WEIGHT_DECAY = 1e-4
+IMAGENET_DECAY_FACTOR = 0.1
+IMAGENET_LOG_EVERY = 100
+IMAGENET_EVAL_EVERY = 5_000
+
+
+def imagenet_config(model: str, *, learning_rate: float, decay_epochs: tuple[int, ...]) -> ml_collections.ConfigDict:
+  """The base config set to the classic ImageNet recipe for `model`, with its peak learning rate and the
+  epochs at which the rate drops tenfold; experiments add their model's own keys."""
+  config = base_config()
+  config.model.name = model
+  config.data.name = "imagenet2012"
+  config.data.image_size = IMAGENET_IMAGE_SIZE
+  config.data.random_resized_crop = True
+  config.data.flip = True
+  config.data.num_threads = IMAGENET_INPUT_THREADS
+  config.batch_size = IMAGENET_BATCH
+  config.num_epochs = IMAGENET_EPOCHS
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = learning_rate
+  config.optimizer.momentum = IMAGENET_MOMENTUM
+  config.optimizer.weight_decay = IMAGENET_WEIGHT_DECAY
+  config.optimizer.schedule = "piecewise"
+  config.optimizer.decay_boundaries = tuple(epoch / IMAGENET_EPOCHS for epoch in decay_epochs)
+  config.optimizer.decay_factor = IMAGENET_DECAY_FACTOR
+  config.log_every_steps = IMAGENET_LOG_EVERY
+  config.eval_every_steps = IMAGENET_EVAL_EVERY
+  config.checkpoint_every_steps = IMAGENET_EVAL_EVERY
+  return config
+
+
+# The key groups, in one place. Keys that may change when a run resumes: they decide where, how often
+# and how fast outputs are written, not what is computed. Any other change means a different run.
 RESUME_SAFE_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                     "progress_bar", "data.num_threads", "data.prefetch_batches", "data.tfds_data_dir",
                     "data.cache_megabytes",
                     "parallel.strategy", "parallel.num_devices", "model.lowering")
+
+
+# Keys in which the members of one vectorized population may differ: values that need no recompilation
+# (injected into the optimizer state, arguments of the step, or the seed).
+VECTORIZABLE_KEYS = ("optimizer.learning_rate", "optimizer.weight_decay", "label_smoothing", "seed")
+# Keys a population member ignores: the population places it and shows one bar for all.
+MEMBER_IGNORED_KEYS = ("parallel.strategy", "parallel.num_devices", "progress_bar")
+
+
+def lookup(config: ml_collections.ConfigDict, key: str) -> object:
+  """The value of dotted `key` ('optimizer.learning_rate'); ConfigError naming the first unknown part and
+  the keys beside it."""
+  node = config
+  parts = key.split(".")
+  for depth, part in enumerate(parts):
+    if not hasattr(node, "keys") or part not in node:
+      parent = ".".join(parts[:depth]) or "the config"
+      known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "nothing (it is a value)"
+      raise ConfigError(f"unknown config key {key!r}; {parent} has: {known}")
+    node = node[part]
+  return node
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, value: object) -> None:
+  """Sets dotted `key`; ConfigError for an unknown key or a value the (locked) config does not take."""
+  lookup(config, key)
+  *parents, leaf = key.split(".")
+  parent = lookup(config, ".".join(parents)) if parents else config
+  try:
+    parent[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{key}={value!r}, which does not fit the config ({str(e).splitlines()[0]}); give a value "
+                      "of the key's type") from None
 
 
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
