@@ -170,7 +170,7 @@ def num_eval_batches(num_examples: int, global_batch: int) -> int:
   return math.ceil(num_examples / global_batch)
 
 
-def iterate(dataset: grain.MapDataset, *, num_threads: int, prefetch: int, num_workers: int = 0) -> "Batches":
+def iterate(dataset: grain.MapDataset, *, num_threads: int, prefetch: int, num_workers: int = 0) -> Batches:
   """An iterator over the dataset's elements, prepared `prefetch` ahead on `num_threads` threads, in
   `num_workers` worker processes when positive (see the module docstring).
 
@@ -198,7 +198,7 @@ class Batches:
     self._iterator: Any = None
     _OPEN.add(self)
 
-  def __iter__(self) -> "Batches":
+  def __iter__(self) -> Batches:
     return self
 
   def __next__(self) -> Any:
@@ -236,10 +236,10 @@ class Batches:
       iterator, self._iterator = self._iterator, None
       iterator.close()
 
-  def __enter__(self) -> "Batches":
+  def __enter__(self) -> Batches:
     return self
 
-  def __exit__(self, *exc_info: Any) -> None:
+  def __exit__(self, *exc_info: object) -> None:
     self.close()
 
   def _start(self) -> grain.DatasetIterator:
@@ -258,7 +258,7 @@ class Batches:
 
 # Iterators not closed by their users are closed when the interpreter exits, before its teardown: grain's
 # own finalizers then run with half-unloaded modules and print a traceback for every buffered batch.
-_OPEN: "weakref.WeakSet[Batches]" = weakref.WeakSet()
+_OPEN: weakref.WeakSet[Batches] = weakref.WeakSet()
 
 
 @atexit.register
