@@ -81,7 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.rotation_degrees = 0.0  # random rotation in [-r, r] degrees; 0: off
   config.data.vocab_size = 20_000  # text only: vocabulary ids from the training split, padding and unknown included
   config.data.max_length = 256  # text only: tokens per example (longer ones cut, shorter ones padded)
-  config.data.num_threads = 4  # host threads preparing batches
+  config.data.num_threads = 4  # host threads preparing batches (in each worker process when there are some)
+  # Worker processes preparing batches, beside the threads (grain multiprocessing): 0 prepares them in this
+  # process. JPEG decoding and random_resized_crop (ImageNet) scale with cores only through workers.
+  config.data.num_workers = 0
   config.data.cache_megabytes = 1024  # decode fixed-size image datasets into RAM once when they fit; 0: never
   config.data.prefetch_batches = 8
 
@@ -147,8 +150,8 @@ def imagenet_config(model: str, *, learning_rate: float, decay_epochs: tuple[int
 # The key groups, in one place. Keys that may change when a run resumes: they decide where, how often
 # and how fast outputs are written, not what is computed. Any other change means a different run.
 RESUME_SAFE_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                    "progress_bar", "data.num_threads", "data.prefetch_batches", "data.tfds_data_dir",
-                    "data.cache_megabytes",
+                    "progress_bar", "data.num_threads", "data.num_workers", "data.prefetch_batches",
+                    "data.tfds_data_dir", "data.cache_megabytes",
                     "parallel.strategy", "parallel.num_devices", "model.lowering")
 
 
@@ -321,6 +324,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.data.rotation_degrees >= 0, f"data.rotation_degrees={config.data.rotation_degrees} must be >= 0")
   _require(config.data.cache_megabytes >= 0, f"data.cache_megabytes={config.data.cache_megabytes} must be >= 0")
   _require(config.data.num_threads > 0, f"data.num_threads={config.data.num_threads} must be positive")
+  _require(config.data.num_workers >= 0,
+           f"data.num_workers={config.data.num_workers} must be >= 0 (0: no worker processes, threads only)")
   _require(config.data.prefetch_batches > 0, f"data.prefetch_batches={config.data.prefetch_batches} must be positive")
   _require(config.data.num_classes >= 0, f"data.num_classes={config.data.num_classes} must be >= 0")
   _require(config.data.vocab_size > 2, f"data.vocab_size={config.data.vocab_size} must exceed 2 (padding and unknown)")

@@ -3,12 +3,18 @@
 Speed itself is never asserted here (the brief: benchmarks measure, tests check
 behaviour); these tests check that a run produces every field the README and
 the README's Performance section promise, that the multi-device and bfloat16 paths run, and
-that the PyTorch twin, where PyTorch is installed, is the same architecture.
+that the PyTorch twin, where PyTorch is installed, is the same architecture; and that the
+pipeline benchmark against worker counts (scripts/bench_pipeline.py) writes its rates.
 """
 
 import importlib.util
+import json
+import os
 
 from cnnjax.bench import harness
+from helpers import REPO_ROOT, run_cli
+
+BENCH_PIPELINE = os.path.join(REPO_ROOT, "scripts", "bench_pipeline.py")
 
 REQUIRED_FIELDS = ("model", "batch", "strategy", "dtype", "images_per_second", "compile_seconds",
                    "flops_per_step", "fraction_of_peak", "median_step_seconds", "peak_host_memory_mb",
@@ -59,3 +65,21 @@ def test_benchmark_run_has_every_field_on_one_and_eight_devices():
   assert single["devices"] == 1 and multi["devices"] == harness.SIMULATED_DEVICES
   # FLOPs are counted for the whole global step, so the strategy does not change them much.
   assert abs(multi["flops_per_step"] / single["flops_per_step"] - 1) < 0.5
+
+
+def test_pipeline_benchmark_writes_rates_per_worker_count_and_per_core(tmp_path):
+  out = tmp_path / "pipeline.json"
+  result = run_cli("", "--settings=0x1,1x1", "--repeats=1", "--seconds=0.2", "--batch=4", "--examples=8",
+                   f"--data_dir={tmp_path / 'data'}", f"--json={out}", wrapper=BENCH_PIPELINE)
+  assert result.returncode == 0, result.stderr[-3000:]
+  payload = json.loads(out.read_text())
+  assert payload["data"]["examples"] == 8 and payload["data"]["mean_jpeg_bytes"] > 0
+  assert set(payload["settings"]) == {"0x1", "1x1"}
+  for name, values in payload["settings"].items():
+    assert values["images_per_second"] > 0 and values["cpu_seconds_per_image"] > 0, name
+  threads, workers = payload["rounds"]["0x1"][0], payload["rounds"]["1x1"][0]
+  assert threads["worker_processes"] == 0 and workers["worker_processes"] == 1
+  assert workers["worker_cpu_counted"] and workers["worker_cpu_fraction"] > 0
+  derived = payload["derived"]
+  assert derived["cores_for_target"] == derived["target_images_per_second"] / derived["images_per_second_per_core"]
+  assert {"command", "commit", "machine"} <= set(payload)

@@ -34,7 +34,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 import numpy as np
@@ -192,18 +191,13 @@ def _last_error(stderr: str) -> str:
 def pipeline_throughput(kind: str, batch: int, image_size: int, data_root: str) -> float:
   """Images per second of the real host pipeline (decode, augment, batch) for an input kind."""
   from cnnjax import train  # pylint: disable=import-outside-toplevel
+  from cnnjax.bench import pipeline  # pylint: disable=import-outside-toplevel
   from cnnjax.bench.datasets import pipeline_config  # pylint: disable=import-outside-toplevel
   config = pipeline_config(kind, batch=batch, image_size=image_size, root=data_root,
                            num_examples=PIPELINE_EXAMPLES)
-  exp = train.build(config)
-  batches = exp.train_batches()
-  for _ in range(PIPELINE_WARMUP_BATCHES):
-    next(batches)
-  start, count = time.perf_counter(), 0
-  while count < PIPELINE_MIN_TIMED_BATCHES or time.perf_counter() - start < PIPELINE_MIN_TIMED_SECONDS:
-    next(batches)
-    count += 1
-  return count * batch / (time.perf_counter() - start)
+  record = pipeline.measure(train.build(config).train_batches(), batch, warmup_batches=PIPELINE_WARMUP_BATCHES,
+                            min_batches=PIPELINE_MIN_TIMED_BATCHES, min_seconds=PIPELINE_MIN_TIMED_SECONDS)
+  return record["images_per_second"]
 
 
 def machine() -> dict[str, Any]:

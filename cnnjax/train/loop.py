@@ -103,12 +103,12 @@ class Experiment:
     dataset = data_lib.train_dataset(self.dataset.train, self.preprocess, seed=self.config.seed,
                                      batch=self.train_slice, num_steps=self.total_steps)
     return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
-                            prefetch=self.config.data.prefetch_batches)
+                            prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
 
   def eval_batches(self) -> Any:
     dataset = data_lib.eval_dataset(self.dataset.eval, self.preprocess, batch=self.eval_slice)
     return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
-                            prefetch=self.config.data.prefetch_batches)
+                            prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
 
 
 def _dtype(name: str) -> Any:
@@ -549,6 +549,8 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
         raise preemption.stopped(done)
   finally:
     progress.close()
+    for iterator in iterators:
+      iterator.close()  # stops data worker processes now, whether training ended, stopped or failed
 
   evaluate_alive(total_steps)
   final_states = engine.get_states(state)
