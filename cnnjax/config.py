@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   # initialization); see cnnjax.models.torchvision_import.
   config.init_from = ""
   config.init_from_replace_classifier = False  # a new classifier where the file's class count differs
+  # (START, COUNT): a jax.profiler trace of the COUNT train steps after the first START, into the workdir
+  # (cnnjax.train.profiling); COUNT 0: none. On the command line: --config.profile_steps=10,5
+  config.profile_steps = (0, 0)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "lenet5"
@@ -110,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
 RESUME_SAFE_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                     "progress_bar", "data.num_threads", "data.prefetch_batches", "data.tfds_data_dir",
                     "data.cache_megabytes",
-                    "parallel.strategy", "parallel.num_devices", "model.lowering")
+                    "parallel.strategy", "parallel.num_devices", "model.lowering", "profile_steps")
 
 
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
@@ -187,6 +190,14 @@ FLOAT_KEYS = ("num_epochs", "label_smoothing", "optimizer.learning_rate", "optim
               "model.bn_momentum", "model.bn_epsilon", "data.rotation_degrees")
 
 
+def _validate_profile_steps(config: ml_collections.ConfigDict) -> None:
+  value = config.profile_steps
+  _require(isinstance(value, (tuple, list)) and len(value) == 2 and all(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value),
+           f"profile_steps={value!r} must be two integers START,COUNT >= 0 (trace the COUNT steps after the first "
+           "START; COUNT 0: no trace), e.g. --config.profile_steps=10,5")
+
+
 def _check_structure(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError unless `config` is a ConfigDict with every shared key."""
   _require(isinstance(config, ml_collections.ConfigDict),
@@ -228,6 +239,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.optimizer.decay_factor > 0,
            f"optimizer.decay_factor={config.optimizer.decay_factor} must be positive")
   _validate_schedule(config)
+  _validate_profile_steps(config)
   _require(config.optimizer.warmup_steps >= 0, f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be >= 0")
   _require(0 <= config.label_smoothing < 1, f"label_smoothing={config.label_smoothing} must be in [0, 1)")
   _require(config.num_train_steps > 0 or config.num_epochs > 0,
