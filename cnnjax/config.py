@@ -20,7 +20,7 @@ import math
 
 import ml_collections
 
-from cnnjax.data import DATASET_NAMES
+from cnnjax.data import DATASET_NAMES, is_dataset_name
 from cnnjax.errors import ConfigError
 from cnnjax.models import MODELS
 from cnnjax.nn import LOWERINGS, NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS
@@ -217,7 +217,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED,
            f"seed={config.seed} is outside [0, {MAX_SEED}]; use a non-negative 32-bit integer")
   _choice(config.model.name, sorted(MODELS), "model.name")
-  _choice(config.data.name, DATASET_NAMES, "data.name")
+  _require(isinstance(config.data.name, str) and is_dataset_name(config.data.name),
+           f"data.name={config.data.name!r} is neither one of {', '.join(DATASET_NAMES)} nor a TFDS dataset name "
+           "(lower case, e.g. svhn_cropped, or your image folder's name; see python -m cnnjax.prepare)")
   _choice(config.parallel.strategy, STRATEGIES, "parallel.strategy")
   _choice(config.model.bn_sync, BN_SYNC_MODES, "model.bn_sync")
   _choice(config.model.bn_running_variance, RUNNING_VARIANCE_CONVENTIONS, "model.bn_running_variance")
