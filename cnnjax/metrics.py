@@ -30,6 +30,9 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 import tqdm
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 logger = logging.getLogger("cnnjax")
 
@@ -41,7 +44,7 @@ NOT_SCALARS = ("step", "split", "examples")
 # An event file record: uint64 length, uint32 masked CRC of it, the data, uint32 masked CRC of the data.
 RECORD_HEADER = struct.Struct("<QI")
 RECORD_FOOTER = struct.Struct("<I")
-# Numbers event files written by this process, so that two in one directory and second never share a name.
+# Numbers the event files this process writes, so that two written in one directory in one second differ.
 _event_file_serial = itertools.count()
 CURVES_FILE = "curves.png"
 CURVES_SIZE_INCHES = (12.0, 3.6)
@@ -79,7 +82,6 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 def read_events(path: str) -> Iterator[bytes]:
   """The serialized events of an event file, up to its end or to a record torn by a crash."""
-  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c  # pylint: disable=import-outside-toplevel
   with open(path, "rb") as f:
     while True:
       header = f.read(RECORD_HEADER.size)
@@ -110,8 +112,6 @@ class EventLog:
 
   def _writer(self):
     """This invocation's event file, created on its first point (a version record first, as TensorBoard's)."""
-    from tensorboard.compat.proto import event_pb2  # pylint: disable=import-outside-toplevel
-    from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=import-outside-toplevel
     if self._file is None:
       os.makedirs(self.directory, exist_ok=True)
       name = (f"{EVENT_FILE_PREFIX}.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
@@ -127,7 +127,6 @@ class EventLog:
   def _write_values(self, step: int, values: dict[str, float]) -> None:
     if not self.enabled or not values:
       return
-    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
     event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(
         value=[summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()]))
     writer = self._writer()
@@ -150,8 +149,6 @@ class EventLog:
     """
     if not self.enabled:
       return
-    from tensorboard.compat.proto import event_pb2  # pylint: disable=import-outside-toplevel
-    from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=import-outside-toplevel
     wanted = {(tag, int(record["step"])) for record in records for tag in scalars(record)}
     seen: set[tuple[str, int]] = set()
     for path in self.event_files():

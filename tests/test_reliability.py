@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnjax import train
 from cnnjax.data import ProcessSlice, train_dataset
@@ -39,7 +40,6 @@ def killed_run(args, fault: str):
 
 def tensorboard_steps(workdir) -> dict[str, list[int]]:
   """{tag: steps} of a run's event files, every event kept (repeats included)."""
-  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # pylint: disable=import-outside-toplevel
   accumulator = EventAccumulator(str(workdir), purge_orphaned_data=False)
   accumulator.Reload()
   return {tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
