@@ -117,10 +117,12 @@ def configure_logging() -> None:
   """cnnjax's own progress lines on stderr; libraries (orbax, TFDS, JAX) only from warnings up."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.WARNING)
-  # TFDS warns on every run that it decodes PNGs with PIL rather than OpenCV: expected here. A full disk
-  # makes orbax's writer threads log their tracebacks; cnnjax reports it in one line instead.
-  logging.getLogger("absl").addFilter(
-      lambda record: not any(text in record.getMessage() for text in ("OpenCV is not installed",) + DISK_FULL_TEXTS))
+  # TFDS warns on every run that it decodes PNGs with PIL rather than OpenCV: expected here. Looking for an
+  # unprepared dataset, it warns of a variant folder without dataset_info.json, which cnnjax's one-line
+  # error explains. A full disk makes orbax's writer threads log their tracebacks; cnnjax reports it in
+  # one line instead.
+  quiet = ("OpenCV is not installed", "has no dataset_info.json") + DISK_FULL_TEXTS
+  logging.getLogger("absl").addFilter(lambda record: not any(text in record.getMessage() for text in quiet))
   logger = logging.getLogger("cnnjax")
   if not logger.handlers:
     handler = logging.StreamHandler(sys.stderr)

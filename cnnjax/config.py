@@ -20,7 +20,7 @@ import math
 
 import ml_collections
 
-from cnnjax.data import DATASET_NAMES
+from cnnjax.data import DATASET_NAMES, is_dataset_name
 from cnnjax.errors import ConfigError
 from cnnjax.models import MODELS
 from cnnjax.nn import LOWERINGS, NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS
@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   # initialization); see cnnjax.models.torchvision_import.
   config.init_from = ""
   config.init_from_replace_classifier = False  # a new classifier where the file's class count differs
+  # (START, COUNT): a jax.profiler trace of the COUNT train steps after the first START, into the workdir
+  # (cnnjax.train.profiling); COUNT 0: none. On the command line: --config.profile_steps=10,5
+  config.profile_steps = (0, 0)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "lenet5"
@@ -152,7 +155,7 @@ def imagenet_config(model: str, *, learning_rate: float, decay_epochs: tuple[int
 RESUME_SAFE_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                     "progress_bar", "data.num_threads", "data.num_workers", "data.prefetch_batches",
                     "data.tfds_data_dir", "data.cache_megabytes",
-                    "parallel.strategy", "parallel.num_devices", "model.lowering")
+                    "parallel.strategy", "parallel.num_devices", "model.lowering", "profile_steps")
 
 
 # Keys in which the members of one vectorized population may differ: values that need no recompilation
@@ -262,6 +265,14 @@ FLOAT_KEYS = ("num_epochs", "label_smoothing", "optimizer.learning_rate", "optim
               "model.bn_momentum", "model.bn_epsilon", "data.rotation_degrees")
 
 
+def _validate_profile_steps(config: ml_collections.ConfigDict) -> None:
+  value = config.profile_steps
+  _require(isinstance(value, (tuple, list)) and len(value) == 2 and all(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value),
+           f"profile_steps={value!r} must be two integers START,COUNT >= 0 (trace the COUNT steps after the first "
+           "START; COUNT 0: no trace), e.g. --config.profile_steps=10,5")
+
+
 def _check_structure(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError unless `config` is a ConfigDict with every shared key."""
   _require(isinstance(config, ml_collections.ConfigDict),
@@ -281,7 +292,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED,
            f"seed={config.seed} is outside [0, {MAX_SEED}]; use a non-negative 32-bit integer")
   _choice(config.model.name, sorted(MODELS), "model.name")
-  _choice(config.data.name, DATASET_NAMES, "data.name")
+  _require(isinstance(config.data.name, str) and is_dataset_name(config.data.name),
+           f"data.name={config.data.name!r} is neither one of {', '.join(DATASET_NAMES)} nor a TFDS dataset name "
+           "(lower case, e.g. svhn_cropped, or your image folder's name; see python -m cnnjax.prepare)")
   _choice(config.parallel.strategy, STRATEGIES, "parallel.strategy")
   _choice(config.model.bn_sync, BN_SYNC_MODES, "model.bn_sync")
   _choice(config.model.bn_running_variance, RUNNING_VARIANCE_CONVENTIONS, "model.bn_running_variance")
@@ -303,6 +316,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.optimizer.decay_factor > 0,
            f"optimizer.decay_factor={config.optimizer.decay_factor} must be positive")
   _validate_schedule(config)
+  _validate_profile_steps(config)
   _require(config.optimizer.warmup_steps >= 0, f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be >= 0")
   _require(0 <= config.label_smoothing < 1, f"label_smoothing={config.label_smoothing} must be in [0, 1)")
   _require(config.num_train_steps > 0 or config.num_epochs > 0,

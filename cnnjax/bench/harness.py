@@ -79,8 +79,10 @@ class Case:
     return (self.model, self.batch, self.image_size, self.channels, self.num_classes)
 
 
-def cases(quick: bool) -> list[Case]:
-  """The benchmark's cases; --quick keeps ResNet-20 and LeNet-5 whole and the ImageNet nets small."""
+def cases(quick: bool, devices: int = SIMULATED_DEVICES) -> list[Case]:
+  """The benchmark's cases; --quick keeps ResNet-20 and LeNet-5 whole and the ImageNet nets small.
+  Multi-device cases start their child with `devices` CPU devices (on an accelerator host they use every
+  local accelerator instead)."""
   imagenet_size = 64 if quick else 224
   families = [("resnet20", 128, 32, 3, 10, "cifar"), ("lenet5", 256, 32, 1, 10, "mnist"),
               ("resnet18", 32, imagenet_size, 3, 1000, "imagenet"),
@@ -93,7 +95,8 @@ def cases(quick: bool) -> list[Case]:
           continue
         if quick and model == "lenet5" and dtype != "float32":
           continue
-        selected.append(Case(model, batch, size, channels, classes, strategy, dtype, kind))
+        selected.append(Case(model, batch, size, channels, classes, strategy, dtype, kind,
+                             num_devices=1 if strategy == "none" else devices))
   return selected
 
 
