@@ -52,17 +52,17 @@ def _diagnose_config_flags(argv: Sequence[str]) -> str | None:
     config = module.get_config()
   except Exception as e:  # pylint: disable=broad-except
     return f"config file {config_path!r} failed to load: {type(e).__name__}: {e}"
+  from cnnjax.config import lookup  # pylint: disable=import-outside-toplevel  (only when parsing failed)
+  from cnnjax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   for arg in argv:
     if not arg.startswith("--config.") or "=" not in arg:
       continue
     path, value = arg[len("--config."):].split("=", 1)
-    node, parts = config, path.split(".")
-    for depth, part in enumerate(parts):
-      if not hasattr(node, "keys") or part not in node:
-        parent = ".".join(parts[:depth]) or "the config"
-        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "nothing (it is a value)"
-        return f"unknown config key {path!r} in {arg}; {parent} has: {known}"
-      node = node[part]
+    try:
+      node = lookup(config, path)
+    except ConfigError as e:
+      where = str(e).split("; ", 1)
+      return f"{where[0]} in {arg}; {where[1]}"
     expected = type(node).__name__
     if isinstance(node, bool) and value.lower() not in ("true", "false", "1", "0"):
       return f"{arg}: config.{path} expects a bool (true/false), got {value!r}"
@@ -117,10 +117,12 @@ def configure_logging() -> None:
   """cnnjax's own progress lines on stderr; libraries (orbax, TFDS, JAX) only from warnings up."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.WARNING)
-  # TFDS warns on every run that it decodes PNGs with PIL rather than OpenCV: expected here. A full disk
-  # makes orbax's writer threads log their tracebacks; cnnjax reports it in one line instead.
-  logging.getLogger("absl").addFilter(
-      lambda record: not any(text in record.getMessage() for text in ("OpenCV is not installed",) + DISK_FULL_TEXTS))
+  # TFDS warns on every run that it decodes PNGs with PIL rather than OpenCV: expected here. Looking for an
+  # unprepared dataset, it warns of a variant folder without dataset_info.json, which cnnjax's one-line
+  # error explains. A full disk makes orbax's writer threads log their tracebacks; cnnjax reports it in
+  # one line instead.
+  quiet = ("OpenCV is not installed", "has no dataset_info.json") + DISK_FULL_TEXTS
+  logging.getLogger("absl").addFilter(lambda record: not any(text in record.getMessage() for text in quiet))
   logger = logging.getLogger("cnnjax")
   if not logger.handlers:
     handler = logging.StreamHandler(sys.stderr)

@@ -20,7 +20,7 @@ import math
 
 import ml_collections
 
-from cnnjax.data import DATASET_NAMES
+from cnnjax.data import DATASET_NAMES, is_dataset_name
 from cnnjax.errors import ConfigError
 from cnnjax.models import MODELS
 from cnnjax.nn import LOWERINGS, NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS
@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   # initialization); see cnnjax.models.torchvision_import.
   config.init_from = ""
   config.init_from_replace_classifier = False  # a new classifier where the file's class count differs
+  # (START, COUNT): a jax.profiler trace of the COUNT train steps after the first START, into the workdir
+  # (cnnjax.train.profiling); COUNT 0: none. On the command line: --config.profile_steps=10,5
+  config.profile_steps = (0, 0)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "lenet5"
@@ -89,7 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.rotation_degrees = 0.0  # random rotation in [-r, r] degrees; 0: off
   config.data.vocab_size = 20_000  # text only: vocabulary ids from the training split, padding and unknown included
   config.data.max_length = 256  # text only: tokens per example (longer ones cut, shorter ones padded)
-  config.data.num_threads = 4  # host threads preparing batches
+  config.data.num_threads = 4  # host threads preparing batches (in each worker process when there are some)
+  # Worker processes preparing batches, beside the threads (grain multiprocessing): 0 prepares them in this
+  # process. JPEG decoding and random_resized_crop (ImageNet) scale with cores only through workers.
+  config.data.num_workers = 0
   config.data.cache_megabytes = 1024  # decode fixed-size image datasets into RAM once when they fit; 0: never
   config.data.prefetch_batches = 8
 
@@ -113,12 +119,84 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-# Keys that may change when a run resumes: they decide where, how often and how fast outputs
-# are written, not what is computed. Any other change means a different run.
+# The classic ImageNet recipe's fixed parts (Krizhevsky et al. 2012, He et al. 2016): 90 epochs of SGD
+# with momentum on 224x224 Inception-style crops with flips, batch 256, the rate divided by 10 at each
+# decay epoch.
+IMAGENET_EPOCHS = 90
+IMAGENET_BATCH = 256
+IMAGENET_IMAGE_SIZE = 224
+IMAGENET_INPUT_THREADS = 16
+IMAGENET_MOMENTUM = 0.9
+IMAGENET_WEIGHT_DECAY = 1e-4
+IMAGENET_DECAY_FACTOR = 0.1
+IMAGENET_LOG_EVERY = 100
+IMAGENET_EVAL_EVERY = 5_000
+
+
+def imagenet_config(model: str, *, learning_rate: float, decay_epochs: tuple[int, ...]) -> ml_collections.ConfigDict:
+  """The base config set to the classic ImageNet recipe for `model`, with its peak learning rate and the
+  epochs at which the rate drops tenfold; experiments add their model's own keys."""
+  config = base_config()
+  config.model.name = model
+  config.data.name = "imagenet2012"
+  config.data.image_size = IMAGENET_IMAGE_SIZE
+  config.data.random_resized_crop = True
+  config.data.flip = True
+  config.data.num_threads = IMAGENET_INPUT_THREADS
+  config.batch_size = IMAGENET_BATCH
+  config.num_epochs = IMAGENET_EPOCHS
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = learning_rate
+  config.optimizer.momentum = IMAGENET_MOMENTUM
+  config.optimizer.weight_decay = IMAGENET_WEIGHT_DECAY
+  config.optimizer.schedule = "piecewise"
+  config.optimizer.decay_boundaries = tuple(epoch / IMAGENET_EPOCHS for epoch in decay_epochs)
+  config.optimizer.decay_factor = IMAGENET_DECAY_FACTOR
+  config.log_every_steps = IMAGENET_LOG_EVERY
+  config.eval_every_steps = IMAGENET_EVAL_EVERY
+  config.checkpoint_every_steps = IMAGENET_EVAL_EVERY
+  return config
+
+
+# The key groups, in one place. Keys that may change when a run resumes: they decide where, how often
+# and how fast outputs are written, not what is computed. Any other change means a different run.
 RESUME_SAFE_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                    "progress_bar", "data.num_threads", "data.prefetch_batches", "data.tfds_data_dir",
-                    "data.cache_megabytes",
-                    "parallel.strategy", "parallel.num_devices", "model.lowering")
+                    "progress_bar", "data.num_threads", "data.num_workers", "data.prefetch_batches",
+                    "data.tfds_data_dir", "data.cache_megabytes",
+                    "parallel.strategy", "parallel.num_devices", "model.lowering", "profile_steps")
+
+
+# Keys in which the members of one vectorized population may differ: values that need no recompilation
+# (injected into the optimizer state, arguments of the step, or the seed).
+VECTORIZABLE_KEYS = ("optimizer.learning_rate", "optimizer.weight_decay", "label_smoothing", "seed")
+# Keys a population member ignores: the population places it and shows one bar for all.
+MEMBER_IGNORED_KEYS = ("parallel.strategy", "parallel.num_devices", "progress_bar")
+
+
+def lookup(config: ml_collections.ConfigDict, key: str) -> object:
+  """The value of dotted `key` ('optimizer.learning_rate'); ConfigError naming the first unknown part and
+  the keys beside it."""
+  node = config
+  parts = key.split(".")
+  for depth, part in enumerate(parts):
+    if not hasattr(node, "keys") or part not in node:
+      parent = ".".join(parts[:depth]) or "the config"
+      known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "nothing (it is a value)"
+      raise ConfigError(f"unknown config key {key!r}; {parent} has: {known}")
+    node = node[part]
+  return node
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, value: object) -> None:
+  """Sets dotted `key`; ConfigError for an unknown key or a value the (locked) config does not take."""
+  lookup(config, key)
+  *parents, leaf = key.split(".")
+  parent = lookup(config, ".".join(parents)) if parents else config
+  try:
+    parent[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{key}={value!r}, which does not fit the config ({str(e).splitlines()[0]}); give a value "
+                      "of the key's type") from None
 
 
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
@@ -196,6 +274,14 @@ FLOAT_KEYS = ("num_epochs", "label_smoothing", "optimizer.learning_rate", "optim
               "data.rotation_degrees")
 
 
+def _validate_profile_steps(config: ml_collections.ConfigDict) -> None:
+  value = config.profile_steps
+  _require(isinstance(value, (tuple, list)) and len(value) == 2 and all(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value),
+           f"profile_steps={value!r} must be two integers START,COUNT >= 0 (trace the COUNT steps after the first "
+           "START; COUNT 0: no trace), e.g. --config.profile_steps=10,5")
+
+
 def _check_structure(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError unless `config` is a ConfigDict with every shared key."""
   _require(isinstance(config, ml_collections.ConfigDict),
@@ -215,7 +301,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED,
            f"seed={config.seed} is outside [0, {MAX_SEED}]; use a non-negative 32-bit integer")
   _choice(config.model.name, sorted(MODELS), "model.name")
-  _choice(config.data.name, DATASET_NAMES, "data.name")
+  _require(isinstance(config.data.name, str) and is_dataset_name(config.data.name),
+           f"data.name={config.data.name!r} is neither one of {', '.join(DATASET_NAMES)} nor a TFDS dataset name "
+           "(lower case, e.g. svhn_cropped, or your image folder's name; see python -m cnnjax.prepare)")
   _choice(config.parallel.strategy, STRATEGIES, "parallel.strategy")
   _choice(config.model.bn_sync, BN_SYNC_MODES, "model.bn_sync")
   _choice(config.model.bn_running_variance, RUNNING_VARIANCE_CONVENTIONS, "model.bn_running_variance")
@@ -237,6 +325,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.optimizer.decay_factor > 0,
            f"optimizer.decay_factor={config.optimizer.decay_factor} must be positive")
   _validate_schedule(config)
+  _validate_profile_steps(config)
   _require(config.optimizer.warmup_steps >= 0, f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be >= 0")
   _require(0 <= config.label_smoothing < 1, f"label_smoothing={config.label_smoothing} must be in [0, 1)")
   _require(config.num_train_steps > 0 or config.num_epochs > 0,
@@ -262,6 +351,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.data.rotation_degrees >= 0, f"data.rotation_degrees={config.data.rotation_degrees} must be >= 0")
   _require(config.data.cache_megabytes >= 0, f"data.cache_megabytes={config.data.cache_megabytes} must be >= 0")
   _require(config.data.num_threads > 0, f"data.num_threads={config.data.num_threads} must be positive")
+  _require(config.data.num_workers >= 0,
+           f"data.num_workers={config.data.num_workers} must be >= 0 (0: no worker processes, threads only)")
   _require(config.data.prefetch_batches > 0, f"data.prefetch_batches={config.data.prefetch_batches} must be positive")
   _require(config.data.num_classes >= 0, f"data.num_classes={config.data.num_classes} must be >= 0")
   _require(config.data.vocab_size > 2, f"data.vocab_size={config.data.vocab_size} must exceed 2 (padding and unknown)")

@@ -17,33 +17,15 @@ Cost: 450k steps at batch 256; 6,624,904 parameters and 1.50 GMACs per 224x224 i
 (python -m cnnjax.summary googlenet --input_shape=224,224,3 --num_classes=1000). Not run here (no ImageNet).
 """
 
-from cnnjax.config import base_config
+from cnnjax.config import imagenet_config
 from cnnjax.models.googlenet import INCEPTION_MODULES, TORCHVISION_BN_EPSILON
 
 
 def get_config():
-  config = base_config()
-  config.model.name = "googlenet"
+  config = imagenet_config("googlenet", learning_rate=0.1, decay_epochs=(30, 60))
   config.model.inception_modules = INCEPTION_MODULES  # (name, branch widths) of 3a ... 5b, the paper's Table 1
   config.model.wide_kernel = 3
   config.model.dropout_rate = 0.2
   config.model.bn_epsilon = TORCHVISION_BN_EPSILON  # torchvision's 1e-3 (the base config's is 1e-5)
   config.model.transform_input = False  # True for torchvision's pretrained weights (see cnnjax.models.googlenet)
-  config.data.name = "imagenet2012"
-  config.data.image_size = 224
-  config.data.random_resized_crop = True
-  config.data.flip = True
-  config.data.num_threads = 16
-  config.batch_size = 256
-  config.num_epochs = 90
-  config.optimizer.name = "sgd"
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.schedule = "piecewise"
-  config.optimizer.decay_boundaries = (30 / 90, 60 / 90)
-  config.optimizer.decay_factor = 0.1
-  config.log_every_steps = 100
-  config.eval_every_steps = 5_000
-  config.checkpoint_every_steps = 5_000
   return config

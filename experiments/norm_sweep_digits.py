@@ -7,8 +7,8 @@ Command:
   python -m cnnjax.sweep --config=experiments/norm_sweep_digits.py --workdir=/tmp/cnnjax/norm_sweep_digits
   (--mode=auto picks partitioned where there are several devices: 8 trials on 8 devices run side
   by side, one device each; sequential on one device; --mode=vectorized is refused with a one-line
-  error naming model.norm. On a CPU host, XLA_FLAGS=--xla_force_host_platform_device_count=8 first
-  gives 8 simulated devices.)
+  error naming model.norm. On a CPU host the sweep starts 8 simulated devices by itself;
+  --simulate_devices=N asks for N.)
 Expected: results.md in the workdir, 8 rows; measured eval accuracy (seed 0 / seed 1), the same
 partitioned on 8 simulated devices and sequential on one: BatchNorm 98.89 / 99.72%, GroupNorm
 99.17 / 99.44%, LayerNorm 99.17 / 99.44%, none 98.89 / 99.44% (means 99.31, 99.31, 99.31,

@@ -15,27 +15,8 @@ Expected: about 76% top-1 (torchvision's ResNet-50 reference: 76.13% with this r
 Cost: 450k steps at batch 256; days on 8 GPUs. Not run here (no ImageNet, no accelerator).
 """
 
-from cnnjax.config import base_config
+from cnnjax.config import imagenet_config
 
 
 def get_config():
-  config = base_config()
-  config.model.name = "resnet50"
-  config.data.name = "imagenet2012"
-  config.data.image_size = 224
-  config.data.random_resized_crop = True
-  config.data.flip = True
-  config.data.num_threads = 16
-  config.batch_size = 256
-  config.num_epochs = 90
-  config.optimizer.name = "sgd"
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.schedule = "piecewise"
-  config.optimizer.decay_boundaries = (30 / 90, 60 / 90, 80 / 90)
-  config.optimizer.decay_factor = 0.1
-  config.log_every_steps = 100
-  config.eval_every_steps = 5_000
-  config.checkpoint_every_steps = 5_000
-  return config
+  return imagenet_config("resnet50", learning_rate=0.1, decay_epochs=(30, 60, 80))

@@ -16,30 +16,12 @@ Cost: 450k steps at batch 256; 138,357,544 parameters and 15.5 GMACs per 224x224
 (python -m cnnjax.summary vgg16 --input_shape=224,224,3 --num_classes=1000). Not run here (no ImageNet).
 """
 
-from cnnjax.config import base_config
+from cnnjax.config import imagenet_config
 
 
 def get_config():
-  config = base_config()
-  config.model.name = "vgg16"
+  config = imagenet_config("vgg16", learning_rate=0.01, decay_epochs=(30, 60))
   config.model.stage_features = (64, 128, 256, 512, 512)  # the paper's widths, for every depth
   config.model.classifier_features = 4096
   config.model.dropout_rate = 0.5
-  config.data.name = "imagenet2012"
-  config.data.image_size = 224
-  config.data.random_resized_crop = True
-  config.data.flip = True
-  config.data.num_threads = 16
-  config.batch_size = 256
-  config.num_epochs = 90
-  config.optimizer.name = "sgd"
-  config.optimizer.learning_rate = 0.01
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.schedule = "piecewise"
-  config.optimizer.decay_boundaries = (30 / 90, 60 / 90)
-  config.optimizer.decay_factor = 0.1
-  config.log_every_steps = 100
-  config.eval_every_steps = 5_000
-  config.checkpoint_every_steps = 5_000
   return config

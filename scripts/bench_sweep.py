@@ -1,7 +1,7 @@
 """Wall time and throughput of one sweep run sequentially, partitioned and vectorized, on simulated devices.
 
 Command:
-  python scripts/bench_sweep.py --json=bench_sweep.json [--devices=8] [--steps=100]
+  python scripts/bench_sweep.py --json=bench_sweep.json [--simulate_devices=8] [--steps=100]
 Expected: one line per mode with the sweep's wall time (build, compile, train,
 evaluate, checkpoint; Python start-up excluded) and the examples per second of
 all trials together, then each mode's speed-up over sequential; the same
@@ -13,13 +13,13 @@ Each mode runs in a fresh process (nothing compiled is shared between modes)
 into a fresh workdir. Sequential runs twice: with the experiment's own
 `parallel.strategy=jit` (each trial on all 8 devices, as the mode is defined)
 and with `none` (each trial on one device), the faster way on simulated
-devices that share two cores. The devices are simulated with
-XLA_FLAGS=--xla_force_host_platform_device_count, which this script sets: they
-share the host's cores, so the numbers measure how well each mode keeps the
-cores busy, not a speed-up from more hardware.
+devices that share two cores. `--simulate_devices=N` starts each mode's
+process with N CPU devices (XLA's --xla_force_host_platform_device_count, set
+before JAX starts; a count already in XLA_FLAGS wins): they share the host's
+cores, so the numbers measure how well each mode keeps the cores busy, not a
+speed-up from more hardware.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -27,9 +27,22 @@ import subprocess
 import sys
 import tempfile
 
+from absl import app, flags
+
+from cnnjax import cli
+
 # (mode, parallel.strategy of each trial): the cases, in the order they are run and shown.
 CASES = (("sequential", "jit"), ("sequential", "none"), ("partitioned", "jit"), ("vectorized", "jit"))
 EXPERIMENT = "lr_sweep_digits"
+
+flags.DEFINE_string("json", None, "Where to write the results.")
+flags.DEFINE_integer("simulate_devices", 8, "CPU devices each mode's process starts with.")
+flags.DEFINE_integer("steps", 100, "Train steps of every trial.")
+# Set by this script for its child processes (one per mode).
+flags.DEFINE_string("case", "", "Internal: MODE:STRATEGY, run one case in this process.")
+flags.DEFINE_string("workdir", "", "Internal: the sweep directory of --case.")
+flags.mark_flag_as_required("json")
+FLAGS = flags.FLAGS
 
 
 def run_case(mode: str, strategy: str, steps: int, workdir: str) -> dict:
@@ -57,28 +70,26 @@ def run_case(mode: str, strategy: str, steps: int, workdir: str) -> dict:
           "eval_accuracy": {run.trial.name: run.summary["eval_accuracy"] for run in report.runs}}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--json", required=True, help="where to write the results")
-  parser.add_argument("--devices", type=int, default=8)
-  parser.add_argument("--steps", type=int, default=100)
-  parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # set in the child processes
-  parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={args.devices}").strip()
-  if args.case:
-    mode, strategy = args.case.split(":")
-    with open(args.json, "w") as f:
-      json.dump(run_case(mode, strategy, args.steps, args.workdir), f)
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    cli.fail(f"unexpected argument {argv[1]!r}; see --help")
+  if FLAGS.steps < 1:
+    cli.fail(f"--steps={FLAGS.steps} must be positive")
+  if FLAGS.case and (FLAGS.case.count(":") != 1 or not FLAGS.workdir):
+    cli.fail(f"--case={FLAGS.case} is internal (MODE:STRATEGY with --workdir); leave it out")
+  cli.configure_host_devices(FLAGS.simulate_devices, None)
+  if FLAGS.case:
+    mode, strategy = FLAGS.case.split(":")
+    with open(FLAGS.json, "w") as f:
+      json.dump(cli.run_reporting_errors(lambda: run_case(mode, strategy, FLAGS.steps, FLAGS.workdir)), f)
     return
 
   results = []
   with tempfile.TemporaryDirectory(prefix="bench-sweep-") as scratch:
     for mode, strategy in CASES:
       part = os.path.join(scratch, f"{mode}-{strategy}.json")
-      subprocess.run([sys.executable, __file__, f"--json={part}", f"--devices={args.devices}",
-                      f"--steps={args.steps}", f"--case={mode}:{strategy}",
+      subprocess.run([sys.executable, __file__, f"--json={part}", f"--simulate_devices={FLAGS.simulate_devices}",
+                      f"--steps={FLAGS.steps}", f"--case={mode}:{strategy}",
                       f"--workdir={os.path.join(scratch, f'{mode}-{strategy}')}"], check=True)
       with open(part) as f:
         record = json.load(f)
@@ -94,11 +105,11 @@ def main() -> None:
   import jax  # pylint: disable=import-outside-toplevel
   payload = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                          "backend": jax.default_backend(), "python": sys.version.split()[0],
-                         "jax": jax.__version__, "simulated_devices": args.devices},
+                         "jax": jax.__version__, "simulated_devices": FLAGS.simulate_devices},
              "experiment": EXPERIMENT, "cases": results}
-  with open(args.json, "w") as f:
+  with open(FLAGS.json, "w") as f:
     json.dump(payload, f, indent=2)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.one_line_flags_parser)

@@ -1,7 +1,7 @@
 """The benchmark: cnnjax train steps next to PyTorch and the machine's matmul peak, in one run.
 
 Command:
-  python scripts/benchmark.py [--quick] --json=OUT.json [--no_torch]
+  python scripts/benchmark.py [--quick] --json=OUT.json [--no_torch] [--simulate_devices=8]
 PyTorch (the reference) is an optional extra: pip install '.[torch]'.
 Expected: one line per case (model x batch x strategy x dtype) with images per
 second, step time, compile time, fraction of the float32 matmul peak, the input
@@ -12,39 +12,59 @@ the ratios; the same in the JSON
 Cost: --quick under 5 minutes on 2 CPU cores; the full run (224x224 ResNet-18/50,
 every strategy and dtype) about an hour there.
 
-On a GPU host (`pip install -e . 'jax[cuda12]'` and a CUDA build of PyTorch),
+Multi-device cases (pmap, shard_map, jit) run on `--simulate_devices` CPU
+devices (default 8; each case's child process starts with them, no XLA_FLAGS
+needed). On a GPU host (`pip install -e '.[cuda]'` and a CUDA build of PyTorch),
 the same command writes the same JSON: single-device cases use the first GPU,
-multi-device cases all local GPUs (the simulated-device flag only affects
-JAX's CPU platform), the PyTorch reference runs on the first GPU, and each
-record names its `backend` and `torch_device`.
+multi-device cases all local GPUs (simulated devices only exist on JAX's CPU
+platform), the PyTorch reference runs on the first GPU, and each record names
+its `backend` and `torch_device`.
 """
 
-import argparse
 import json
 import sys
 
+from absl import app, flags
+
+from cnnjax import cli
 from cnnjax.bench import harness
 
+# Timed steps per case when --timed_steps is not given.
+QUICK_TIMED_STEPS, FULL_TIMED_STEPS = 5, 10
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--json", required=True, help="where to write the results")
-  parser.add_argument("--quick", action="store_true", help="small ImageNet inputs and fewer cases")
-  parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
-  parser.add_argument("--warmup_steps", type=int, default=2)
-  parser.add_argument("--timed_steps", type=int, default=None, help="default: 5 with --quick, 10 otherwise")
-  args = parser.parse_args()
-  if args.warmup_steps < 0 or (args.timed_steps is not None and args.timed_steps < 1):
-    parser.error("--warmup_steps must be >= 0 and --timed_steps >= 1")
-  timed = args.timed_steps or (5 if args.quick else 10)
-  payload = harness.benchmark(harness.cases(args.quick), quick=args.quick, torch_reference=not args.no_torch,
-                              warmup_steps=args.warmup_steps, timed_steps=timed,
+flags.DEFINE_string("json", None, "Where to write the results.")
+flags.DEFINE_bool("quick", False, "Small ImageNet inputs and fewer cases.")
+flags.DEFINE_bool("no_torch", False, "Skip the PyTorch reference.")
+flags.DEFINE_integer("warmup_steps", 2, "Untimed steps after compiling.")
+flags.DEFINE_integer("timed_steps", 0, f"Timed steps per case (0: {QUICK_TIMED_STEPS} with --quick, "
+                     f"{FULL_TIMED_STEPS} otherwise).")
+flags.DEFINE_integer("simulate_devices", harness.SIMULATED_DEVICES,
+                     "CPU devices of the multi-device cases (pmap, shard_map, jit); each batch must divide by it.")
+flags.mark_flag_as_required("json")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    cli.fail(f"unexpected argument {argv[1]!r}; see --help")
+  if FLAGS.warmup_steps < 0 or FLAGS.timed_steps < 0:
+    cli.fail("--warmup_steps and --timed_steps must be >= 0")
+  if FLAGS.simulate_devices < 1:
+    cli.fail(f"--simulate_devices={FLAGS.simulate_devices} must be a positive device count")
+  case_list = harness.cases(FLAGS.quick, devices=FLAGS.simulate_devices)
+  indivisible = sorted({c.batch for c in case_list if c.strategy != "none" and c.batch % FLAGS.simulate_devices})
+  if indivisible:
+    cli.fail(f"--simulate_devices={FLAGS.simulate_devices} does not divide the batch of {indivisible[0]}; choose a "
+             "count that divides every case's batch (1, 2, 4, 8, 16 or 32)")
+  timed = FLAGS.timed_steps or (QUICK_TIMED_STEPS if FLAGS.quick else FULL_TIMED_STEPS)
+  payload = harness.benchmark(case_list, quick=FLAGS.quick, torch_reference=not FLAGS.no_torch,
+                              warmup_steps=FLAGS.warmup_steps, timed_steps=timed,
                               progress=lambda line: print(line, flush=True))
-  with open(args.json, "w") as f:
+  with open(FLAGS.json, "w") as f:
     json.dump(payload, f, indent=2)
   failed = [c for c in payload["cases"] if "error" in c]
   sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.one_line_flags_parser)

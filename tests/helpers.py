@@ -26,13 +26,14 @@ def load_experiment(name: str) -> Any:
 
 def experiment_config(name: str, **overrides: Any):
   """An experiment's config with dotted-key overrides, e.g. {'model.name': 'mlp'}."""
-  config = load_experiment(name).get_config()
+  return set_values(load_experiment(name).get_config(), overrides)
+
+
+def set_values(config, overrides: dict[str, Any]):
+  """`config` with each dotted key of `overrides` set (cnnjax.config.set_value)."""
+  from cnnjax import config as config_lib  # pylint: disable=import-outside-toplevel
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+    config_lib.set_value(config, key, value)
   return config
 
 
@@ -41,13 +42,7 @@ def tiny(config, **overrides: Any):
   defaults = {"num_train_steps": 4, "log_every_steps": 2, "checkpoint_every_steps": 2,
               "eval_every_steps": 0, "progress_bar": False, "data.num_threads": 2}
   defaults.update(overrides)
-  for key, value in defaults.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return set_values(config, defaults)
 
 
 def run_cli(module: str, *args: str, timeout: float = SUBPROCESS_TIMEOUT, env: dict | None = None,

@@ -3,12 +3,22 @@
 Speed itself is never asserted here (the brief: benchmarks measure, tests check
 behaviour); these tests check that a run produces every field the README and
 the README's Performance section promise, that the multi-device and bfloat16 paths run, and
-that the PyTorch twin, where PyTorch is installed, is the same architecture.
+that the PyTorch twin, where PyTorch is installed, is the same architecture; and that the
+pipeline benchmark against worker counts (scripts/bench_pipeline.py) writes its rates.
 """
 
 import importlib.util
+import json
+import os
+
+import pytest
 
 from cnnjax.bench import harness
+from helpers import REPO_ROOT, run_cli
+
+BENCH_PIPELINE = os.path.join(REPO_ROOT, "scripts", "bench_pipeline.py")
+# Seconds a benchmark script may take in these tests (a few tiny steps, or a flag error).
+SCRIPT_TIMEOUT = 300
 
 REQUIRED_FIELDS = ("model", "batch", "strategy", "dtype", "images_per_second", "compile_seconds",
                    "flops_per_step", "fraction_of_peak", "median_step_seconds", "peak_host_memory_mb",
@@ -59,3 +69,72 @@ def test_benchmark_run_has_every_field_on_one_and_eight_devices():
   assert single["devices"] == 1 and multi["devices"] == harness.SIMULATED_DEVICES
   # FLOPs are counted for the whole global step, so the strategy does not change them much.
   assert abs(multi["flops_per_step"] / single["flops_per_step"] - 1) < 0.5
+
+
+def test_pipeline_benchmark_writes_rates_per_worker_count_and_per_core(tmp_path):
+  out = tmp_path / "pipeline.json"
+  result = run_cli("", "--settings=0x1,1x1", "--repeats=1", "--seconds=0.2", "--batch=4", "--examples=8",
+                   f"--data_dir={tmp_path / 'data'}", f"--json={out}", wrapper=BENCH_PIPELINE)
+  assert result.returncode == 0, result.stderr[-3000:]
+  payload = json.loads(out.read_text())
+  assert payload["data"]["examples"] == 8 and payload["data"]["mean_jpeg_bytes"] > 0
+  assert set(payload["settings"]) == {"0x1", "1x1"}
+  for name, values in payload["settings"].items():
+    assert values["images_per_second"] > 0 and values["cpu_seconds_per_image"] > 0, name
+  threads, workers = payload["rounds"]["0x1"][0], payload["rounds"]["1x1"][0]
+  assert threads["worker_processes"] == 0 and workers["worker_processes"] == 1
+  assert workers["worker_cpu_counted"] and workers["worker_cpu_fraction"] > 0
+  derived = payload["derived"]
+  assert derived["cores_for_target"] == derived["target_images_per_second"] / derived["images_per_second_per_core"]
+  assert {"command", "commit", "machine"} <= set(payload)
+
+
+def run_script(script: str, *args: str):
+  """Runs scripts/<script>.py with no device count in XLA_FLAGS, so that the script's --simulate_devices
+  decides it (tests/conftest.py sets 8 for the tests' own process)."""
+  return run_cli("", *args, wrapper=os.path.join("scripts", f"{script}.py"), env={"XLA_FLAGS": ""},
+                 timeout=SCRIPT_TIMEOUT)
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("benchmark", [], "--json must have a value"),
+    ("benchmark", ["--simulate_devices=3"], "--simulate_devices=3 does not divide the batch of 32"),
+    ("benchmark", ["--bogus"], "Unknown command line flag 'bogus'"),
+    ("bench_parallel", ["--strategies=none,bogus"], "--strategies=none,bogus: choose from none,pmap,shard_map,jit"),
+    ("bench_parallel", ["--simulate_devices=3"], "--simulate_devices=3 must be a positive count dividing --batch=128"),
+    ("bench_parallel", ["--model=bogus", "--strategies=none"], "model.name='bogus' is unknown"),
+    ("bench_sweep", ["--steps=0"], "--steps=0 must be positive"),
+    ("bench_sweep", ["--simulate_devices=0"], "--simulate_devices=0 must be a positive device count"),
+])
+def test_benchmark_scripts_take_absl_flags_with_one_line_errors(tmp_path, script, args, message):
+  out = tmp_path / "out.json"
+  result = run_script(script, *([] if script == "benchmark" and not args else [f"--json={out}"]), *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr[-2000:]
+  assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+  assert not out.exists()
+
+
+def test_benchmark_cases_run_multi_device_cases_on_the_simulated_count():
+  counts = {(c.strategy, c.devices) for c in harness.cases(quick=True, devices=4)}
+  assert counts == {("none", 1)} | {(s, 4) for s in harness.STRATEGIES if s != "none"}
+
+
+def test_bench_parallel_starts_the_devices_it_is_asked_for(tmp_path, tfds_data_dir):
+  out = tmp_path / "parallel.json"
+  result = run_script("bench_parallel", f"--json={out}", "--simulate_devices=2", "--model=lenet5", "--batch=8",
+                      "--strategies=none,jit", "--warmup_steps=0", "--timed_steps=1")
+  assert result.returncode == 0, result.stderr[-2000:]
+  payload = json.loads(out.read_text())
+  assert [(c["strategy"], c["bn_sync"], c["devices"]) for c in payload["cases"]] == [
+      ("none", "global", 1), ("jit", "global", 2), ("jit", "local", 2)]
+  assert payload["machine"]["simulated_devices"] == 2
+
+
+def test_bench_sweep_runs_a_mode_on_the_devices_it_is_asked_for(tmp_path, tfds_data_dir):
+  out = tmp_path / "vectorized.json"
+  result = run_script("bench_sweep", f"--json={out}", "--simulate_devices=2", "--steps=1",
+                      "--case=vectorized:jit", f"--workdir={tmp_path / 'sweep'}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  record = json.loads(out.read_text())
+  assert (record["mode"], record["devices"], record["trials"]) == ("vectorized", 2, 8)

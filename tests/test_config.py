@@ -19,7 +19,7 @@ LENET = "--config=experiments/lenet5_digits.py"
     ("--config.optimizer.learning_rate=-0.1", "optimizer.learning_rate=-0.1 must be positive"),
     ("--config.batch_size=0", "batch_size=0 must be positive"),
     ("--config.model.name=resnet9000", "model.name='resnet9000' is unknown"),
-    ("--config.data.name=svhn", "data.name='svhn' is unknown"),
+    ("--config.data.name=SVHN!", "data.name='SVHN!' is neither one of digits, npz"),
 ])
 def test_cli_config_errors_are_one_line_and_write_nothing(tmp_path, override, message):
   workdir = tmp_path / "run"
@@ -29,6 +29,13 @@ def test_cli_config_errors_are_one_line_and_write_nothing(tmp_path, override, me
   assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
   assert len([line for line in lines if line.startswith("error")]) == 1
   assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("name", ["svhn_cropped", "my_pets", "cifar10_corrupted/brightness_1:1.0.0"])
+def test_any_tfds_dataset_name_passes_validation(name):
+  config = experiment_config("lenet5_digits")
+  config.data.name = name
+  config_lib.validate(config)  # whether it is prepared is checked when it is opened
 
 
 def test_missing_config_file_is_one_line(tmp_path):

@@ -1,14 +1,17 @@
 """Data: digits builder, npz source and its errors, mock TFDS, augmentation determinism, epochs, eval masking."""
 
 import collections
+import json
+import os
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from cnnjax.data import (ArraySource, Augment, Preprocess, ProcessSlice, eval_dataset, open_dataset,
                          train_dataset)
-from cnnjax.data import digits
+from cnnjax.data import digits, sources
 from cnnjax.data.preprocess import crop_batch, resize_batch, resize_matrix, rotate_batch
 from cnnjax.errors import DataError
 
@@ -64,6 +67,71 @@ def test_npz_errors_name_the_problem(tmp_path, overrides, message):
 def test_unprepared_tfds_dataset_fails_fast_with_instructions(tmp_path):
   with pytest.raises(DataError, match="python -m cnnjax.prepare cifar10"):
     open_dataset("cifar10", tfds_data_dir=str(tmp_path))
+
+
+def prepare_fake_tfds(name: str, data_dir: str, splits: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+  """Writes a small prepared copy of the TFDS dataset `name` (its own builder, features and version; random
+  32x32 RGB images), as `python -m cnnjax.prepare` would from the network; returns each split's images."""
+  rng = np.random.default_rng(seed)
+  images = {split: rng.integers(0, 256, (count, 32, 32, 3)).astype(np.uint8) for split, count in splits.items()}
+
+  class Offline(tfds.builder_cls(name), skip_registration=True):
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._examples(split) for split in splits}
+
+    def _examples(self, split):
+      for index, image in enumerate(images[split]):
+        yield index, {"id": f"{split}{index}", "image": Image.fromarray(image), "label": index % 10}
+
+  Offline.name = name
+  Offline(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return images
+
+
+def test_any_prepared_tfds_classification_dataset_opens_by_name(tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  images = prepare_fake_tfds("svhn_cropped", data_dir, {"train": 12, "test": 4, "extra": 3})
+  dataset = open_dataset("svhn_cropped", tfds_data_dir=data_dir)
+  assert (len(dataset.train), len(dataset.eval), dataset.num_classes, dataset.image_shape) == (12, 4, 10, (32, 32, 3))
+  pixels = images["train"].reshape(-1, 3) / 255.0
+  np.testing.assert_allclose(dataset.mean, pixels.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(dataset.std, pixels.std(0), rtol=1e-6)
+  # Computed once, then read from the cache beside the dataset (here: a planted value that must come back).
+  cache = os.path.join(data_dir, "svhn_cropped", "3.1.0", sources.STATS_FILE)
+  with open(cache) as f:
+    stored = json.load(f)
+  stored["train"]["mean"] = [0.25, 0.5, 0.75]
+  with open(cache, "w") as f:
+    json.dump(stored, f)
+  assert open_dataset("svhn_cropped", tfds_data_dir=data_dir).mean == (0.25, 0.5, 0.75)
+  # Other splits are statistics of their own; the eval split can be any other split.
+  other = open_dataset("svhn_cropped", tfds_data_dir=data_dir, train_split="extra", eval_split="train[:2]")
+  np.testing.assert_allclose(other.mean, (images["extra"].reshape(-1, 3) / 255.0).mean(0), rtol=1e-6)
+  assert len(other.eval) == 2
+
+
+def test_a_tfds_dataset_that_is_not_image_classification_is_refused(tmp_path):
+  class Brightness(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Images with a number to regress, not a class."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(4, 4, 1)), "brightness": tfds.features.Scalar(np.float32)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(), "test": self._generate_examples()}
+
+    def _generate_examples(self):
+      for index in range(2):
+        yield index, {"image": Image.fromarray(np.full((4, 4), index, np.uint8)), "brightness": float(index)}
+
+  Brightness.name = "brightness"
+  Brightness(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  with pytest.raises(DataError, match="'brightness' is not image classification .*brightness: Scalar"):
+    open_dataset("brightness", tfds_data_dir=str(tmp_path))
 
 
 def test_mock_tfds_source_flows_through_the_pipeline():

@@ -19,7 +19,7 @@ import pytest
 from cnnjax import train
 from cnnjax.errors import ConfigError
 from cnnjax.train.step import cross_entropy, step_key
-from helpers import experiment_config, tiny
+from helpers import experiment_config, set_values, tiny
 
 STRATEGIES = ("none", "pmap", "shard_map", "jit")
 DEVICES = 8
@@ -213,13 +213,7 @@ def test_each_device_and_step_draws_its_own_reproducible_key():
     ({"parallel.num_devices": 9}, "only 8 devices are available"),
 ])
 def test_impossible_layouts_are_one_line_errors_before_compiling(overrides, message, tfds_data_dir):
-  config = small_resnet_config("pmap", "global")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config = set_values(small_resnet_config("pmap", "global"), overrides)
   with pytest.raises(ConfigError, match=message):
     train.build(config)
 

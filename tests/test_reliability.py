@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnjax import train
 from cnnjax.data import ProcessSlice, train_dataset
@@ -35,6 +36,13 @@ def killed_run(args, fault: str):
   result = run_cli("", *args, wrapper=FAULT_MAIN, env={"CNNJAX_FAULT": fault})
   assert result.returncode == -signal.SIGKILL, (fault, result.returncode, result.stderr[-2000:])
   return result
+
+
+def tensorboard_steps(workdir) -> dict[str, list[int]]:
+  """{tag: steps} of a run's event files, every event kept (repeats included)."""
+  accumulator = EventAccumulator(str(workdir), purge_orphaned_data=False)
+  accumulator.Reload()
+  return {tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
 def complete_steps(workdir) -> list[int]:
@@ -64,6 +72,8 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tfds_data_dir, 
   # The metrics log holds every point exactly once, as the uninterrupted run's does.
   steps = [(r["split"], r["step"]) for r in read_jsonl(workdir / "metrics.jsonl")]
   assert steps == [(r["split"], r["step"]) for r in read_jsonl(reference / "metrics.jsonl")]
+  # So do the TensorBoard event files, as TensorBoard reads them.
+  assert tensorboard_steps(workdir) == tensorboard_steps(reference)
 
 
 def lenet_config(**overrides):

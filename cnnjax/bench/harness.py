@@ -34,7 +34,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 import numpy as np
@@ -80,8 +79,10 @@ class Case:
     return (self.model, self.batch, self.image_size, self.channels, self.num_classes)
 
 
-def cases(quick: bool) -> list[Case]:
-  """The benchmark's cases; --quick keeps ResNet-20 and LeNet-5 whole and the ImageNet nets small."""
+def cases(quick: bool, devices: int = SIMULATED_DEVICES) -> list[Case]:
+  """The benchmark's cases; --quick keeps ResNet-20 and LeNet-5 whole and the ImageNet nets small.
+  Multi-device cases start their child with `devices` CPU devices (on an accelerator host they use every
+  local accelerator instead)."""
   imagenet_size = 64 if quick else 224
   families = [("resnet20", 128, 32, 3, 10, "cifar"), ("lenet5", 256, 32, 1, 10, "mnist"),
               ("resnet18", 32, imagenet_size, 3, 1000, "imagenet"),
@@ -94,7 +95,8 @@ def cases(quick: bool) -> list[Case]:
           continue
         if quick and model == "lenet5" and dtype != "float32":
           continue
-        selected.append(Case(model, batch, size, channels, classes, strategy, dtype, kind))
+        selected.append(Case(model, batch, size, channels, classes, strategy, dtype, kind,
+                             num_devices=1 if strategy == "none" else devices))
   return selected
 
 
@@ -192,18 +194,13 @@ def _last_error(stderr: str) -> str:
 def pipeline_throughput(kind: str, batch: int, image_size: int, data_root: str) -> float:
   """Images per second of the real host pipeline (decode, augment, batch) for an input kind."""
   from cnnjax import train  # pylint: disable=import-outside-toplevel
+  from cnnjax.bench import pipeline  # pylint: disable=import-outside-toplevel
   from cnnjax.bench.datasets import pipeline_config  # pylint: disable=import-outside-toplevel
   config = pipeline_config(kind, batch=batch, image_size=image_size, root=data_root,
                            num_examples=PIPELINE_EXAMPLES)
-  exp = train.build(config)
-  batches = exp.train_batches()
-  for _ in range(PIPELINE_WARMUP_BATCHES):
-    next(batches)
-  start, count = time.perf_counter(), 0
-  while count < PIPELINE_MIN_TIMED_BATCHES or time.perf_counter() - start < PIPELINE_MIN_TIMED_SECONDS:
-    next(batches)
-    count += 1
-  return count * batch / (time.perf_counter() - start)
+  record = pipeline.measure(train.build(config).train_batches(), batch, warmup_batches=PIPELINE_WARMUP_BATCHES,
+                            min_batches=PIPELINE_MIN_TIMED_BATCHES, min_seconds=PIPELINE_MIN_TIMED_SECONDS)
+  return record["images_per_second"]
 
 
 def machine() -> dict[str, Any]:

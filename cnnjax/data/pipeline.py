@@ -8,7 +8,23 @@ each process keeps its own contiguous slice of every global batch (process p of
 P holds rows [p B/P, (p+1) B/P)), so the processes together read each global
 batch exactly once. Devices later split the process slice the same way,
 contiguously. grain maps step k to its batch on `data.num_threads` threads,
-prefetching, and its iterator state (the next step) is what a checkpoint keeps.
+prefetching; the iterator's state (the next step) is what a checkpoint keeps.
+
+With `data.num_workers` = W > 0, the batches are prepared in W worker processes
+(grain's `mp_prefetch`): worker w prepares steps k with k = w mod W, each on
+`data.num_threads` threads, and the parent reads them back in step order. A
+batch is a pure function of its step, so the batches, their order and the state
+are the same with any number of workers or threads: a run may resume with a
+different count. Threads are enough for small images, whose NumPy work releases
+the GIL; decoding and cropping large JPEGs (ImageNet) holds it long enough that
+only processes scale with cores (docs/results/pipeline_workers.json).
+
+Worker processes are started (spawned) when the first batch is asked for and
+stopped when the iterator runs out or is closed (the training loop closes it
+however it ends). They ignore SIGINT and SIGTERM (the parent handles them: it
+saves a checkpoint, then stops its workers) and exit by themselves when the
+parent dies without stopping them. Batches come back through shared memory
+(/dev/shm), whose names are removed as each batch arrives.
 
 The epoch permutations are NumPy permutations computed once per epoch, and the
 positions of a batch are looked up in one vectorized step: grain's per-element
@@ -28,21 +44,39 @@ token ids, int32 (b, L). `Preprocess.train_batch` / `eval_batch` decide.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
+import multiprocessing
+import os
+import signal
 import threading
+import weakref
+from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from cnnjax.data.preprocess import Preprocess
 from cnnjax.data.sources import RandomAccessSource, read_columns
+from cnnjax.errors import DataError
 
 # Epoch permutations kept at once: a batch straddles at most two epochs, and
 # prefetching threads may run one batch ahead.
 CACHED_EPOCHS = 4
 
 HOST_ONLY_KEYS = ("index",)
+# Batches each worker process keeps ready in its output queue, beyond those its threads prepare.
+WORKER_QUEUE_BATCHES = 1
+# Batches per worker in shared memory (/dev/shm) at a time, measured: its queue, the one it is
+# putting, the parent's read-ahead and the one being handed over.
+SHARED_BATCHES_PER_WORKER = 4
+# How grain reports a worker process that died (killed, out of memory, a full /dev/shm).
+_DEAD_WORKER_TEXT = "Worker process was terminated unexpectedly"
+# grain 0.2 reads this absl flag when it starts worker processes, which fails where absl flags are never
+# parsed (tests, notebooks, library use): google/grain#1355. Unparsed, it takes its default.
+_GRAIN_WORKER_FLAGS = ("grain_enable_multiprocess_worker_profiling",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +111,13 @@ class EpochOrder:
           del self._permutations[min(self._permutations)]
         self._permutations[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.num_examples)
       return self._permutations[epoch]
+
+  def __getstate__(self) -> dict:
+    # Worker processes receive the order pickled: the numbers, not the lock or the cached permutations.
+    return {"num_examples": self.num_examples, "seed": self.seed}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(state["num_examples"], state["seed"])
 
   def indices(self, positions: np.ndarray) -> np.ndarray:
     epochs, offsets = np.divmod(positions, self.num_examples)
@@ -129,11 +170,138 @@ def num_eval_batches(num_examples: int, global_batch: int) -> int:
   return math.ceil(num_examples / global_batch)
 
 
-def iterate(dataset: grain.MapDataset, *, num_threads: int, prefetch: int) -> grain.DatasetIterator:
-  """An iterator that prepares batches on `num_threads` threads, `prefetch` batches ahead.
+def iterate(dataset: grain.MapDataset, *, num_threads: int, prefetch: int, num_workers: int = 0) -> Batches:
+  """An iterator over the dataset's elements, prepared `prefetch` ahead on `num_threads` threads, in
+  `num_workers` worker processes when positive (see the module docstring).
 
   Its `get_state()` / `set_state()` round-trip the position, which is how a
   resumed run continues the exact data order.
   """
-  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-  return iter(dataset.to_iter_dataset(options))
+  return Batches(dataset, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
+
+
+class Batches:
+  """Elements k, k+1, ... of a MapDataset, prepared ahead on threads or in worker processes.
+
+  The state is `{'next_index': k}`, grain's own iterator state for threads,
+  whatever prepares the elements: checkpoints written with threads resume with
+  workers and the other way round. `set_state` restarts the preparation at k.
+  The threads or workers start with the first `next()` and stop when `next()`
+  finds no element left, on `close()` (which takes up to a second with
+  workers), or when the iterator is collected or Python exits.
+  """
+
+  def __init__(self, dataset: grain.MapDataset, *, num_threads: int, prefetch: int, num_workers: int = 0):
+    self._dataset = dataset
+    self._num_threads, self._prefetch, self._num_workers = num_threads, prefetch, num_workers
+    self._next_index = 0
+    self._iterator: Any = None
+    _OPEN.add(self)
+
+  def __iter__(self) -> Batches:
+    return self
+
+  def __next__(self) -> Any:
+    if self._next_index >= len(self._dataset):
+      self.close()
+      raise StopIteration
+    if self._iterator is None:
+      self._iterator = self._start()
+    try:
+      element = next(self._iterator)
+    except RuntimeError as e:
+      if _DEAD_WORKER_TEXT not in str(e):
+        raise
+      self.close()
+      raise DataError(
+          f"a data worker process died ({' '.join(str(e).split())[:120]}): out of memory, or of shared memory "
+          f"(/dev/shm holds about {SHARED_BATCHES_PER_WORKER} batches per worker; give a container "
+          "--shm-size or --ipc=host), or killed; lower data.num_workers, data.prefetch_batches or batch_size, "
+          "and rerun to resume") from None
+    if self._num_workers:
+      _unlink_shared_memory(element)
+    self._next_index += 1
+    return element
+
+  def get_state(self) -> dict[str, int]:
+    return {"next_index": self._next_index}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.close()
+    self._next_index = int(state["next_index"])
+
+  def close(self) -> None:
+    """Stops the threads or worker processes (the iterator may go on: they restart where it is)."""
+    if self._iterator is not None:
+      iterator, self._iterator = self._iterator, None
+      iterator.close()
+
+  def __enter__(self) -> Batches:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self.close()
+
+  def _start(self) -> grain.DatasetIterator:
+    remaining = self._dataset[self._next_index:]
+    workers = min(self._num_workers, len(remaining))
+    if not workers:
+      return iter(remaining.to_iter_dataset(
+          grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=self._prefetch)))
+    _default_unparsed_grain_flags()
+    # The prefetched batches are shared among the workers: each prepares every workers-th one.
+    per_worker = grain.ReadOptions(num_threads=self._num_threads,
+                                   prefetch_buffer_size=math.ceil(self._prefetch / workers))
+    processes = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=WORKER_QUEUE_BATCHES)
+    return iter(remaining.to_iter_dataset(per_worker).mp_prefetch(processes, worker_init_fn=_init_worker))
+
+
+# Iterators not closed by their users are closed when the interpreter exits, before its teardown: grain's
+# own finalizers then run with half-unloaded modules and print a traceback for every buffered batch.
+_OPEN: weakref.WeakSet[Batches] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+  for batches in list(_OPEN):
+    batches.close()
+
+
+def _unlink_shared_memory(batch: dict[str, Any]) -> None:
+  """Removes the names of a batch's shared-memory arrays (from the workers) as soon as it arrives.
+
+  The arrays stay valid while mapped, and nothing is left to unlink when they
+  are freed: not at exit (where JAX on CPU may still hold the last batches,
+  which it shares without copying, and Python would warn that they "leaked"),
+  nor after a crash.
+  """
+  for value in batch.values():
+    if getattr(value, "_unlink_on_del", False):  # a grain SharedMemoryArray that unlinks when freed
+      value.shm.unlink()
+      value._unlink_on_del = False  # pylint: disable=protected-access  (grain has no public way to say so)
+
+
+def _default_unparsed_grain_flags() -> None:
+  if flags.FLAGS.is_parsed():
+    return
+  for name in _GRAIN_WORKER_FLAGS:
+    if name in flags.FLAGS:
+      flags.FLAGS[name].present = True  # readable before parsing, at its default value
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """Runs first in every worker process."""
+  del worker_index, worker_count
+  # Ctrl-C and schedulers signal the whole process group. The parent handles SIGINT and SIGTERM by
+  # saving the step it is on, and it still needs its workers until then; it stops them afterwards.
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, signal.SIG_IGN)
+  threading.Thread(target=_exit_with_parent, name="cnnjax-exit-with-parent", daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+  """Ends the worker when its parent is gone (SIGKILL, os._exit) without having stopped it: no orphans."""
+  parent = multiprocessing.parent_process()
+  if parent is not None:
+    parent.join()  # returns when the parent's end of the spawn pipe closes, i.e. when it exits
+    os._exit(0)  # pylint: disable=protected-access  (nothing of the worker's is worth finishing)

@@ -9,14 +9,22 @@ what the grain pipeline reads. The record depends on the dataset's task:
 * text: `{'tokens': int32 (L,), 'label': int}`.
 
 TFDS datasets are read with `tfds.data_source` (ArrayRecord, no TensorFlow);
-they must have been prepared once with `python -m cnnjax.prepare NAME`.
+they must have been prepared once with `python -m cnnjax.prepare NAME`. Besides
+the names below, any prepared TFDS image-classification dataset opens by name
+(`svhn_cropped`, or an image folder prepared under a name of its own): its
+classes and image shape come from its dataset info, and its normalization
+statistics are computed once from the training split and cached beside it
+(`STATS_FILE` in the dataset's version directory).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
 import os
+import re
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -45,8 +53,13 @@ TFDS_SEGMENTATION: dict[str, dict[str, Any]] = {
 TFDS_TEXT: dict[str, dict[str, Any]] = {"imdb_reviews": dict(eval_split="test")}
 SYNTHETIC = ("shapes", "shapes3d")  # generated in cnnjax.data.shapes, nothing to download
 PACKAGED = ("mnist_sample",)  # shipped inside an installed package (cnnjax.data.mnist_sample), nothing to download
-DATASET_NAMES = (("digits", "npz") + SYNTHETIC + PACKAGED + tuple(TFDS_DATASETS) + tuple(TFDS_SEGMENTATION)
-                 + tuple(TFDS_TEXT))
+OWN_DATASETS = ("digits", "npz") + SYNTHETIC + PACKAGED  # not TFDS names
+DATASET_NAMES = OWN_DATASETS + tuple(TFDS_DATASETS) + tuple(TFDS_SEGMENTATION) + tuple(TFDS_TEXT)
+# Any other name is a TFDS image-classification dataset, as `tfds.builder` spells it: lower case, an optional
+# /config and :version.
+TFDS_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.-]+)?(:[0-9.*]+)?$")
+# Normalization statistics of a dataset without published ones, per training split, beside its files.
+STATS_FILE = "cnnjax_normalization.json"
 UNMAPPED = 255  # marks mask values outside a dataset's mask_values
 # The first bytes of an .npz (a zip archive) and of an .npy file.
 ZIP_MAGIC, NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"
@@ -56,6 +69,14 @@ SPARSE_LABELS_RATIO = 100
 # Images used to estimate normalization statistics of sources without published ones.
 STATS_SAMPLE = 10_000
 STATS_CHUNK = 256  # images read and converted at a time
+
+
+logger = logging.getLogger("cnnjax")
+
+
+def is_dataset_name(name: str) -> bool:
+  """Whether `name` can name a dataset: one of `DATASET_NAMES`, or a TFDS name."""
+  return name in DATASET_NAMES or bool(TFDS_NAME.match(name))
 
 
 class RandomAccessSource(Protocol):
@@ -192,11 +213,15 @@ def open_dataset(name: str, *, tfds_data_dir: str = "", train_split: str = "trai
     return _open_tfds_text(name, data_dir, train_split, eval_split, vocab_size, max_length)
   if name == "digits":
     return _open_digits(data_dir, train_split, eval_split or "test", cache_bytes)
-  if name not in TFDS_DATASETS:
-    raise DataError(f"unknown dataset {name!r}; set data.name to one of {', '.join(DATASET_NAMES)}")
-  known = TFDS_DATASETS[name]
-  dataset = _open_tfds(name, data_dir, train_split, eval_split or known["eval_split"],
-                       known["mean"], known["std"])
+  if not is_dataset_name(name):
+    raise DataError(f"data.name={name!r} is neither one of {', '.join(DATASET_NAMES)} nor a TFDS dataset name "
+                    "(lower case, e.g. svhn_cropped)")
+  if name in TFDS_DATASETS:
+    known = TFDS_DATASETS[name]
+    dataset = _open_tfds(name, data_dir, train_split, eval_split or known["eval_split"],
+                         known["mean"], known["std"])
+  else:
+    dataset = _open_tfds_classification(name, data_dir, train_split, eval_split)
   return dataclasses.replace(dataset, train=in_memory(dataset.train, cache_bytes),
                              eval=in_memory(dataset.eval, cache_bytes))
 
@@ -253,13 +278,13 @@ def _diagnose_tfds(tfds: Any, name: str, data_dir: str, split: str, error: Excep
     builder = tfds.builder(name, data_dir=data_dir)
     prepared = builder.is_prepared()
     known = list(builder.info.splits.keys()) if prepared else []
+  except tfds.core.registered.DatasetNotFoundError:
+    return DataError(not_prepared_message(name, data_dir, known_to_tfds=False))
   except Exception as e:  # pylint: disable=broad-except  (damaged metadata fails in many ways)
     return DataError(f"dataset {name!r} in {data_dir} is damaged ({_short(e)}); prepare it again, or point "
                      "data.tfds_data_dir at a good copy")
   if not prepared:
-    return DataError(
-        f"dataset {name!r} is not prepared in {data_dir}; prepare it once with `python -m cnnjax.prepare {name} "
-        f"--data_dir={data_dir}` on a machine with network access, or point data.tfds_data_dir at a prepared copy")
+    return DataError(not_prepared_message(name, data_dir, known_to_tfds=True))
   if split.split("[")[0] not in known:
     return DataError(f"dataset {name!r} has no split {split.split('[')[0]!r} (it has {', '.join(known)}); set "
                      "data.train_split and data.eval_split to those, e.g. 'train[:90%]'")
@@ -269,13 +294,118 @@ def _diagnose_tfds(tfds: Any, name: str, data_dir: str, split: str, error: Excep
                    "split such as 'train', 'train[:90%]' or 'train[1000:]', or prepare the dataset again")
 
 
+def not_prepared_message(name: str, data_dir: str, *, known_to_tfds: bool) -> str:
+  """How to prepare `name`: offline from its original files or an image folder (`--source_dir`), or from
+  the network (TensorFlow, through the `prepare` extra)."""
+  from cnnjax.data.prepare import FROM_FILES  # pylint: disable=import-outside-toplevel
+  command = f"python -m cnnjax.prepare {name} --data_dir={data_dir}"
+  network = f"from the network: `pip install -e '.[prepare]'` (TensorFlow) then `{command}`"
+  if name in FROM_FILES:
+    problem, how = "", (f"prepare it once offline from its original files (no TensorFlow): `{command} "
+                        f"--source_dir=DIR`, or {network}")
+  elif known_to_tfds:
+    problem, how = "", (f"prepare it once {network} (offline: prepare it so on a machine with network access and "
+                        f"copy {os.path.join(data_dir, name)} here)")
+  else:
+    problem = ", and TFDS knows no such dataset"
+    how = (f"for your own images, prepare them once offline (no TensorFlow): `{command} --source_dir=DIR`, DIR "
+           "holding train/<class>/*.png|jpg and test/<class>/... (torchvision's ImageFolder layout)")
+  return (f"dataset {name!r} is not prepared in {data_dir}{problem}; {how}; or point data.tfds_data_dir at a "
+          "prepared copy")
+
+
 def _short(error: BaseException) -> str:
   return f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
 
 
-def _tfds_info(name: str, data_dir: str) -> Any:
+def _tfds_builder(name: str, data_dir: str) -> Any:
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  return tfds.builder(name, data_dir=data_dir).info
+  return tfds.builder(name, data_dir=data_dir)
+
+
+def _tfds_info(name: str, data_dir: str) -> Any:
+  return _tfds_builder(name, data_dir).info
+
+
+class RenamedSource:
+  """A source whose image and label features have other names, read as `{'image', 'label'}`."""
+
+  def __init__(self, source: RandomAccessSource, image_key: str, label_key: str):
+    self.source, self.image_key, self.label_key = source, image_key, label_key
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self.source[index]
+    return {"image": record[self.image_key], "label": record[self.label_key]}
+
+
+def _classification_keys(name: str, info: Any) -> tuple[str, str]:
+  """(image feature, label feature) of an image-classification dataset: its supervised keys, else
+  'image' and 'label'; DataError for a dataset of another kind."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  features = info.features
+  candidates = [tuple(info.supervised_keys)[:2]] if info.supervised_keys else []
+  for image_key, label_key in candidates + [("image", "label")]:
+    if (isinstance(image_key, str) and isinstance(label_key, str) and image_key in features and
+        label_key in features and isinstance(features[image_key], tfds.features.Image) and
+        isinstance(features[label_key], tfds.features.ClassLabel)):
+      return image_key, label_key
+  kinds = ", ".join(f"{key}: {type(feature).__name__}" for key, feature in features.items())
+  raise DataError(f"dataset {name!r} is not image classification ({kinds}); cnnjax trains on datasets with an "
+                  "Image feature and a ClassLabel feature (see data.name in the README for the others)")
+
+
+def _open_tfds_classification(name: str, data_dir: str, train_split: str, eval_split: str) -> Dataset:
+  """Any prepared TFDS image-classification dataset: classes and shape from its info, normalization
+  statistics computed once from the training split and cached beside the dataset."""
+  train = _tfds_sources(name, data_dir, (train_split,))[train_split]
+  builder = _tfds_builder(name, data_dir)
+  info = builder.info
+  if not eval_split:
+    splits = list(info.splits.keys())
+    eval_split = next((s for s in ("test", "validation") if s in splits), "")
+    if not eval_split:
+      raise DataError(f"dataset {name!r} has no test or validation split (it has {', '.join(splits)}); set "
+                      "data.eval_split, e.g. 'train[90%:]' with data.train_split='train[:90%]'")
+  evaluation = _tfds_sources(name, data_dir, (eval_split,))[eval_split]
+  image_key, label_key = _classification_keys(name, info)
+  if (image_key, label_key) != ("image", "label"):
+    train, evaluation = RenamedSource(train, image_key, label_key), RenamedSource(evaluation, image_key, label_key)
+  mean, std = cached_stats(builder.data_dir, train_split, train)
+  return Dataset(name, train, evaluation, info.features[label_key].num_classes,
+                 tuple(info.features[image_key].shape), mean, std)
+
+
+def cached_stats(directory: str, split: str,
+                 source: RandomAccessSource) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """The per-channel (mean, std) of `split`, from `directory`'s `STATS_FILE` or computed and written there.
+
+  A directory that cannot be written (a read-only copy) only costs computing them again next time.
+  """
+  path = os.path.join(directory, STATS_FILE)
+  cache: dict[str, Any] = {}
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        cache = json.load(f)
+      entry = cache[split]
+      if entry["examples"] == len(source):
+        return tuple(entry["mean"]), tuple(entry["std"])
+    except (OSError, ValueError, KeyError, TypeError):
+      cache = cache if isinstance(cache, dict) else {}
+  mean, std = _estimate_stats(source)
+  cache[split] = {"mean": list(mean), "std": list(std), "examples": len(source)}
+  tmp = f"{path}.{os.getpid()}.tmp"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(cache, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  except OSError as e:
+    logger.warning("could not cache the normalization statistics in %s (%s); they are computed on every start",
+                   path, e.strerror)
+  return mean, std
 
 
 def _open_tfds(name, data_dir, train_split, eval_split, mean, std) -> Dataset:
@@ -439,8 +569,10 @@ def _estimate_stats(source: RandomAccessSource) -> tuple[tuple[float, ...], tupl
   total = squares = None
   values = 0
   for first in range(0, count, STATS_CHUNK):
-    images = np.asarray(read_columns(source, indices[first:first + STATS_CHUNK])["image"], np.float64) / 255.0
-    channels = images.reshape(-1, images.shape[-1])
+    images = read_columns(source, indices[first:first + STATS_CHUNK])["image"]
+    # A list where sizes vary: every image's pixels count alike.
+    channels = np.concatenate([np.asarray(image, np.float64).reshape(-1, np.shape(image)[-1]) for image in images]
+                              ) / 255.0
     total = channels.sum(0) + (0 if total is None else total)
     squares = np.square(channels).sum(0) + (0 if squares is None else squares)
     values += len(channels)

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from cnnjax import config as config_lib
 from cnnjax.errors import ConfigError
 
 Overrides = dict[str, Any]
@@ -234,20 +235,10 @@ def apply_overrides(config: ml_collections.ConfigDict, trial: Trial) -> ml_colle
   """A copy of `config` (locked as it was) with the trial's overrides set; ConfigError on a bad key or type."""
   result = config.copy_and_resolve_references()
   for key, value in trial.overrides.items():
-    node = result
-    *parents, leaf = key.split(".")
-    for depth, part in enumerate(parents + [leaf]):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        where = ".".join((parents + [leaf])[:depth]) or "the config"
-        known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "no keys"
-        raise ConfigError(f"trial {trial.name!r} sets unknown config key {key!r}; {where} has: {known}")
-      if depth < len(parents):
-        node = node[part]
     try:
-      node[leaf] = value
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"trial {trial.name!r} sets {key}={value!r}, which does not fit the config "
-                        f"({str(e).splitlines()[0]}); give a value of the key's type") from None
+      config_lib.set_value(result, key, value)
+    except ConfigError as e:
+      raise ConfigError(f"trial {trial.name!r} sets {e}") from None
   return result
 
 

@@ -152,7 +152,7 @@ def device_groups(configs: Sequence[ml_collections.ConfigDict], devices: Sequenc
 def _structure(config: ml_collections.ConfigDict) -> str:
   """What decides whether a config builds: everything but the values a population may vary."""
   flat = config_lib.flatten(config)
-  return json.dumps({k: v for k, v in flat.items() if k not in population.VECTORIZABLE_KEYS}, sort_keys=True,
+  return json.dumps({k: v for k, v in flat.items() if k not in config_lib.VECTORIZABLE_KEYS}, sort_keys=True,
                     default=str)
 
 

@@ -58,7 +58,7 @@ class SingleEngine:
     return self.strategy.put_batch(device_part(batches[0]))
 
   def outputs(self, device_outputs: PyTree) -> list[dict[str, float]]:
-    return [{k: float(v) for k, v in self.strategy.get_outputs(device_outputs).items()}]
+    return [{k: host_value(v) for k, v in self.strategy.get_outputs(device_outputs).items()}]
 
   def compile_train_step(self, state: PyTree, batch: PyTree) -> Any:
     return self.exp.train_step_fn().lower(state, batch).compile()
@@ -108,7 +108,7 @@ class PopulationEngine:
 
   def outputs(self, device_outputs: PyTree) -> list[dict[str, float]]:
     host = jax.device_get(device_outputs)
-    return [{k: float(v[i]) for k, v in host.items()} for i in range(self.num_members)]
+    return [{k: host_value(v[i]) for k, v in host.items()} for i in range(self.num_members)]
 
   def compile_train_step(self, state: PyTree, batch: PyTree) -> Any:
     base = self.exp
@@ -151,13 +151,30 @@ def _zero_sums() -> dict[str, float]:
   return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "examples": 0.0}
 
 
-def _accumulate(totals: dict[str, float], sums: dict[str, float]) -> None:
-  for key in totals:
-    totals[key] += float(sums[key])
+def _accumulate(totals: dict[str, Any], sums: dict[str, Any]) -> None:
+  """Adds one batch's sums (floats, and per-class arrays for segmentation) into `totals`."""
+  for key, value in sums.items():
+    totals[key] = totals.get(key, 0.0) + value
 
 
-def eval_result(totals: dict[str, float]) -> dict[str, float]:
-  """Loss and accuracy from summed eval outputs."""
+def eval_result(totals: dict[str, Any]) -> dict[str, float]:
+  """Loss and accuracy from summed eval outputs; for segmentation also the mean IoU."""
   count = max(totals["count"], 1.0)
-  return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
-          "examples": int(totals["examples"])}
+  result = {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
+            "examples": int(totals["examples"])}
+  if "class_union" in totals:
+    result["mean_iou"] = mean_iou(totals["class_intersection"], totals["class_union"])
+  return result
+
+
+def mean_iou(intersection: np.ndarray, union: np.ndarray) -> float:
+  """The mean over classes of intersection / union, leaving out classes absent from both the truth and the
+  predictions (union 0), whose IoU is undefined."""
+  present = np.asarray(union) > 0
+  return float(np.mean(np.asarray(intersection)[present] / np.asarray(union)[present])) if present.any() else 0.0
+
+
+def host_value(value: Any) -> float | np.ndarray:
+  """A step output on the host: a float, or a float64 array for per-class sums."""
+  array = np.asarray(value)
+  return float(array) if array.ndim == 0 else array.astype(np.float64)

@@ -11,8 +11,10 @@ parallel strategy) and validates everything it can before any file is written.
 * checks every step that the loss and gradients are finite (one step behind, so
   the device is never idle), and stops naming the step if not, before any
   checkpoint of the bad state is written;
-* logs train and eval points to `metrics.jsonl`, checkpoints every
-  `checkpoint_every_steps` steps and at the end, and writes `summary.json`;
+* logs train and eval points to `metrics.jsonl` and TensorBoard event files,
+  draws `curves.png` at each eval, traces `profile_steps` with jax.profiler,
+  checkpoints every `checkpoint_every_steps` steps and at the end, and writes
+  `summary.json`;
 * on SIGTERM or SIGINT (`cnnjax.train.preemption`), saves the step it is on and
   stops.
 """
@@ -46,6 +48,7 @@ from cnnjax.nn import RenormClipping
 from cnnjax.parallel.host_devices import HostDevices
 from cnnjax.train import engines
 from cnnjax.train.preemption import Preemption
+from cnnjax.train.profiling import StepTrace
 from cnnjax.train.rundir import METRICS_FILE, RunDir, check_workdir
 from cnnjax.train.state import TrainState, count_params, create_train_state
 from cnnjax.train.step import eval_step, train_step
@@ -104,12 +107,12 @@ class Experiment:
     dataset = data_lib.train_dataset(self.dataset.train, self.preprocess, seed=self.config.seed,
                                      batch=self.train_slice, num_steps=self.total_steps)
     return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
-                            prefetch=self.config.data.prefetch_batches)
+                            prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
 
   def eval_batches(self) -> Any:
     dataset = data_lib.eval_dataset(self.dataset.eval, self.preprocess, batch=self.eval_slice)
     return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
-                            prefetch=self.config.data.prefetch_batches)
+                            prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
 
 
 def _dtype(name: str) -> Any:
@@ -463,6 +466,7 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
       iterator.set_state(member.data_state)
     iterators.append(iterator)
   eval_fn = engine.eval_step_fn()
+  trace = StepTrace(lead.workdir, config.profile_steps, start_step=start_step, enabled=lead.is_writer)
   timer = Throughput(engine.global_batch * engine.num_members)
   compile_seconds = 0.0
   pending: tuple[int, Any] | None = None  # (step, device metrics) not yet checked
@@ -497,6 +501,7 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
       if member.error is None:
         member.last_eval = engines.eval_result(totals)
         writer.write({"step": step, "split": "eval", **member.last_eval})
+        writer.write_curves()
 
   def save_alive(step: int) -> None:
     host_states = engine.get_states(state)
@@ -514,10 +519,14 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
         compile_start = time.time()
         train_fn = engine.compile_train_step(state, device_batch)
         compile_seconds = time.time() - compile_start
+      trace.before_step(step)
       state, device_metrics = train_fn(state, device_batch)
       check(pending)
       pending = (step, device_metrics)
       done = step + 1
+      traced = trace.after_step(done, device_metrics)
+      if traced:
+        progress.message(traced)
       if step == start_step:
         jax.block_until_ready(device_metrics)
         timer.start()  # the first step is not timed: it includes one-off transfers
@@ -553,7 +562,10 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
                          f"{lead.checkpointer.directory}; rerun the same command to resume from it")
         raise preemption.stopped(done)
   finally:
+    trace.stop()
     progress.close()
+    for iterator in iterators:
+      iterator.close()  # stops data worker processes now, whether training ended, stopped or failed
 
   evaluate_alive(total_steps)
   final_states = engine.get_states(state)
@@ -565,6 +577,8 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
     summary = member.summary(final_state, timing(member), engine)
     member.rundir.write_summary(summary)
     summaries.append(summary)
+  for writer in writers:
+    writer.close()
   return summaries
 
 

@@ -32,9 +32,6 @@ from cnnjax.train.preemption import Preemption
 
 logger = logging.getLogger("cnnjax")
 
-VECTORIZABLE_KEYS = ("optimizer.learning_rate", "optimizer.weight_decay", "label_smoothing", "seed")
-# Keys that may differ without changing the computation: where and how often things are written.
-IGNORED_KEYS = ("parallel.strategy", "parallel.num_devices", "progress_bar")
 
 
 def non_vectorizable_differences(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, list[Any]]:
@@ -44,7 +41,8 @@ def non_vectorizable_differences(configs: Sequence[ml_collections.ConfigDict]) -
   differing = {}
   for key in keys:
     values = [flat.get(key) for flat in flats]
-    if key not in VECTORIZABLE_KEYS and key not in IGNORED_KEYS and any(v != values[0] for v in values):
+    if (key not in config_lib.VECTORIZABLE_KEYS and key not in config_lib.MEMBER_IGNORED_KEYS
+        and any(v != values[0] for v in values)):
       differing[key] = values
   return differing
 
@@ -68,7 +66,7 @@ def check_vectorizable(configs: Sequence[ml_collections.ConfigDict]) -> None:
     shown = ", ".join(repr(v) for v in dict.fromkeys(map(str, values)))
     raise ConfigError(
         f"trials differ in {key} ({shown}), which changes shapes or structure; a vectorized population may "
-        f"differ only in {', '.join(VECTORIZABLE_KEYS)}; run these trials sequentially or partitioned")
+        f"differ only in {', '.join(config_lib.VECTORIZABLE_KEYS)}; run these trials sequentially or partitioned")
 
 
 def member_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

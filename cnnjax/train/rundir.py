@@ -4,6 +4,9 @@ A workdir holds
 
 * `config.json`: the config the run was started with;
 * `metrics.jsonl`: one JSON object per logged point (train and eval);
+* `events.out.tfevents.*`: the same points for TensorBoard, one file per
+  invocation (`cnnjax.metrics.EventLog`), and `curves.png`, drawn from them;
+* `plugins/profile/`: a jax.profiler trace, when `profile_steps` asks for one;
 * `summary.json`: the final numbers, written once the last step is done;
 * `error.json`: written only when training diverged (a non-finite loss or
   gradient), naming the step;
@@ -43,6 +46,7 @@ from cnnjax import config as config_lib
 from cnnjax import metrics as metrics_lib
 from cnnjax.checkpoint import UNREADABLE_DIR, Checkpointer, Restored
 from cnnjax.errors import CheckpointError, ConfigError, WorkdirBusyError
+from cnnjax.train.profiling import PROFILE_DIR
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -55,7 +59,7 @@ LOCK_FILE = ".lock"
 # What a run writes into its workdir; `--fresh` moves these aside, checkpoints first, so that an
 # interrupted `--fresh` never leaves the old checkpoints beside a missing config.json.
 RUN_FILES = (CHECKPOINT_DIR, UNREADABLE_DIR, METRICS_FILE, SUMMARY_FILE, ERROR_FILE, FAILURE_FILE, DAMAGED_DIR,
-             CONFIG_FILE)
+             metrics_lib.CURVES_FILE, PROFILE_DIR, CONFIG_FILE)
 # How a run stands, as its directory shows it.
 FINISHED, DIVERGED, FAILED, INCOMPLETE, NOT_STARTED = "finished", "diverged", "failed", "incomplete", "not started"
 
@@ -259,6 +263,9 @@ class RunDir:
   def set_aside_run(self) -> str | None:
     """Moves an earlier run's files into `replaced-<time>/` inside the workdir (nothing is deleted)."""
     present = [name for name in RUN_FILES if os.path.exists(self.path(name))]
+    # The TensorBoard event files, whose names vary; before config.json, which goes last.
+    present[-1:-1] = sorted(name for name in os.listdir(self.workdir) if name.startswith(metrics_lib.EVENT_FILE_PREFIX)
+                            ) if os.path.isdir(self.workdir) else []
     if not present or not self.is_writer:
       return None
     target = self.path(f"replaced-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -90,7 +90,8 @@ def eval_step(state: TrainState, batch: Batch, *, model: nn.Module,
               axis_name: str | None) -> dict[str, jax.Array]:
   """Sums over the batch and devices: loss and correct predictions over `count` labelled
   positions (one per example, or one per pixel for segmentation) of the `examples` real
-  examples (mask)."""
+  examples (mask); for segmentation also each class's intersection and union of predicted and
+  true pixels (`class_intersection`, `class_union`), from which the loop reports the mean IoU."""
   logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["input"],
                        train=False)
   labels = batch["label"]
@@ -99,6 +100,14 @@ def eval_step(state: TrainState, batch: Batch, *, model: nn.Module,
   sums = {"loss_sum": jnp.sum(cross_entropy(logits, labels, 0.0) * weights),
           "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
           "count": jnp.sum(weights), "examples": jnp.sum(batch["mask"])}
+  if labels.ndim > 1:  # positions: segmentation
+    classes = logits.shape[-1]
+    position_axes = tuple(range(labels.ndim))
+    predicted = jax.nn.one_hot(jnp.argmax(logits, -1), classes) * weights[..., None]
+    truth = jax.nn.one_hot(labels, classes) * weights[..., None]
+    intersection = jnp.sum(predicted * truth, position_axes)
+    sums["class_intersection"] = intersection
+    sums["class_union"] = jnp.sum(predicted, position_axes) + jnp.sum(truth, position_axes) - intersection
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   return sums
