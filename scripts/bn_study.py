@@ -2,21 +2,24 @@
 
 Command:
   python scripts/bn_study.py --workdir=/tmp/cnnjax/bn_study [--scale=small|full|tiny] [--only=KEY,...]
-  [--report_only] [--readme=README.md]
+  [--report_only] [--readme=README.md] [--publish=docs/results/bn_study]
 Writes DIR/report.md (a section per experiment: question, table, plot, reading),
 DIR/results.json (every number), DIR/summary.md (the README's summary; `--readme=README.md`
-writes it into the README between its markers) and DIR/*.png; each experiment's runs train
+writes it into the README between its markers) and DIR/*.png; `--publish=DIR2` copies
+those (not the runs) to DIR2, where the repository keeps the measured study. Each experiment's runs train
 into DIR/<experiment>/<trial>/ with results.csv/results.md as `python -m
 cnnjax.sweep` writes them. Rerunning resumes: finished runs and measurements are
 not redone. `--report_only` rewrites the report from what DIR holds. SIGTERM or
 SIGINT save the run in training and stop (exit status 128 + the signal); a rerun
 goes on from there.
-Expected: the numbers quoted in the README's "The BatchNorm study".
-Cost: `small` (the default; the digits on CPU with 8 simulated devices): 48 runs
-and measurements, measured 89 s from scratch on 2 CPU cores; `tiny` (3
-steps, 1-2 trials per experiment: a smoke test) 65 s; `full` (ResNet-20 on
-CIFAR-10) is for a host with 8 accelerators, about 60 million training images
-in all (see the README).
+Expected: the numbers of the README's "The BatchNorm study" (docs/results/bn_study).
+Cost: `small` (the default; the digits and the MNIST sample on CPU with 8
+simulated devices, every configuration over 3-5 seeds): 101 runs and
+measurements, 826 s from scratch on 2 CPU cores that other jobs shared (61% of
+them); `tiny` (3 steps, 1-2 trials per experiment, 2 seeds: a smoke test) 80 s;
+`full` (ResNet-20 on CIFAR-10, 3 seeds) is for a host with 8 accelerators, about
+180 million training images in all, not measured on an accelerator yet (see the
+README).
 
 On a CPU host this script simulates 8 devices (`--simulate_devices`, default
 8 here) before JAX starts, so the multi-device experiments run; an
@@ -43,6 +46,8 @@ flags.DEFINE_bool("report_only", False, "Write the report from what the workdir 
 flags.DEFINE_string("experiments_dir", os.path.join(REPO_ROOT, "experiments"), "Where the bn_*.py files are.")
 flags.DEFINE_string("readme", None, "Also rewrite this README's generated summary of the study (between its "
                     "bn_study summary markers) from DIR/summary.md.")
+flags.DEFINE_string("publish", None, "Also copy report.md, results.json, summary.md and the plots to this "
+                    "directory (the repository keeps them in docs/results/bn_study).")
 cli.define_device_flags()
 FLAGS = flags.FLAGS
 
@@ -68,6 +73,8 @@ def main(argv):
                                   only=FLAGS.only, preemption=preemption)
     if FLAGS.readme:
       study.report.update_readme(FLAGS.readme, FLAGS.workdir)
+    if FLAGS.publish:
+      study.publish_report(FLAGS.workdir, FLAGS.publish)
     missing = study.report.missing_runs(results)
     print(f"report: {os.path.join(FLAGS.workdir, 'report.md')} (numbers in results.json); "
           + (f"{len(missing)} runs or measurements missing" if missing else "nothing missing"))

@@ -118,7 +118,7 @@ def check_summary(workdir, results):
   summary = open(os.path.join(workdir, study.report.SUMMARY_FILE)).read()
   paragraph, bullets = summary.split("\n\n")
   done = results["study"]["tasks_total"]
-  assert paragraph.startswith("Measured with `--scale=tiny`")
+  assert paragraph.startswith("Measured with `--scale=tiny` on ") and "with 8 simulated CPU devices" in paragraph
   seconds = results["study"]["wall_seconds"]
   assert f"{done} runs and measurements in {seconds:.0f} s wall, in one invocation" in paragraph
   assert "missing" not in summary
@@ -186,8 +186,12 @@ def check_rerun_and_missing(workdir, results, copy):
   readme = os.path.join(copy, "README.md")
   with open(readme, "w") as f:
     f.write(f"# Title\n\nBefore.\n{study.report.SUMMARY_BEGIN}\nan old summary\n{study.report.SUMMARY_END}\nAfter.\n")
+  published = os.path.join(copy, "published")
+  os.makedirs(published)
+  open(os.path.join(published, "ghost_batch.png"), "w").close()  # a plot the study no longer has: removed
+  os.remove(os.path.join(copy, "ghost_batch.png"))
   written = run_cli("bn_study", f"--workdir={copy}", "--scale=tiny", "--report_only", f"--readme={readme}",
-                    wrapper=SCRIPT)
+                    f"--publish={published}", wrapper=SCRIPT)
   assert written.returncode == 0, written.stderr[-2000:]
   assert "runs or measurements missing" in written.stdout
   # The README's block is the new summary, which still gives the cost of the invocation that trained.
@@ -196,6 +200,13 @@ def check_rerun_and_missing(workdir, results, copy):
                                  f"{study.report.SUMMARY_END}\nAfter.\n")
   assert f"{results['study']['tasks_total']} runs and measurements in" in summary
   assert f"**{len(study.report.missing_runs(study.read_results(copy)))} runs or measurements missing**" in summary
+  # What the repository keeps of a study: the report, its numbers, the summary and the plots it links to.
+  report = open(os.path.join(copy, "report.md")).read()
+  plots = [f"{e.KEY}.png" for e in study.EXPERIMENTS if f"({e.KEY}.png)" in report]
+  assert "ghost_batch.png" not in plots and "per_device_batch.png" in plots
+  assert sorted(os.listdir(published)) == sorted(["report.md", "results.json", "summary.md"] + plots)
+  for name in os.listdir(published):
+    assert open(os.path.join(published, name), "rb").read() == open(os.path.join(copy, name), "rb").read()
   partial = study.read_results(copy)
   record = next(r for r in partial["sync_vs_devices"] if r["bn_sync"] == "local")
   assert record["status"] == "missing" and record["eval_accuracy"] is None and record["replica_stat_divergence"] is None
@@ -218,6 +229,8 @@ def test_unknown_experiments_and_scales_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match=r"--scale=huge is unknown; choose one of small, full, tiny"):
     study.run_study(str(tmp_path), "huge", experiments_dir=EXPERIMENTS)
   assert not os.listdir(tmp_path)
+  with pytest.raises(ConfigError, match=r"holds no report.md to publish; run the study there first"):
+    study.publish_report(str(tmp_path), str(tmp_path / "published"))
 
 
 def test_the_progress_bar_counts_runs_and_measurements(monkeypatch, capsys):

@@ -154,7 +154,8 @@ def reading(records: list[dict[str, Any]]) -> str:
     smallest = next((r for r in curves["batch"] if report.present(r["eval_accuracy"])), None)
     for r in others:
       if reference is not None and smallest is not None:
-        sentences.append(f"{NORM_LABELS[r['norm']]} minus BatchNorm at {REFERENCE_BATCH} per device: "
+        label = NORM_LABELS[r["norm"]]
+        sentences.append(f"{label[:1].upper()}{label[1:]} minus BatchNorm at {REFERENCE_BATCH} per device: "
                          f"{report.compared(r, reference)}; minus BatchNorm at {smallest['per_device_batch']}: "
                          f"{report.compared(r, smallest)}.")
   shape = _wu_he_shape(curves["batch"], others)

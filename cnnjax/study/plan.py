@@ -70,7 +70,8 @@ class Scale:
 
 
 SCALES = {
-    # The default: the digits on CPU, every trial (the README quotes this run).
+    # The default: the digits (the MNIST sample for the per-device batch) on CPU, every trial (the README
+    # quotes this run).
     "small": Scale("small", "small"),
     # CIFAR-10 and ResNet-20 on an accelerator host with 8 devices.
     "full": Scale("full", "full", seeds=3, leakage_examples=32, divergence_batches=8),

@@ -292,8 +292,11 @@ def summary_text(header: dict[str, Any], results: dict[str, Any], experiments: S
   spread = seed_spread(results)
   missing = missing_runs(results)
   cost = study_cost(header.get("invocations") or [])
-  lines = [f"Measured with `--scale={header['scale']}` on {host['cpu_count']} CPU cores with {host['device_count']} "
-           f"{host['device_kind']} devices (JAX {host['jax_version']}): {cost}. Every accuracy is the mean over "
+  # Several devices of kind 'cpu' are XLA's host platform split by --simulate_devices.
+  simulated = host["device_kind"] == "cpu" and host["device_count"] > 1
+  devices = f"{host['device_count']} {'simulated CPU' if simulated else host['device_kind']} devices"
+  lines = [f"Measured with `--scale={header['scale']}` on {host['cpu_count']} CPU cores with {devices} "
+           f"(JAX {host['jax_version']}): {cost}. Every accuracy is the mean over "
            "seeds ± the half-width of its 95% interval (Student's t); a difference is called a finding only when "
            "the 95% interval of the difference excludes 0 (Welch's t, or paired by seed where one run is measured "
            "two ways)"

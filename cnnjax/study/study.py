@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Any, Iterator, Sequence
@@ -165,3 +166,27 @@ def write_study_report(ctx: Context, run_info: dict[str, Any] | None = None) -> 
   check_scale(ctx)
   run_info = run_info or {"tasks_total": None, "tasks_run": None, "wall_seconds": None}
   return report.write_report(ctx, EXPERIMENTS, {**run_info, "invocations": _invocations(ctx)})
+
+
+def publish_report(workdir: str, destination: str) -> list[str]:
+  """Copies what a reader of the study needs (report.md, results.json, the README summary and the plots
+  report.md links to, not the runs) from the study's workdir into `destination`, where the report's plot
+  links still resolve; a plot the report no longer shows is removed there. Returns the names copied."""
+  report_path = os.path.join(workdir, report.REPORT_FILE)
+  if not os.path.exists(report_path):
+    raise ConfigError(f"{workdir} holds no {report.REPORT_FILE} to publish; run the study there first")
+  with open(report_path) as f:
+    report_text = f.read()
+  # A plot file of an experiment without finished runs may be left from an earlier report: only links count.
+  plots = {f"{experiment.KEY}.png": f"]({experiment.KEY}.png)" in report_text for experiment in EXPERIMENTS}
+  os.makedirs(destination, exist_ok=True)
+  copied = []
+  for name, shown in [(report.REPORT_FILE, True), (report.RESULTS_FILE, True), (report.SUMMARY_FILE, True),
+                      *plots.items()]:
+    target = os.path.join(destination, name)
+    if shown:
+      shutil.copyfile(os.path.join(workdir, name), target)
+      copied.append(name)
+    elif os.path.exists(target):
+      os.remove(target)
+  return copied
