@@ -1,8 +1,8 @@
 """The benchmark harness (scripts/benchmark.py): its cases and the fields of its JSON, on tiny cases.
 
 Speed itself is never asserted here (the brief: benchmarks measure, tests check
-behaviour); these tests check that a run produces every field the README and
-the README's Performance section promise, that the multi-device and bfloat16 paths run, and
+behaviour); these tests check that a run produces every field docs/performance.md
+promises, that the multi-device and bfloat16 paths run, and
 that the PyTorch twin, where PyTorch is installed, is the same architecture; and that the
 pipeline benchmark against worker counts (scripts/bench_pipeline.py) writes its rates.
 """

@@ -350,7 +350,7 @@ def _classification_keys(name: str, info: Any) -> tuple[str, str]:
       return image_key, label_key
   kinds = ", ".join(f"{key}: {type(feature).__name__}" for key, feature in features.items())
   raise DataError(f"dataset {name!r} is not image classification ({kinds}); cnnjax trains on datasets with an "
-                  "Image feature and a ClassLabel feature (see data.name in the README for the others)")
+                  "Image feature and a ClassLabel feature (see docs/data.md for the others)")
 
 
 def _open_tfds_classification(name: str, data_dir: str, train_split: str, eval_split: str) -> Dataset:
