@@ -168,7 +168,7 @@ def read_columns(source: RandomAccessSource, indices: np.ndarray) -> dict[str, A
 def in_memory(source: RandomAccessSource, max_bytes: int) -> RandomAccessSource:
   """The source decoded once into RAM (`ArraySource`) when its fixed-size images fit in `max_bytes`.
 
-  Decoding a small PNG costs about 100 us per example, more than augmenting it:
+  Decoding a small PNG costs more than augmenting it (docs/performance.md):
   datasets such as the digits, MNIST or CIFAR are decoded once instead of once
   per epoch. Values are unchanged. Sources of varying image sizes stay as they are.
   """
