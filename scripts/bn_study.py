@@ -2,24 +2,24 @@
 
 Command:
   python scripts/bn_study.py --workdir=/tmp/cnnjax/bn_study [--scale=small|full|tiny] [--only=KEY,...]
-  [--report_only] [--readme=README.md] [--publish=docs/results/bn_study]
+  [--report_only] [--readme=docs/bn_study.md] [--publish=docs/results/bn_study]
 Writes DIR/report.md (a section per experiment: question, table, plot, reading),
-DIR/results.json (every number), DIR/summary.md (the README's summary; `--readme=README.md`
-writes it into the README between its markers) and DIR/*.png; `--publish=DIR2` copies
+DIR/results.json (every number), DIR/summary.md (the study's summary; `--readme=docs/bn_study.md`
+writes it into that page between its markers) and DIR/*.png; `--publish=DIR2` copies
 those (not the runs) to DIR2, where the repository keeps the measured study. Each experiment's runs train
 into DIR/<experiment>/<trial>/ with results.csv/results.md as `python -m
 cnnjax.sweep` writes them. Rerunning resumes: finished runs and measurements are
 not redone. `--report_only` rewrites the report from what DIR holds. SIGTERM or
 SIGINT save the run in training and stop (exit status 128 + the signal); a rerun
 goes on from there.
-Expected: the numbers of the README's "The BatchNorm study" (docs/results/bn_study).
+Expected: the numbers of docs/bn_study.md (the measured study is in docs/results/bn_study).
 Cost: `small` (the default; the digits and the MNIST sample on CPU with 8
 simulated devices, every configuration over 3-5 seeds): 101 runs and
 measurements, 826 s from scratch on 2 CPU cores that other jobs shared (61% of
 them); `tiny` (3 steps, 1-2 trials per experiment, 2 seeds: a smoke test) 80 s;
 `full` (ResNet-20 on CIFAR-10, 3 seeds) is for a host with 8 accelerators, about
-180 million training images in all, not measured on an accelerator yet (see the
-README).
+180 million training images in all, not measured on an accelerator yet (see
+docs/bn_study.md).
 
 On a CPU host this script simulates 8 devices (`--simulate_devices`, default
 8 here) before JAX starts, so the multi-device experiments run; an
@@ -38,14 +38,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 flags.DEFINE_string("workdir", None, "The study's directory: runs, measurements, report.md, results.json, plots.")
 flags.DEFINE_enum("scale", "small", ["small", "full", "tiny"],
-                  "small: digits on CPU (the README's numbers); full: CIFAR-10 and ResNet-20 on 8 accelerators; "
-                  "tiny: a few steps of a few trials, to check the pipeline.")
+                  "small: digits and an MNIST sample on CPU (docs/bn_study.md's numbers); full: CIFAR-10 and "
+                  "ResNet-20 on 8 accelerators; tiny: a few steps of a few trials, to check the pipeline.")
 flags.DEFINE_list("only", [], "Run only these experiments (the report still covers all): sync_vs_devices, "
                   "per_device_batch, vmap_leakage, ensemble, train_vs_eval, ghost_batch.")
 flags.DEFINE_bool("report_only", False, "Write the report from what the workdir holds; train nothing.")
 flags.DEFINE_string("experiments_dir", os.path.join(REPO_ROOT, "experiments"), "Where the bn_*.py files are.")
-flags.DEFINE_string("readme", None, "Also rewrite this README's generated summary of the study (between its "
-                    "bn_study summary markers) from DIR/summary.md.")
+flags.DEFINE_string("readme", None, "Also rewrite this Markdown file's generated summary of the study (between "
+                    "its bn_study summary markers) from DIR/summary.md; the repository's is docs/bn_study.md.")
 flags.DEFINE_string("publish", None, "Also copy report.md, results.json, summary.md and the plots to this "
                     "directory (the repository keeps them in docs/results/bn_study).")
 cli.define_device_flags()

@@ -281,8 +281,8 @@ def test_the_readme_summary_is_spliced_between_its_markers_only():
   for broken in ("no markers", f"{begin}\n{begin}\n{end}", f"{end}\n{begin}", f"{begin} only"):
     with pytest.raises(ConfigError, match=r"^NOTES.md must hold the lines .* once each, in that order"):
       study.report.splice_summary(broken, "summary", "NOTES.md")
-  # The repository's README holds the block, so that `--readme=README.md` can rewrite it.
-  study.report.read_readme(os.path.join(REPO_ROOT, "README.md"))
+  # The study's page holds the block, so that `--readme=docs/bn_study.md` can rewrite it.
+  study.report.read_readme(os.path.join(REPO_ROOT, "docs", "bn_study.md"))
 
 
 def test_a_readme_without_markers_is_a_one_line_error_before_anything_runs(tmp_path):

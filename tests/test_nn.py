@@ -70,12 +70,40 @@ def test_group_size_that_does_not_divide_the_batch_is_an_error():
     apply_train(BatchNorm(use_running_average=False, examples_per_group=3), jnp.ones((8, 2)))
 
 
-def test_norm_factory_kinds():
-  x = jnp.ones((2, 4, 4, 12))
-  for kind in ("batch", "renorm", "group", "layer", "none"):
-    layer = Norm(kind=kind)(train=False)()
+def normalized(x, axes, epsilon=1e-5):
+  """(x - mean) / sqrt(var + epsilon) over `axes`, in float64: the reference for every norm kind."""
+  x = np.asarray(x, np.float64)
+  return (x - x.mean(axes, keepdims=True)) / np.sqrt(x.var(axes, keepdims=True) + epsilon)
+
+
+def renormalized(x, axes, clipping, epsilon=1e-5):
+  """Batch Renorm's training output with fresh running statistics (mean 0, variance 1) and the clipping
+  limits open (Ioffe 2017, Algorithm 1): normalized * r + d, r = clip(sigma_B / sigma, 1 / rmax, rmax),
+  d = clip((mu_B - mu) / sigma, -dmax, dmax)."""
+  x = np.asarray(x, np.float64)
+  sigma = np.sqrt(1 + epsilon)
+  r = np.clip(np.sqrt(x.var(axes, keepdims=True) + epsilon) / sigma, 1 / clipping.rmax, clipping.rmax)
+  d = np.clip(x.mean(axes, keepdims=True) / sigma, -clipping.dmax, clipping.dmax)
+  return normalized(x, axes, epsilon) * r + d
+
+
+def test_norm_factory_kinds_compute_their_formulas():
+  x = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 12)) + 1.0
+  grouped = np.asarray(x).reshape(2, 4, 4, 4, 3)  # gcd(32, 12) = 4 groups of 3 channels
+  expected = {
+      ("batch", True): normalized(x, (0, 1, 2)),
+      ("batch", False): np.asarray(x) / np.sqrt(1 + 1e-5),  # initial running mean 0, variance 1
+      ("renorm", True): renormalized(x, (0, 1, 2), RenormClipping()),
+      ("renorm", False): np.asarray(x) / np.sqrt(1 + 1e-5),
+      ("group", True): normalized(grouped, (1, 2, 4)).reshape(x.shape),
+      ("layer", True): normalized(x, (1, 2, 3)),
+      ("none", True): np.asarray(x),
+  }
+  for (kind, train), want in expected.items():
+    layer = Norm(kind=kind)(train=train)()
     variables = layer.init(jax.random.PRNGKey(0), x)
-    assert layer.apply(variables, x).shape == x.shape
+    got, _ = layer.apply(variables, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{kind} train={train}")
   with pytest.raises(ValueError, match="unknown norm"):
     Norm(kind="instance")
 

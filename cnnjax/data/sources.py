@@ -169,7 +169,7 @@ def read_columns(source: RandomAccessSource, indices: np.ndarray) -> dict[str, A
 def in_memory(source: RandomAccessSource, max_bytes: int) -> RandomAccessSource:
   """The source decoded once into RAM (`ArraySource`) when its fixed-size images fit in `max_bytes`.
 
-  Decoding a small PNG costs about 100 us per example, more than augmenting it:
+  Decoding a small PNG costs more than augmenting it (docs/performance.md):
   datasets such as the digits, MNIST or CIFAR are decoded once instead of once
   per epoch. Values are unchanged. Sources of varying image sizes stay as they are.
   """
@@ -354,7 +354,7 @@ def _classification_keys(name: str, info: Any) -> tuple[str, str]:
       return image_key, label_key
   kinds = ", ".join(f"{key}: {type(feature).__name__}" for key, feature in features.items())
   raise DataError(f"dataset {name!r} is not image classification ({kinds}); cnnjax trains on datasets with an "
-                  "Image feature and a ClassLabel feature (see data.name in the README for the others)")
+                  "Image feature and a ClassLabel feature (see docs/data.md for the others)")
 
 
 def _open_tfds_classification(name: str, data_dir: str, train_split: str, eval_split: str) -> Dataset:

@@ -22,9 +22,9 @@ plain one-pass form E[x^2] - E[x]^2 cancels catastrophically when a channel's
 mean is large against its standard deviation (at mean/std = 1,000 a fresh
 layer's output was off by more than its own size); about c the variance stays
 within a few float32 roundings of a two-pass computation. The output keeps the
-form x * a + b, whose rounding error is eps x |x| / sigma (3e-5 of its range at
-mean/std = 1,000, PyTorch float32's 2e-5): computing it from x - c would be
-exact too, but cost ResNet-20's step 10% more CPU time.
+form x * a + b, whose rounding error is eps x |x| / sigma, of the order of
+PyTorch float32's: computing it from x - c would be exact too, but measurably
+slows the step (docs/performance.md, "Measurements behind design choices").
 
 Why not the running mean as c, which every replica holds without
 communication? A fresh layer's is 0, and a channel whose mean moves by more
@@ -202,10 +202,9 @@ class BatchNorm(nn.Module):
         self.sow(BATCH_MOMENTS, "mean", mean)
         self.sow(BATCH_MOMENTS, "var", var)
       # y = x * a + b with a = scale / sigma and b = bias - mean * a: one multiply-add per element, and
-      # a form whose derivative XLA fuses well (measured on the CPU: BatchNorm + ReLU forward and
-      # backward on 128x32x32x16 in 1.2 ms, against 11.5 ms for (x - mean) / sigma * scale + bias;
-      # (x - c) * a + b costs ResNet-20's step 10% more CPU time). Its rounding error, eps x |x| / sigma,
-      # is 3e-5 of the output's range at mean/std = 1,000 (PyTorch's in float32: 2e-5).
+      # a form whose derivative XLA fuses far better than (x - mean) / sigma * scale + bias or
+      # (x - c) * a + b (docs/performance.md). Its rounding error, eps x |x| / sigma, is of the order of
+      # PyTorch float32's (docs/parallel.md, the precision table).
       multiplier = inv_sigma * scale
       offset = bias - mean * multiplier
       y = (groups * multiplier[expand] + offset[expand]).reshape(x.shape)

@@ -70,7 +70,7 @@ class Scale:
 
 
 SCALES = {
-    # The default: the digits (the MNIST sample for the per-device batch) on CPU, every trial (the README
+    # The default: the digits (the MNIST sample for the per-device batch) on CPU, every trial (docs/bn_study.md
     # quotes this run).
     "small": Scale("small", "small"),
     # CIFAR-10 and ResNet-20 on an accelerator host with 8 devices.
