@@ -152,7 +152,8 @@ def check_invariants(results):
 
   ensemble = results["ensemble"]
   scale = ensemble["solo_max_abs_value"]
-  assert results["ensemble_member_vs_solo_max_abs_diff"] <= TOLERANCE * scale
+  # Member and solo run each train their whole batch on one device: the same run, bit for bit.
+  assert results["ensemble_member_vs_solo_max_abs_diff"] == 0.0
   assert ensemble["confused_vs_solo_max_abs_diff"] > 1e-3 * scale
   assert ensemble["confused_running_stats_identical"] is True
 

@@ -279,9 +279,11 @@ def _confused_minus_apart(summary: dict[str, Any]) -> str:
 def summary(results: dict[str, Any]) -> str:
   """The README's bullet: member vs solo, the confused population, and the members' accuracy over seeds."""
   summary_ = results[KEY]
-  return (f"**Ensembles**: the population member differs from its solo run by at most "
-          f"{report.num(summary_['member_vs_solo_max_abs_diff'])} (entries up to "
-          f"{report.num(summary_['solo_max_abs_value'])}); with BatchNorm pooling over the member axis by "
+  member = summary_["member_vs_solo_max_abs_diff"]
+  versus_solo = ("is bit for bit its solo run" if member == 0 else
+                 f"differs from its solo run by at most {report.num(member)}")
+  return (f"**Ensembles**: the population member {versus_solo} (entries up to "
+          f"{report.num(summary_['solo_max_abs_value'])}); with BatchNorm pooling over the member axis it differs by "
           f"{report.num(summary_['confused_vs_solo_max_abs_diff'])}. Member eval accuracy over the "
           f"{len(summary_['members'])} seeds {report.pct_ci(summary_, 'member_eval_accuracy')} apart, "
           f"{report.pct_ci(summary_, 'confused_member_eval_accuracy')} confused (confused minus apart: "
