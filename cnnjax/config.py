@@ -215,17 +215,30 @@ def as_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def _defaults() -> dict:
+  return flatten(as_json(base_config()))
+
+
 def resume_differences(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, object, object]]:
-  """(key, saved value, new value) for every key that differs and may not change on resume."""
-  old, new = flatten(saved), flatten(as_json(config))
+  """(key, saved value, new value) for every key that differs and may not change on resume.
+
+  A key the saved config lacks is no difference while it holds its default: a run started before
+  cnnjax gained that key (with the behaviour its default keeps) resumes after the upgrade.
+  """
+  old, new, defaults = flatten(saved), flatten(as_json(config)), _defaults()
   return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-          if key not in RESUME_SAFE_KEYS and old.get(key) != new.get(key)]
+          if key not in RESUME_SAFE_KEYS and old.get(key) != new.get(key)
+          and not (key not in old and key in defaults and new.get(key) == defaults[key])]
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:
   """sha256 of the keys that define a run: every key but `RESUME_SAFE_KEYS`, the ones
-  `resume_differences` compares. Two configs that may resume each other share it."""
-  defining = {key: value for key, value in flatten(as_json(config)).items() if key not in RESUME_SAFE_KEYS}
+  `resume_differences` compares, left out where it holds its default (so that a key added to the schema
+  later, at its default, keeps the fingerprints of earlier checkpoints). Two configs that may resume
+  each other share it."""
+  defaults = _defaults()
+  defining = {key: value for key, value in flatten(as_json(config)).items()
+              if key not in RESUME_SAFE_KEYS and not (key in defaults and value == defaults[key])}
   return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
 
 
