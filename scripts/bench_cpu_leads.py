@@ -6,8 +6,9 @@ Expected: per variant of the ResNet-20 train step (batch 128, 32x32, float32, on
 SGD with momentum), the median images per second over interleaved rounds and the CPU
 core-seconds per step (the work), each variant's ratios to the current `cpu_tuned` step
 (medians of the per-round ratios) and its speed's ratio to PyTorch eager and
-channels_last timed in the same rounds; the largest parameter difference after one step from
-the same state against `cpu_tuned` (the candidates must compute the same step).
+channels_last timed in the same rounds (round by round, and of the medians); the largest
+parameter difference after one step from the same state against `cpu_tuned` (the candidates
+must compute the same step).
 Variants: `plain` and `cpu_tuned` (cnnjax.nn.lowering), and the leads of
 `cnnjax.bench.cpu_leads`: `weight_grad_matmul`, `patch_layout`, `ynn_eltwise`.
 Cost: about 10 minutes on 2 busy CPU cores with 7 rounds (compiling five steps, then a PyTorch
@@ -149,12 +150,17 @@ def main(argv):
         "core_seconds_over_cpu_tuned_per_round": work_per_round,
         "median_core_seconds_over_cpu_tuned": statistics.median(work_per_round),
         "max_param_difference_after_one_step": differences[variant],
-        **{f"ratio_vs_{k}": statistics.median(images) / m for k, m in torch_medians.items()}}
+        **{f"ratio_vs_{k}": statistics.median(images) / m for k, m in torch_medians.items()},
+        # The same round's PyTorch speed: a neighbour that slows one round slows both sides of its ratio.
+        **{f"ratio_vs_{k}_per_round": [i / t for i, t in zip(images, r)] for k, r in torch_rounds.items() if r},
+        **{f"median_ratio_vs_{k}_per_round": statistics.median(i / t for i, t in zip(images, r))
+           for k, r in torch_rounds.items() if r}}
     print(f"{variant:>18}: {summary[variant]['median_images_per_second']:7.1f} img/s, "
           f"x{summary[variant]['median_speed_over_cpu_tuned']:.3f} of cpu_tuned's speed, "
           f"{summary[variant]['median_core_seconds_per_step']:.2f} core-s/step "
           f"(x{summary[variant]['median_core_seconds_over_cpu_tuned']:.3f} of cpu_tuned's)"
-          + "".join(f", {summary[variant][f'ratio_vs_{k}']:.2f} of {k}" for k in torch_medians)
+          + "".join(f", {summary[variant][f'median_ratio_vs_{k}_per_round']:.2f} of {k} (same round)"
+                    for k in torch_medians)
           + f"; max |param - cpu_tuned| after one step {differences[variant]:.1e}")
   payload = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "commit": commit(),
              "machine": harness.machine(), "case": CASE, "rounds": FLAGS.rounds,
