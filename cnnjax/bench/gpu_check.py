@@ -383,7 +383,7 @@ def bn_sync_section(check: Check, sizes: Sizes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, "bn.json")
       command = [sys.executable, os.path.join(REPO_ROOT, "scripts", "bench_parallel.py"), f"--json={out}",
-                 "--strategies=jit", f"--devices={sizes.bn_devices}", f"--model={sizes.bn_model}",
+                 "--strategies=jit", f"--simulate_devices={sizes.bn_devices}", f"--model={sizes.bn_model}",
                  f"--batch={sizes.bn_batch}", f"--image_size={sizes.bn_image_size}",
                  f"--warmup_steps={sizes.bn_warmup_steps}", f"--timed_steps={sizes.bn_timed_steps}"]
       # bench_parallel.py adds its own device count to XLA_FLAGS: drop any count already there.
