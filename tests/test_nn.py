@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax.nn import BatchNorm, Norm, get_activation
+from cnnjax.nn import BatchNorm, BatchNormGrouping, Norm, get_activation
 
 EPS = 1e-5
 
@@ -31,7 +31,8 @@ def apply_train(module, x):
 @pytest.mark.parametrize("group", [0, 2, 4, 8])
 def test_examples_per_group_normalizes_each_group(group):
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 3, 3, 5)) * 3 + 1
-  y, _ = apply_train(BatchNorm(use_running_average=False, epsilon=EPS, examples_per_group=group), x)
+  y, _ = apply_train(BatchNorm(use_running_average=False, epsilon=EPS,
+                               grouping=BatchNormGrouping(examples_per_group=group)), x)
   np.testing.assert_allclose(y, reference_batchnorm(x, group or 8), atol=2e-5)
 
 
@@ -39,7 +40,8 @@ def test_examples_per_group_normalizes_each_group(group):
 def test_devices_per_group_under_vmap_equals_groups_of_the_full_batch(devices_per_group):
   devices, per_device = 8, 2
   x = jax.random.normal(jax.random.PRNGKey(1), (devices * per_device, 4, 6)) * 2 - 1
-  module = BatchNorm(use_running_average=False, epsilon=EPS, axis_name="d", devices_per_group=devices_per_group)
+  module = BatchNorm(use_running_average=False, epsilon=EPS,
+                     grouping=BatchNormGrouping(axis_name="d", devices_per_group=devices_per_group))
   variables = BatchNorm(use_running_average=False).init(jax.random.PRNGKey(0), x)
   y, updates = jax.vmap(lambda xs: module.apply(variables, xs, mutable=["batch_stats"]), axis_name="d")(
       x.reshape(devices, per_device, 4, 6))
@@ -52,7 +54,8 @@ def test_devices_per_group_under_vmap_equals_groups_of_the_full_batch(devices_pe
 
 def test_running_average_keeps_the_mean_of_group_statistics():
   x = jax.random.normal(jax.random.PRNGKey(2), (8, 6)) * 2 + 3
-  _, stats = apply_train(BatchNorm(use_running_average=False, momentum=0.9, examples_per_group=4), x)
+  _, stats = apply_train(BatchNorm(use_running_average=False, momentum=0.9,
+                                   grouping=BatchNormGrouping(examples_per_group=4)), x)
   groups = np.asarray(x).reshape(2, 4, 6)
   np.testing.assert_allclose(stats["mean"], 0.1 * groups.mean(1).mean(0), rtol=1e-5)
   np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * groups.var(1).mean(0), rtol=1e-5)
@@ -67,7 +70,8 @@ def test_eval_mode_uses_running_statistics_and_no_batch_mixing():
 
 def test_group_size_that_does_not_divide_the_batch_is_an_error():
   with pytest.raises(ValueError, match="does not divide"):
-    apply_train(BatchNorm(use_running_average=False, examples_per_group=3), jnp.ones((8, 2)))
+    apply_train(BatchNorm(use_running_average=False,
+                          grouping=BatchNormGrouping(examples_per_group=3)), jnp.ones((8, 2)))
 
 
 def test_norm_factory_kinds():
@@ -105,7 +109,8 @@ def relative_error(actual, expected):
 @pytest.mark.parametrize("group", [0, 2])
 def test_large_channel_means_stay_within_1e4_of_float64_on_a_fresh_layer(group):
   x = large_mean_inputs((16, 4, 4, 8))
-  y, _ = apply_train(BatchNorm(use_running_average=False, epsilon=EPS, examples_per_group=group), x)
+  y, _ = apply_train(BatchNorm(use_running_average=False, epsilon=EPS,
+                               grouping=BatchNormGrouping(examples_per_group=group)), x)
   assert relative_error(y, reference_batchnorm(x, group or len(x))) < PRECISION_RTOL
 
 
@@ -113,7 +118,8 @@ def test_large_channel_means_stay_within_1e4_of_float64_on_a_fresh_layer(group):
 def test_large_channel_means_across_devices_stay_within_1e4_of_float64(devices_per_group):
   devices, per_device = 8, 2
   x = large_mean_inputs((devices * per_device, 4, 6), seed=1)
-  module = BatchNorm(use_running_average=False, epsilon=EPS, axis_name="d", devices_per_group=devices_per_group)
+  module = BatchNorm(use_running_average=False, epsilon=EPS,
+                     grouping=BatchNormGrouping(axis_name="d", devices_per_group=devices_per_group))
   variables = BatchNorm(use_running_average=True).init(jax.random.PRNGKey(0), x)
   y, updates = jax.vmap(lambda xs: module.apply(variables, xs, mutable=["batch_stats"]), axis_name="d")(
       x.reshape(devices, per_device, 4, 6))
@@ -139,7 +145,8 @@ def expected_running_var(groups: np.ndarray, convention: str, momentum: float = 
 @pytest.mark.parametrize("group", [0, 4])
 def test_running_variance_conventions_follow_their_formulas(convention, group):
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (8, 3, 3, 5))) * 2 + 1
-  _, stats = apply_train(BatchNorm(use_running_average=False, examples_per_group=group, running_variance=convention),
+  _, stats = apply_train(BatchNorm(use_running_average=False,
+                                   grouping=BatchNormGrouping(examples_per_group=group), running_variance=convention),
                          x)
   groups = x.reshape((len(x) // (group or len(x)), group or len(x)) + x.shape[1:])
   np.testing.assert_allclose(stats["var"], expected_running_var(groups, convention), rtol=1e-5)
@@ -150,7 +157,8 @@ def test_running_variance_conventions_follow_their_formulas(convention, group):
 def test_running_variance_conventions_count_the_values_of_every_device_in_the_group(convention, devices_per_group):
   devices, per_device = 8, 2
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (devices * per_device, 4, 6))) * 2 - 1
-  module = BatchNorm(use_running_average=False, axis_name="d", devices_per_group=devices_per_group,
+  module = BatchNorm(use_running_average=False,
+                     grouping=BatchNormGrouping(axis_name="d", devices_per_group=devices_per_group),
                      running_variance=convention)
   variables = BatchNorm(use_running_average=True).init(jax.random.PRNGKey(0), x)
   _, updates = jax.vmap(lambda xs: module.apply(variables, xs, mutable=["batch_stats"]), axis_name="d")(
@@ -162,7 +170,8 @@ def test_running_variance_conventions_count_the_values_of_every_device_in_the_gr
 
 def test_unbiased_running_variance_of_a_single_value_is_an_error():
   with pytest.raises(ValueError, match="at least 2 values per channel"):
-    apply_train(BatchNorm(use_running_average=False, examples_per_group=1, running_variance="unbiased"),
+    apply_train(BatchNorm(use_running_average=False,
+                          grouping=BatchNormGrouping(examples_per_group=1), running_variance="unbiased"),
                 jnp.ones((4, 3)))
   with pytest.raises(ValueError, match="unknown BatchNorm running variance"):
     Norm(kind="batch", running_variance="sample")
