@@ -259,18 +259,16 @@ def _make_replicated(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 # -- engines: the training loop's members on a strategy ------------------------------------------
 
 class Run(Protocol):
-  """What an engine reads of a run (`cnnjax.train.Experiment` is one)."""
+  """What an engine reads of a run (`cnnjax.train.Experiment` is one): data only, no calls back.
+
+  `train_step` and `eval_step` are the pure steps with the run's model,
+  optimizer, loss settings and the strategy's device axis bound.
+  """
 
   config: ml_collections.ConfigDict
   strategy: Strategy
-
-  @property
-  def train_step(self) -> TrainStep:
-    """The pure train step with the run's model, optimizer, loss and device axis bound."""
-
-  @property
-  def eval_step(self) -> EvalStep:
-    """The pure eval step with the run's model and device axis bound."""
+  train_step: TrainStep
+  eval_step: EvalStep
 
 
 class Engine(Protocol):

@@ -57,6 +57,10 @@ class Experiment:
   placement: parallel.Resolved  # what `parallel.strategy` came to, and the devices present
   host: HostDevices  # the process's CPU devices, and whether cnnjax chose their count
   bn_groups: str  # which examples BatchNorm normalizes over, in words
+  # The pure steps of this run, (state, batch) -> ..., with the model, optimizer, loss settings and the
+  # strategy's device axis bound: what the strategy compiles (`cnnjax.parallel.Run`).
+  train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+  eval_step: Callable[..., dict[str, jax.Array]]
 
   def describe(self) -> str:
     """One line of what runs where: backend, devices, processes, strategy, BatchNorm, batches, data, steps."""
@@ -72,17 +76,6 @@ class Experiment:
 
   def init_state(self) -> TrainState:
     return create_train_state(self.config.seed, self.model, self.tx, self.input_shape)
-
-  @property
-  def train_step(self) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure train step of this run: model, optimizer, loss and the strategy's device axis bound."""
-    return functools.partial(train_step, model=self.model, tx=self.tx, schedule_shape=self.schedule_shape,
-                             label_smoothing=self.config.label_smoothing, axis_name=self.strategy.axis_name)
-
-  @property
-  def eval_step(self) -> Callable[..., dict[str, jax.Array]]:
-    """The pure eval step of this run: model and the strategy's device axis bound."""
-    return functools.partial(eval_step, model=self.model, axis_name=self.strategy.axis_name)
 
   def train_step_fn(self) -> Callable[..., Any]:
     """The train step as the run's strategy compiles it, for stepping a run by hand (tests, benchmarks)."""
@@ -207,5 +200,8 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
       config=config, dataset=dataset, preprocess=preprocess, input_shape=input_shape,
       model=model, tx=tx, schedule_shape=shape, strategy=strategy,
       total_steps=num_steps, placement=placement, host=host, bn_groups=bn_groups,
+      train_step=functools.partial(train_step, model=model, tx=tx, schedule_shape=shape,
+                                   label_smoothing=config.label_smoothing, axis_name=strategy.axis_name),
+      eval_step=functools.partial(eval_step, model=model, axis_name=strategy.axis_name),
       train_slice=data_lib.ProcessSlice(config.batch_size, jax.process_index(), process_count),
       eval_slice=data_lib.ProcessSlice(eval_batch, jax.process_index(), process_count))
