@@ -29,7 +29,8 @@ from cnnjax.parallel import STRATEGIES
 
 # Keys under `model` that the training code consumes; every other key is a model option.
 MODEL_COMMON_KEYS = ("name", "norm", "bn_sync", "bn_group_size", "bn_momentum", "bn_epsilon",
-                     "bn_running_variance", "group_norm_groups", "dtype", "lowering")
+                     "bn_running_variance", "renorm_rmax", "renorm_dmax", "renorm_warmup_steps",
+                     "renorm_rmax_steps", "renorm_dmax_steps", "group_norm_groups", "dtype", "lowering")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -63,6 +64,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.bn_momentum = 0.9
   config.model.bn_epsilon = 1e-5
   config.model.bn_running_variance = "biased"  # or unbiased (PyTorch's): the batch variance times m / (m - 1)
+  # norm=renorm (Batch Renormalization, Ioffe 2017): r clipped to [1/rmax, rmax], d to [-dmax, dmax]; plain
+  # BatchNorm (rmax 1, dmax 0) for the warmup steps, then each limit opens linearly until its step.
+  config.model.renorm_rmax = 3.0
+  config.model.renorm_dmax = 5.0
+  config.model.renorm_warmup_steps = 0
+  config.model.renorm_rmax_steps = 0
+  config.model.renorm_dmax_steps = 0
   config.model.group_norm_groups = 32  # capped at gcd(groups, channels) per layer
   config.model.dtype = "float32"  # compute dtype; parameters and BatchNorm statistics stay float32
   # How convolutions and max/min pooling are computed (cnnjax.nn.lowering): auto (CPU rewrites on
@@ -207,17 +215,30 @@ def as_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def _defaults() -> dict:
+  return flatten(as_json(base_config()))
+
+
 def resume_differences(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, object, object]]:
-  """(key, saved value, new value) for every key that differs and may not change on resume."""
-  old, new = flatten(saved), flatten(as_json(config))
+  """(key, saved value, new value) for every key that differs and may not change on resume.
+
+  A key the saved config lacks is no difference while it holds its default: a run started before
+  cnnjax gained that key (with the behaviour its default keeps) resumes after the upgrade.
+  """
+  old, new, defaults = flatten(saved), flatten(as_json(config)), _defaults()
   return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-          if key not in RESUME_SAFE_KEYS and old.get(key) != new.get(key)]
+          if key not in RESUME_SAFE_KEYS and old.get(key) != new.get(key)
+          and not (key not in old and key in defaults and new.get(key) == defaults[key])]
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:
   """sha256 of the keys that define a run: every key but `RESUME_SAFE_KEYS`, the ones
-  `resume_differences` compares. Two configs that may resume each other share it."""
-  defining = {key: value for key, value in flatten(as_json(config)).items() if key not in RESUME_SAFE_KEYS}
+  `resume_differences` compares, left out where it holds its default (so that a key added to the schema
+  later, at its default, keeps the fingerprints of earlier checkpoints). Two configs that may resume
+  each other share it."""
+  defaults = _defaults()
+  defining = {key: value for key, value in flatten(as_json(config)).items()
+              if key not in RESUME_SAFE_KEYS and not (key in defaults and value == defaults[key])}
   return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
 
 
@@ -262,7 +283,8 @@ def _validate_schedule(config: ml_collections.ConfigDict) -> None:
 MAX_SEED = 2 ** 32 - 1
 FLOAT_KEYS = ("num_epochs", "label_smoothing", "optimizer.learning_rate", "optimizer.weight_decay",
               "optimizer.momentum", "optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.decay_factor",
-              "model.bn_momentum", "model.bn_epsilon", "data.rotation_degrees")
+              "model.bn_momentum", "model.bn_epsilon", "model.renorm_rmax", "model.renorm_dmax",
+              "data.rotation_degrees")
 
 
 def _validate_profile_steps(config: ml_collections.ConfigDict) -> None:
@@ -327,6 +349,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.model.bn_sync != "ghost" or config.model.bn_group_size > 0,
            "model.bn_sync=ghost needs model.bn_group_size > 0 (examples per statistics group)")
   _require(config.model.bn_group_size >= 0, f"model.bn_group_size={config.model.bn_group_size} must be >= 0")
+  _require(config.model.renorm_rmax >= 1, f"model.renorm_rmax={config.model.renorm_rmax} must be >= 1")
+  _require(config.model.renorm_dmax >= 0, f"model.renorm_dmax={config.model.renorm_dmax} must be >= 0")
+  for key in ("renorm_warmup_steps", "renorm_rmax_steps", "renorm_dmax_steps"):
+    _require(config.model[key] >= 0, f"model.{key}={config.model[key]} must be >= 0")
   _require(config.parallel.num_devices >= 0, f"parallel.num_devices={config.parallel.num_devices} must be >= 0")
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _require(config[key] > 0, f"{key}={config[key]} must be positive")

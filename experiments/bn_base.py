@@ -26,6 +26,8 @@ GLOBAL_BATCH = 128
 # Training steps at GLOBAL_BATCH; experiments with another global batch keep the epochs fixed.
 TRAIN_STEPS = {"small": 200, "full": 11_700}
 LEARNING_RATE = 0.1  # at GLOBAL_BATCH; scaled linearly with the global batch (Goyal et al. 2017)
+# The seeds each configuration of the study's experiments runs with (their mean and spread are reported).
+SEEDS = (0, 1, 2)
 
 
 def get_config(scale: str = "small"):

@@ -8,7 +8,7 @@ second, step time, compile time, fraction of the float32 matmul peak, the input
 pipeline's speed over the step's, and PyTorch's eager and channels_last images
 per second for the same model and batch (float32, one process, all cores) with
 the ratios; the same in the JSON
-(`cases`, one object per case). The README's "Performance" section shows a real run.
+(`cases`, one object per case). docs/performance.md shows a real run.
 Cost: --quick under 5 minutes on 2 CPU cores; the full run (224x224 ResNet-18/50,
 every strategy and dtype) about an hour there.
 

@@ -5,8 +5,8 @@ Command:
 Expected: one line per mean/std ratio (10, 100, 300, 1000) with the relative
 error max |y - y64| / max |y64| of the train-mode output, for every statistics
 grouping (one group, ghost groups, a group across 8 vmapped devices, sub-groups
-of 2 devices), and torch float32 where PyTorch is installed; the README's
-BatchNorm section quotes a run. Both grow about linearly with mean/std, from
+of 2 devices), and torch float32 where PyTorch is installed; docs/parallel.md
+quotes a run. Both grow about linearly with mean/std, from
 about 3e-7 at 10 to 3.5e-5 (cnnjax) and 1.9e-5 (torch) at 1,000.
 Cost: a few seconds on a CPU.
 """

@@ -1,8 +1,8 @@
 """The benchmark harness (scripts/benchmark.py): its cases and the fields of its JSON, on tiny cases.
 
 Speed itself is never asserted here (the brief: benchmarks measure, tests check
-behaviour); these tests check that a run produces every field the README and
-the README's Performance section promise, that the multi-device and bfloat16 paths run, and
+behaviour); these tests check that a run produces every field docs/performance.md
+promises, that the multi-device and bfloat16 paths run, and
 that the PyTorch twin, where PyTorch is installed, is the same architecture; and that the
 pipeline benchmark against worker counts (scripts/bench_pipeline.py) writes its rates.
 """
@@ -13,6 +13,7 @@ import os
 
 import pytest
 
+from cnnjax import config as config_lib
 from cnnjax.bench import harness
 from helpers import REPO_ROOT, run_cli
 
@@ -27,13 +28,18 @@ TORCH_FIELDS = ("torch_eager_images_per_second", "torch_channels_last_images_per
                 "ratio_vs_torch_channels_last")
 
 
-def test_full_case_list_covers_models_strategies_and_dtypes():
+def test_every_full_case_is_a_valid_run_that_divides_over_its_devices(tmp_path):
   full = harness.cases(quick=False)
-  shapes = {(c.model, c.batch, c.image_size) for c in full}
-  assert shapes == {("resnet20", 128, 32), ("lenet5", 256, 32), ("resnet18", 32, 224), ("resnet50", 32, 224)}
-  for model in ("resnet20", "lenet5", "resnet18", "resnet50"):
-    combos = {(c.strategy, c.dtype) for c in full if c.model == model}
-    assert combos == {(s, d) for s in harness.STRATEGIES for d in harness.DTYPES}, model
+  assert len(set(full)) == len(full)
+  models = {case.model for case in full}
+  # Each model is timed under every strategy and dtype the harness offers, once.
+  assert len(full) == len(models) * len(harness.STRATEGIES) * len(harness.DTYPES)
+  for case in full:
+    config = harness.case_config(case, str(tmp_path))
+    config_lib.validate(config)
+    assert case.batch % case.devices == 0, case
+    assert case.num_classes == config.data.num_classes and case.devices == (1 if case.strategy == "none"
+                                                                             else harness.SIMULATED_DEVICES)
 
 
 def test_quick_case_list_keeps_resnet20_whole_and_shrinks_imagenet_inputs():

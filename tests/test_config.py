@@ -2,6 +2,7 @@
 
 import os
 
+import ml_collections
 import pytest
 
 from cnnjax import config as config_lib
@@ -50,6 +51,9 @@ def test_missing_config_file_is_one_line(tmp_path):
     ("model.bn_running_variance", "sample", "model.bn_running_variance='sample' is unknown"),
     ("optimizer.weight_decay", -1.0, "must be >= 0"),
     ("num_epochs", 0.0, "one must be positive"),
+    ("model.renorm_rmax", 0.5, "model.renorm_rmax=0.5 must be >= 1"),
+    ("model.renorm_dmax", -1.0, "model.renorm_dmax=-1.0 must be >= 0"),
+    ("model.renorm_rmax_steps", -1, "model.renorm_rmax_steps=-1 must be >= 0"),
 ])
 def test_validate_rejects_impossible_values(key, value, message):
   config = experiment_config("lenet5_digits", **{key: value})
@@ -73,3 +77,22 @@ def test_shared_keys_exist_in_every_experiment():
       node = config
       for part in key.split("."):
         node = node[part]
+
+
+def test_a_key_added_to_the_schema_at_its_default_keeps_earlier_runs_resumable():
+  config = experiment_config("lenet5_digits")
+  # What an earlier cnnjax, without the renorm keys, wrote into config.json.
+  saved = config_lib.as_json(config)
+  for key in ("renorm_rmax", "renorm_dmax"):
+    del saved["model"][key]
+  assert config_lib.resume_differences(saved, config) == []
+  earlier = ml_collections.ConfigDict(saved)
+  assert config_lib.fingerprint(earlier) == config_lib.fingerprint(config)
+  # Set away from its default, the new key is a different run.
+  config.model.renorm_rmax = 2.0
+  assert [key for key, *_ in config_lib.resume_differences(saved, config)] == ["model.renorm_rmax"]
+  assert config_lib.fingerprint(earlier) != config_lib.fingerprint(config)
+  # Any other change still counts, default or not.
+  config.model.renorm_rmax = 3.0
+  config.optimizer.learning_rate = 0.5
+  assert config_lib.fingerprint(earlier) != config_lib.fingerprint(config)

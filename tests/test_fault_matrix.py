@@ -1,7 +1,6 @@
 """The field's faults: preemption, several processes, shared and damaged workdirs, failing trials, bad inputs.
 
-Each test is one case of the reliability fault matrix (README, "What cnnjax
-guarantees"), with the message or checksum it must produce. Signals go only to
+Each test is one case of the reliability fault matrix (docs/guarantees.md), with the message or checksum it must produce. Signals go only to
 processes these tests start, by their ids, and every wait is bounded. Tests that
 start several processes or whole sweeps are marked `slow`.
 """

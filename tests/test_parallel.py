@@ -3,7 +3,9 @@
 The equivalence matrix: k steps of every strategy with bn_sync=global equal k
 steps on one device over the full batch; local and ghost equal a reference
 written by hand (plain BatchNorm applied to each slice or group separately,
-gradients averaged); replicas stay identical.
+gradients averaged); replicas stay identical. Batch Renormalization
+(norm=renorm) passes the same matrix, with its clipping limits opening during
+the k steps so that its corrections act.
 """
 
 import functools
@@ -27,12 +29,20 @@ STEPS = 3
 RTOL = 1e-5
 
 
-def small_resnet_config(strategy: str, bn_sync: str, group: int = 0):
-  """A ResNet-8 (one block per stage, BatchNorm everywhere) on 8x8 digits."""
+NORMS = ("batch", "renorm")
+# Batch Renorm: plain BatchNorm at step 0, then limits that open over the next steps (r and d act from step 1,
+# where the running statistics have moved), tight enough that the clipping binds.
+RENORM_SCHEDULE = {"model.renorm_rmax": 1.5, "model.renorm_dmax": 0.5, "model.renorm_warmup_steps": 1,
+                   "model.renorm_rmax_steps": 2, "model.renorm_dmax_steps": 3}
+
+
+def small_resnet_config(strategy: str, bn_sync: str, group: int = 0, norm: str = "batch"):
+  """A ResNet-8 (one block per stage, BatchNorm or Batch Renorm everywhere) on 8x8 digits."""
   config = tiny(experiment_config("resnet20_cifar10"), **{
       "data.name": "digits", "data.image_size": 8, "data.crop_padding": 0, "data.flip": False,
       "batch_size": GLOBAL_BATCH, "num_train_steps": STEPS, "parallel.strategy": strategy,
-      "model.bn_sync": bn_sync, "model.bn_group_size": group, "optimizer.schedule": "constant"})
+      "model.bn_sync": bn_sync, "model.bn_group_size": group, "optimizer.schedule": "constant",
+      "model.norm": norm, **(RENORM_SCHEDULE if norm == "renorm" else {})})
   config.model.blocks_per_stage = 1
   return config
 
@@ -40,11 +50,11 @@ def small_resnet_config(strategy: str, bn_sync: str, group: int = 0):
 _RUNS: dict = {}
 
 
-def cached_train_steps(strategy: str, bn_sync: str, group: int = 0):
+def cached_train_steps(strategy: str, bn_sync: str, group: int = 0, norm: str = "batch"):
   """train_steps of small_resnet_config, computed once per module (several tests read the same run)."""
-  key = (strategy, bn_sync, group)
+  key = (strategy, bn_sync, group, norm)
   if key not in _RUNS:
-    _RUNS[key] = train_steps(small_resnet_config(strategy, bn_sync, group))
+    _RUNS[key] = train_steps(small_resnet_config(strategy, bn_sync, group, norm))
   return _RUNS[key]
 
 
@@ -64,16 +74,21 @@ def train_steps(config):
   return strategy.get_state(state), losses, state, exp
 
 
+def mean_over_groups(stats):
+  """The groups' updated running statistics averaged; Batch Renorm's step counters agree, so any one."""
+  return jax.tree.map(lambda s: s.mean(0) if jnp.issubdtype(s.dtype, jnp.floating) else s[0], stats)
+
+
 @functools.lru_cache(maxsize=None)
-def hand_reference(group: int):
+def hand_reference(group: int, norm: str = "batch"):
   """k steps where each group of `group` consecutive examples is normalized on its own.
 
   Written without any grouping machinery: the one-device model with plain
-  BatchNorm is applied to every group separately (vmap with no axis name), the
-  loss is the mean of the group losses, and the running statistics are the mean
-  of the groups' updated statistics.
+  BatchNorm (or Batch Renorm) is applied to every group separately (vmap with no
+  axis name), the loss is the mean of the group losses, and the running
+  statistics are the mean of the groups' updated statistics.
   """
-  exp = train.build(small_resnet_config("none", "global"))
+  exp = train.build(small_resnet_config("none", "global", norm=norm))
   model, tx = exp.model, exp.tx
   state = exp.init_state()
   batches = exp.train_batches()
@@ -87,7 +102,7 @@ def hand_reference(group: int):
         return cross_entropy(logits, y, 0.0).mean(), updates["batch_stats"]
       shape = (GLOBAL_BATCH // group, group)
       losses, stats = jax.vmap(group_loss)(inputs.reshape(shape + inputs.shape[1:]), labels.reshape(shape))
-      return losses.mean(), jax.tree.map(lambda s: s.mean(0), stats)
+      return losses.mean(), mean_over_groups(stats)
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -115,13 +130,30 @@ def full_batch_reference(tfds_data_dir):
   return host, losses
 
 
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("strategy", STRATEGIES[1:])
-def test_global_sync_equals_one_device_on_the_full_batch(strategy, full_batch_reference):
-  host, losses, _, exp = cached_train_steps(strategy, "global")
+def test_global_sync_equals_one_device_on_the_full_batch(strategy, norm, tfds_data_dir):
+  host, losses, _, exp = cached_train_steps(strategy, "global", norm=norm)
   assert exp.strategy.layout.num_devices == DEVICES
-  reference, reference_losses = full_batch_reference
+  reference, reference_losses, _, _ = cached_train_steps("none", "global", norm=norm)
   assert_states_close(host, reference)
   np.testing.assert_allclose(losses, reference_losses, rtol=RTOL)
+
+
+def test_renorm_corrections_change_training(tfds_data_dir):
+  """The renorm runs above are not BatchNorm's: from step 1 r and d move the losses and statistics."""
+  host, losses, _, _ = cached_train_steps("none", "global", norm="renorm")
+  batch_host, batch_losses, _, _ = cached_train_steps("none", "global")
+  assert losses[0] == batch_losses[0]  # step 0 is plain BatchNorm
+  assert abs(losses[-1] - batch_losses[-1]) > 1e-4
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(host.params),
+                                                          jax.tree.leaves(batch_host.params))) > 1e-4
+  assert all(int(step) == STEPS for step in jax.tree.leaves(
+      {k: v for k, v in flat_stats(host.batch_stats).items() if k.endswith("renorm_step")}))
+
+
+def flat_stats(stats) -> dict:
+  return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(stats)}
 
 
 # Ghost groups smaller than a device's slice (2), equal to it (4 = local), spanning 2 and 4 devices.
@@ -130,10 +162,11 @@ GROUPED_CASES = [(strategy, bn_sync, group) for strategy in STRATEGIES
                  if not (strategy == "none" and bn_sync == "local")]  # one device: local is global
 
 
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("strategy,bn_sync,group", GROUPED_CASES)
-def test_local_and_ghost_equal_the_hand_reference(strategy, bn_sync, group, tfds_data_dir):
-  reference, reference_losses = hand_reference(group)
-  host, losses, _, _ = cached_train_steps(strategy, bn_sync, group if bn_sync == "ghost" else 0)
+def test_local_and_ghost_equal_the_hand_reference(strategy, bn_sync, group, norm, tfds_data_dir):
+  reference, reference_losses = hand_reference(group, norm)
+  host, losses, _, _ = cached_train_steps(strategy, bn_sync, group if bn_sync == "ghost" else 0, norm)
   assert_states_close(host, reference)
   np.testing.assert_allclose(losses, reference_losses, rtol=RTOL)
 
@@ -147,9 +180,10 @@ def test_local_measurably_differs_from_global(full_batch_reference):
   assert abs(losses[-1] - reference_losses[-1]) > 1e-4
 
 
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("strategy", STRATEGIES[1:])
-def test_replicas_hold_identical_parameters_and_running_statistics(strategy, tfds_data_dir):
-  _, _, state, _ = cached_train_steps(strategy, "local")
+def test_replicas_hold_identical_parameters_and_running_statistics(strategy, norm, tfds_data_dir):
+  _, _, state, _ = cached_train_steps(strategy, "local", norm=norm)
   for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state)):
     copies = [np.asarray(shard.data) for shard in leaf.addressable_shards]
     if strategy == "pmap":  # one row per device

@@ -203,6 +203,18 @@ def test_cifar_source_dir_without_either_version_says_what_it_looks_for(tmp_path
     prepare("cifar10", data_dir=str(tmp_path / "tfds"), source_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize("name,message", [
+    ("cifar10", "holds neither cifar10's binary version (cifar-10-batches-bin/data_batch_1.bin)"),
+    ("mnist", "train-images-idx3-ubyte[.gz] is missing"),
+])
+def test_missing_original_files_are_one_line_before_tfds_writes_anything(tmp_path, name, message):
+  data_dir = tmp_path / "tfds"
+  result = run_cli("cnnjax.prepare", name, f"--source_dir={tmp_path}", f"--data_dir={data_dir}", timeout=120)
+  assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+  assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout.strip(), result.stderr + result.stdout
+  assert not data_dir.exists() or not any(data_dir.rglob("*.array_record*"))
+
+
 def write_image_folder(root, classes, sizes=None, mode="RGB") -> dict:
   """root/<split>/<class>/<i>.png (and one .jpg), random pixels; {(split, class): [arrays of the PNGs]}."""
   rng = np.random.default_rng(3)

@@ -60,11 +60,58 @@ def test_scripts_run_end_to_end_at_tiny_scale(tmp_path, tfds_data_dir, script, a
   assert result.returncode == 0, result.stderr[-3000:]
   for name in outputs:
     assert (tmp_path / name).stat().st_size > 0, name
-  payload = json.loads((tmp_path / outputs[1]).read_text())
-  assert payload
-  if script == "deep_image_prior":
-    assert payload["iterations"] == [10, 20] and 19 < payload["noisy_psnr"] < 23  # sigma 25/255, clipped
-    assert payload["psnr_noisy"][-1] > payload["psnr_noisy"][0]  # the fit approaches its noisy target
+  CHECK_PAYLOAD[script](json.loads((tmp_path / outputs[1]).read_text()))
+
+
+def check_filter_bank(payload):
+  sharpness = payload["relative_sharpness"]
+  assert sharpness["identity"] == pytest.approx(1.0) and sharpness["box_blur"] < 1 < sharpness["sharpen"]
+  assert len(payload["shape"]) == 3
+
+
+def check_deep_image_prior(payload):
+  assert payload["iterations"] == [10, 20] and 19 < payload["noisy_psnr"] < 23  # sigma 25/255, clipped
+  assert payload["psnr_noisy"][-1] > payload["psnr_noisy"][0]  # the fit approaches its noisy target
+
+
+def check_shift_models(results, labels):
+  """Each requested model trained and was scored at every shift, with accuracies that are fractions."""
+  assert list(results) == labels
+  for label, result in results.items():
+    assert result["params"] > 0 and 0 <= result["accuracy"] <= 1, label
+    assert len(result["shifted_accuracy"]) == len(result["stability"]) == len(result["shifts"]) > 0, label
+    assert all(0 <= value <= 1 for value in result["shifted_accuracy"] + result["stability"]), label
+
+
+def check_mlp_vs_cnn(payload):
+  # The notes' scenario: a 128-unit hidden layer on 32x32x3 against 32 3x3 filters.
+  assert payload["scenario"] == {"mlp_hidden_layer": 32 * 32 * 3 * 128 + 128, "conv_layer": 3 * 3 * 3 * 32 + 32}
+  check_shift_models(payload["models"], ["MLP (128 hidden)"])
+
+
+def check_equivariance(payload):
+  rows = payload["layers"]
+  assert {(row["padding"], row["stride"]) for row in rows} == {("circular", 1), ("same", 1), ("circular", 2),
+                                                               ("same", 2)}
+  # Circular padding at stride 1 is exactly shift-equivariant; stride 2 breaks it for odd shifts.
+  assert all(row["error"] < 1e-5 for row in rows if row["padding"] == "circular" and row["stride"] == 1)
+  # Zero padding breaks it only where the padding reaches: the border.
+  same = [row for row in rows if row["padding"] == "same" and row["stride"] == 1]
+  assert all(row["interior_error"] < 1e-5 < row["error"] for row in same)
+  assert any(row["error"] > 1e-2 for row in rows if row["stride"] == 2 and row["shift"] % 2)
+  check_shift_models(payload["classifiers"], ["max pooling + global average"])
+
+
+def check_degradation(payload):
+  assert list(payload) == ["plain20"]
+  result = payload["plain20"]
+  assert result["params"] > 0 and len(result["steps"]) == len(result["train_loss"]) > 0
+  assert 0 <= result["eval_accuracy"] <= 1 and result["final_train_loss"] > 0
+
+
+CHECK_PAYLOAD = {"filter_bank": check_filter_bank, "deep_image_prior": check_deep_image_prior,
+                 "mlp_vs_cnn": check_mlp_vs_cnn, "equivariance": check_equivariance,
+                 "degradation": check_degradation}
 
 
 def test_segmentation_scores_agree_with_the_loop_and_the_script(tmp_path, tfds_data_dir):

@@ -219,3 +219,28 @@ def test_results_tables_mark_the_best_and_summarize_seeds(tmp_path):
   assert results.best_row(tied, "eval_accuracy") is tied[1]
   with pytest.raises(ConfigError, match="--metric=accuracy is unknown"):
     results.check_metric("accuracy")
+
+
+def test_plots_draw_one_series_per_value_of_the_other_keys_with_the_spread_over_seeds(tmp_path):
+  trials = make_trials(grid({"model.bn_sync": ("global", "local"), "parallel.num_devices": (1, 8),
+                             "seed": (0, 1, 2)}))
+  # global is flat at 0.9 (+ seed noise); local falls to 0.5 on 8 devices. An average over bn_sync would hide it.
+  for trial in trials:
+    drop = 0.4 if trial.overrides["model.bn_sync"] == "local" and trial.overrides["parallel.num_devices"] == 8 else 0
+    write_trial(tmp_path, trial, summary={"eval_accuracy": 0.9 - drop + 0.01 * trial.overrides["seed"],
+                                          "eval_loss": 0.1, "train_loss": 0.1, "step": 10, "wall_seconds": 1.0})
+  rows = results.read_rows(trials, str(tmp_path))
+  keys = results.swept_keys(rows)
+  by_devices = results.plot_series(rows, "parallel.num_devices", keys, "eval_accuracy")
+  assert list(by_devices) == ["bn_sync=global", "bn_sync=local"]
+  local = {p.x: p for p in by_devices["bn_sync=local"]}
+  assert local[8].mean == pytest.approx(0.51) and local[1].mean == pytest.approx(0.91)
+  assert local[8].values == pytest.approx((0.5, 0.51, 0.52))
+  assert local[8].half_width == pytest.approx(4.3027 * 0.01 / np.sqrt(3), rel=1e-4)  # t interval over 3 seeds
+  by_sync = results.plot_series(rows, "model.bn_sync", keys, "eval_accuracy")
+  assert list(by_sync) == ["num_devices=1", "num_devices=8"]
+  assert [p.x for p in by_sync["num_devices=8"]] == ["global", "local"]
+  written = results.write_plots(str(tmp_path), rows, keys, "eval_accuracy")
+  assert written == ["plot_eval_accuracy_vs_model.bn_sync.png", "plot_eval_accuracy_vs_parallel.num_devices.png"]
+  single = results.plot_series(rows[:1], "model.bn_sync", ["model.bn_sync"], "eval_accuracy")
+  assert list(single) == ["all trials"] and single["all trials"][0].half_width == 0.0

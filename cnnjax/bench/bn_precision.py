@@ -1,6 +1,6 @@
 """BatchNorm's train-mode output against float64, when a channel's mean is large against its spread.
 
-The measurement behind the README's precision table: inputs whose every channel
+The measurement behind the precision table in docs/parallel.md: inputs whose every channel
 has mean `ratio` times its standard deviation, normalized in train mode by
 `cnnjax.nn.BatchNorm` under each way statistics can be grouped (one group on one
 device, ghost groups within a device, a group spanning 8 devices under vmap,

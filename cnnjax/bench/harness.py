@@ -15,8 +15,8 @@ every case of that model carries the ratio.
 Children run with glibc's allocator told to keep freed memory
 (`ALLOCATOR_ENV`): XLA's CPU runtime allocates its temporary buffers anew at
 every step, and glibc otherwise returns them to the kernel and faults fresh
-pages in again (16% of a ResNet-20 step's CPU time in kernel page faults,
-measured with `perf`; the setting made the step 5-8% faster).
+pages in again, which `perf` showed as a large share of a ResNet-20 step's CPU
+time in kernel page faults (docs/performance.md).
 
 The parent measures the machine's float32 matmul peak and the real input
 pipeline (decode, augment, batch, on the host) for each input kind, and writes

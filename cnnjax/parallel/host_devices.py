@@ -33,8 +33,8 @@ AUTO = -1  # --simulate_devices default: cnnjax chooses
 # on one device). Every other model keeps one device.
 AUTOMATIC_CPU_DEVICES = {"resnet20": 8, "lenet5": 2}
 # A sweep on a CPU host spreads its trials (vectorized members, partitioned groups) over this many virtual
-# devices: the README's sweep timings (scripts/bench_sweep.py) were measured on 8, where a vectorized
-# population ran 3.2x faster than the same trials one after another.
+# devices: the sweep timings in docs/sweeps.md (scripts/bench_sweep.py) were measured on 8, where a vectorized
+# population ran well ahead of the same trials one after another.
 SWEEP_CPU_DEVICES = 8
 
 

@@ -210,7 +210,7 @@ class Vectorized(Strategy):
 
     # shard_map makes each device step only its own block of members. Left to the SPMD partitioner,
     # the vmapped convolutions (grouped over members) were not split by member: every device computed
-    # every member, measured 14x slower than the same members one after another on 8 CPU devices.
+    # every member, far slower than the same members one after another (docs/performance.md).
     return jax.jit(jax.shard_map(jax.vmap(member_step), mesh=self.mesh, in_specs=(P(MEMBER_AXIS),) * 3,
                                  out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS))), donate_argnums=(0,))
 

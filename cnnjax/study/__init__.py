@@ -4,7 +4,7 @@ plots (`python scripts/bn_study.py --workdir=DIR`)."""
 
 from cnnjax.study.plan import SCALES, Context, Scale, Task, TrialPlan
 from cnnjax.study.report import read_results
-from cnnjax.study.study import EXPERIMENT_KEYS, EXPERIMENTS, run_study, write_study_report
+from cnnjax.study.study import EXPERIMENT_KEYS, EXPERIMENTS, publish_report, run_study, write_study_report
 
-__all__ = ["Context", "EXPERIMENTS", "EXPERIMENT_KEYS", "SCALES", "Scale", "Task", "TrialPlan", "read_results",
-           "run_study", "write_study_report"]
+__all__ = ["Context", "EXPERIMENTS", "EXPERIMENT_KEYS", "SCALES", "Scale", "Task", "TrialPlan", "publish_report",
+           "read_results", "run_study", "write_study_report"]

@@ -26,7 +26,7 @@ from cnnjax.errors import NonFiniteError
 from cnnjax.nn import BatchNormGrouping
 from cnnjax.parallel.strategies import device_part
 from cnnjax.study import probes, report
-from cnnjax.study.plan import MISSING, Context, Task, TrialPlan, run_record, train_task
+from cnnjax.study.plan import MISSING, Context, Task, TrialPlan, run_record, seed_statistics, train_task
 from cnnjax.train import population
 from cnnjax.train.preemption import Preemption
 from cnnjax.train.state import TrainState
@@ -173,10 +173,11 @@ def results(ctx: Context) -> dict[str, Any]:
       "solo_max_abs_value": compared.get("solo_max_abs_value"),
       "ensemble_eval_accuracy": compared.get("ensemble_eval_accuracy"),
       "confused_ensemble_eval_accuracy": confused.get("confused_ensemble_eval_accuracy"),
-      "mean_member_eval_accuracy": (float(np.mean(finished_accuracies))
-                                    if len(finished_accuracies) == len(members) else None),
-      "confused_mean_member_eval_accuracy": (float(np.mean(present_confused))
-                                             if len(present_confused) == len(members) else None),
+      # The members are the base model's seeds: their mean and 95% interval (under "member_eval_accuracy").
+      **seed_statistics("member_eval_accuracy", finished_accuracies if len(finished_accuracies) == len(members)
+                        else []),
+      **seed_statistics("confused_member_eval_accuracy", present_confused if len(present_confused) == len(members)
+                        else []),
       "confused_running_stats_identical": confused.get("confused_running_stats_identical"),
   }
   return {KEY: summary, "ensemble_member_vs_solo_max_abs_diff": summary["member_vs_solo_max_abs_diff"]}
@@ -187,10 +188,10 @@ def section(results: dict[str, Any], ctx: Context) -> str:
   solo = summary["solo"] or {}
   rows = [[f"seed {r['seed']}" + (" (also trained alone)" if r["trial"] == solo.get("trial") else ""),
            report.pct(r["eval_accuracy"]), report.pct(r["confused_eval_accuracy"])] for r in summary["members"]]
-  rows.append(["mean of members", report.pct(summary["mean_member_eval_accuracy"]),
-               report.pct(summary["confused_mean_member_eval_accuracy"])])
-  rows.append(["ensemble (averaged probabilities)", report.pct(summary["ensemble_eval_accuracy"]),
-               report.pct(summary["confused_ensemble_eval_accuracy"])])
+  rows.append(["mean of members (± 95% interval over the seeds)", report.pct_ci(summary, "member_eval_accuracy"),
+               report.pct_ci(summary, "confused_member_eval_accuracy")])
+  rows.append(["ensemble (averaged probabilities; one ensemble, no spread)",
+               report.pct(summary["ensemble_eval_accuracy"]), report.pct(summary["confused_ensemble_eval_accuracy"])])
   rows.append([f"max abs difference from the solo run of seed {solo.get('seed', report.MISSING_TEXT)} "
                "(parameters and running statistics)", report.num(summary["member_vs_solo_max_abs_diff"]),
                report.num(summary["confused_vs_solo_max_abs_diff"])])
@@ -259,14 +260,33 @@ def reading(summary: dict[str, Any]) -> str:
         f"{verdict}.")
     if summary["confused_running_stats_identical"]:
       sentences.append("All confused members ended with identical running averages, the pooled ones.")
-    accuracy, confused_accuracy = summary["mean_member_eval_accuracy"], summary["confused_mean_member_eval_accuracy"]
+    accuracy, confused_accuracy = summary["member_eval_accuracy"], summary["confused_member_eval_accuracy"]
     if report.present(accuracy, confused_accuracy):
-      sentences.append(f"Mean member eval accuracy: {report.pct(accuracy)} kept apart, {report.pct(confused_accuracy)} "
-                       f"confused ({report.points(confused_accuracy - accuracy)}); the ensembles of averaged "
-                       f"probabilities scored {report.pct(summary['ensemble_eval_accuracy'])} and "
+      sentences.append(f"Mean member eval accuracy: {report.pct_ci(summary, 'member_eval_accuracy')} kept apart, "
+                       f"{report.pct_ci(summary, 'confused_member_eval_accuracy')} confused (confused minus apart, "
+                       f"member by member: {_confused_minus_apart(summary)}); the ensembles of averaged "
+                       f"probabilities, one each, scored {report.pct(summary['ensemble_eval_accuracy'])} and "
                        f"{report.pct(summary['confused_ensemble_eval_accuracy'])}.")
   else:
     sentences.append("The confused-axes population is missing.")
   sentences += report.unfinished(summary["members"] + ([summary["solo"]] if summary["solo"] else []))
   return " ".join(sentences)
 
+
+def _confused_minus_apart(summary: dict[str, Any]) -> str:
+  """Each member's eval accuracy confused minus kept apart, over the seeds (the same seeds both ways)."""
+  return report.compared_paired(summary["confused_member_eval_accuracy_seeds"], summary["member_eval_accuracy_seeds"])
+
+
+def summary(results: dict[str, Any]) -> str:
+  """The README's bullet: member vs solo, the confused population, and the members' accuracy over seeds."""
+  summary_ = results[KEY]
+  member = summary_["member_vs_solo_max_abs_diff"]
+  versus_solo = ("is bit for bit its solo run" if member == 0 else
+                 f"differs from its solo run by at most {report.num(member)}")
+  return (f"**Ensembles**: the population member {versus_solo} (entries up to "
+          f"{report.num(summary_['solo_max_abs_value'])}); with BatchNorm pooling over the member axis it differs by "
+          f"{report.num(summary_['confused_vs_solo_max_abs_diff'])}. Member eval accuracy over the "
+          f"{len(summary_['members'])} seeds {report.pct_ci(summary_, 'member_eval_accuracy')} apart, "
+          f"{report.pct_ci(summary_, 'confused_member_eval_accuracy')} confused (confused minus apart: "
+          f"{_confused_minus_apart(summary_)}).")

@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from cnnjax.study import report
-from cnnjax.study.plan import Context, Task, run_record, train_task
+from cnnjax.study.plan import Context, Task, group_record, train_task
 
 KEY = "ghost_batch"
 EXPERIMENT_FILE = "bn_ghost_batch.py"
@@ -25,17 +25,17 @@ def tasks(ctx: Context) -> list[Task]:
 
 def results(ctx: Context) -> dict[str, Any]:
   records = []
-  for plan in ctx.trials(KEY, EXPERIMENT_FILE):
-    summary = plan.summary() or {}
-    records.append({**run_record(plan), "bn_group_size": plan.config.model.bn_group_size,
-                    "global_batch": plan.config.batch_size, "devices": summary.get("num_devices")})
+  for group in ctx.seed_groups(KEY, EXPERIMENT_FILE):
+    summary = group.first.summary() or {}
+    records.append({**group_record(group), "bn_group_size": group.config.model.bn_group_size,
+                    "global_batch": group.config.batch_size, "devices": summary.get("num_devices")})
   return {KEY: sorted(records, key=lambda r: r["bn_group_size"])}
 
 
 def section(results: dict[str, Any], ctx: Context) -> str:
   records = results[KEY]
-  rows = [[r["bn_group_size"], r["global_batch"] // r["bn_group_size"], report.pct(r["eval_accuracy"]),
-           report.num(r["eval_loss"]), report.pct(r["train_accuracy"]), report.points(r["train_eval_gap"])]
+  rows = [[r["bn_group_size"], r["global_batch"] // r["bn_group_size"], report.pct_ci(r, "eval_accuracy"),
+           report.num_ci(r, "eval_loss"), report.pct_ci(r, "train_accuracy"), report.points(r["train_eval_gap"])]
           for r in records]
   text = report.table(["ghost batch (bn_group_size)", "groups per step", "eval accuracy", "eval loss",
                        "train accuracy", "train - eval"], rows)
@@ -43,30 +43,29 @@ def section(results: dict[str, Any], ctx: Context) -> str:
   global_batch = records[0]["global_batch"] if records else None
   notes = (f"Global batch {global_batch}, sharded over {devices if devices else report.MISSING_TEXT} devices; a "
            f"ghost batch of {global_batch} is ordinary (global) BatchNorm.")
-  return report.section(TITLE, QUESTION, text, _plot(records, ctx), reading(records, report.seed_spread(results)),
-                        notes)
+  return report.section(TITLE, QUESTION, text, _plot(records, ctx), reading(records), notes)
 
 
 def _plot(records: list[dict[str, Any]], ctx: Context) -> str | None:
   finished = [r for r in records if report.present(r["eval_accuracy"])]
   if not finished:
     return None
-  fig, (accuracy_axis, loss_axis) = report.figure(2, f"Ghost batch size (global batch {finished[0]['global_batch']})")
+  fig, (accuracy_axis, loss_axis) = report.figure(2, f"Ghost batch size (global batch {finished[0]['global_batch']}; "
+                                                     "mean and 95% interval over seeds)")
   sizes = [r["bn_group_size"] for r in finished]
-  accuracy_axis.plot(sizes, [report.PERCENT * r["eval_accuracy"] for r in finished], "o-", label="eval")
+  report.error_bars(accuracy_axis, sizes, finished, "eval_accuracy", report.PERCENT, fmt="o-", label="eval")
   with_train = [r for r in finished if report.present(r["train_accuracy"])]
-  accuracy_axis.plot([r["bn_group_size"] for r in with_train],
-                     [report.PERCENT * r["train_accuracy"] for r in with_train], "s--",
-                     label="train (last logged batches)")
-  loss_axis.plot(sizes, [r["eval_loss"] for r in finished], "o-")
+  report.error_bars(accuracy_axis, [r["bn_group_size"] for r in with_train], with_train, "train_accuracy",
+                    report.PERCENT, fmt="s--", label="train (last logged batches)")
+  report.error_bars(loss_axis, sizes, finished, "eval_loss", fmt="o-")
   report.powers_of_two([(accuracy_axis, "accuracy (%)"), (loss_axis, "eval loss")],
                        "ghost batch (examples per statistics group)", legend=False)
   accuracy_axis.legend()
   return report.save(fig, os.path.join(ctx.workdir, f"{KEY}.png"))
 
 
-def reading(records: list[dict[str, Any]], spread: tuple[float, int] | None) -> str:
-  """What the numbers say, computed from them; `spread` is the base model's seed-to-seed range."""
+def reading(records: list[dict[str, Any]]) -> str:
+  """What the numbers say, computed from them; accuracy differences are compared with the seed spread."""
   finished = [r for r in records if report.present(r["eval_accuracy"])]
   sentences = []
   eval_examples = next((r["eval_examples"] for r in records if r["eval_examples"]), None)
@@ -79,10 +78,10 @@ def reading(records: list[dict[str, Any]], spread: tuple[float, int] | None) -> 
         f"Eval accuracy {report.change(smallest['eval_accuracy'], whole['eval_accuracy'])} from ghost batches of "
         f"{smallest['bn_group_size']} to {whole['bn_group_size']} examples"
         + (f" ({trend} with the ghost batch)" if trend else " (not monotonically)")
-        + f"; the best was {report.pct(best['eval_accuracy'])} at {best['bn_group_size']} and the worst "
-        f"{report.pct(worst['eval_accuracy'])} at {worst['bn_group_size']}, "
+        + f"; the best mean was {report.pct_ci(best, 'eval_accuracy')} at {best['bn_group_size']} and the worst "
+        f"{report.pct_ci(worst, 'eval_accuracy')} at {worst['bn_group_size']}, "
         f"{report.examples(best['eval_accuracy'] - worst['eval_accuracy'], eval_examples)} apart "
-        f"({report.against_seeds(best['eval_accuracy'] - worst['eval_accuracy'], spread)}).")
+        f"({report.compared(best, worst)}).")
     best_loss = min(finished, key=lambda r: r["eval_loss"])
     sentences.append(f"The lowest eval loss, {report.num(best_loss['eval_loss'])}, was at a ghost batch of "
                      f"{best_loss['bn_group_size']}.")
@@ -97,3 +96,16 @@ def reading(records: list[dict[str, Any]], spread: tuple[float, int] | None) -> 
     sentences.append("No run of this experiment is finished yet.")
   sentences += report.unfinished(records)
   return " ".join(sentences)
+
+
+def summary(results: dict[str, Any]) -> str:
+  """The README's bullet: accuracy over seeds by ghost batch, and whether best and worst differ."""
+  finished = [r for r in results[KEY] if report.present(r["eval_accuracy"])]
+  if not finished:
+    return "**Ghost batch**: no run finished."
+  best = max(finished, key=lambda r: r["eval_accuracy"])
+  worst = min(finished, key=lambda r: r["eval_accuracy"])
+  listing = ", ".join(f"{r['bn_group_size']}: {report.pct_ci(r, 'eval_accuracy')}" for r in finished)
+  text = (f"**Ghost batch** (global batch {finished[0]['global_batch']}, eval accuracy over seeds by ghost batch): "
+          f"{listing}")
+  return text + (f"; best minus worst: {report.compared(best, worst)}." if best is not worst else ".")

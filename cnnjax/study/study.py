@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Any, Iterator, Sequence
@@ -31,12 +32,16 @@ from cnnjax.sweep import write_results
 from cnnjax.train.preemption import Preemption
 from cnnjax.train.rundir import DAMAGED_DIR, read_json_object
 
-# In report order. Each module has KEY, EXPERIMENT_FILE, tasks(ctx), results(ctx) and section(results, ctx).
+# In report order. Each module has KEY, EXPERIMENT_FILE, tasks(ctx), results(ctx), section(results, ctx) and
+# summary(results) (its bullet of the README's summary).
 EXPERIMENTS = (sync_vs_devices, per_device_batch, vmap_leakage, ensembles, train_vs_eval, ghost_batch)
 EXPERIMENT_KEYS = tuple(e.KEY for e in EXPERIMENTS)
 
 logger = logging.getLogger("cnnjax")
-STUDY_FILE = "study.json"  # in the workdir: the scale it holds, so that scales are never mixed in one directory
+# In the workdir: the scale it holds, so that scales are never mixed in one directory, and every invocation that
+# trained or measured something (tasks done, wall seconds), so that a report rewritten later still says what
+# the study cost.
+STUDY_FILE = "study.json"
 STUDY_LINE = "bn_study_line"  # marks the study's own log records (kept while the runs' step lines are not)
 
 
@@ -111,7 +116,7 @@ def run_study(workdir: str, scale: str | Scale = "small", *, experiments_dir: st
   selected = select(only)
   check_scale(ctx)
   os.makedirs(ctx.workdir, exist_ok=True)
-  metrics_lib.write_json(os.path.join(ctx.workdir, STUDY_FILE), {"scale": ctx.scale.name})
+  _write_study_file(ctx, _invocations(ctx))
   tasks = [task for experiment in selected for task in experiment.tasks(ctx)]
   pending = [task for task in tasks if not task.done()]
   progress = StudyProgress(len(tasks), len(tasks) - len(pending))
@@ -128,14 +133,29 @@ def run_study(workdir: str, scale: str | Scale = "small", *, experiments_dir: st
     trials = [plan.trial for plan in ctx.trials(experiment.KEY, experiment.EXPERIMENT_FILE)]
     if os.path.isdir(ctx.experiment_dir(experiment.KEY)):
       write_results(ctx.experiment_dir(experiment.KEY), trials)
-  return write_study_report(ctx, run_info={"tasks_total": len(tasks), "tasks_run": len(pending),
-                                           "wall_seconds": time.time() - started})
+  run_info = {"tasks_total": len(tasks), "tasks_run": len(pending), "wall_seconds": time.time() - started}
+  if pending:
+    _write_study_file(ctx, _invocations(ctx) + [{**run_info, "experiments": [e.KEY for e in selected]}])
+  return write_study_report(ctx, run_info=run_info)
+
+
+def _read_study_file(ctx: Context) -> dict[str, Any]:
+  return read_json_object(os.path.join(ctx.workdir, STUDY_FILE), os.path.join(ctx.workdir, DAMAGED_DIR)) or {}
+
+
+def _invocations(ctx: Context) -> list[dict[str, Any]]:
+  """The invocations that did some of the study's tasks, oldest first."""
+  return list(_read_study_file(ctx).get("invocations", []))
+
+
+def _write_study_file(ctx: Context, invocations: list[dict[str, Any]]) -> None:
+  metrics_lib.write_json(os.path.join(ctx.workdir, STUDY_FILE), {"scale": ctx.scale.name,
+                                                                  "invocations": invocations})
 
 
 def check_scale(ctx: Context) -> None:
   """Refuses a workdir that holds a study of another scale (its runs would all read as missing)."""
-  study_file = os.path.join(ctx.workdir, STUDY_FILE)
-  held = (read_json_object(study_file, os.path.join(ctx.workdir, DAMAGED_DIR)) or {}).get("scale")
+  held = _read_study_file(ctx).get("scale")
   if held is not None and held != ctx.scale.name:
     raise ConfigError(f"{ctx.workdir} holds a study at --scale={held}, not {ctx.scale.name}; pass --scale={held} "
                       "or use another --workdir")
@@ -144,5 +164,29 @@ def check_scale(ctx: Context) -> None:
 def write_study_report(ctx: Context, run_info: dict[str, Any] | None = None) -> dict[str, Any]:
   """results.json, report.md and the plots from whatever the study's directory holds; trains nothing."""
   check_scale(ctx)
-  return report.write_report(ctx, EXPERIMENTS, run_info or {"tasks_total": None, "tasks_run": None,
-                                                            "wall_seconds": None})
+  run_info = run_info or {"tasks_total": None, "tasks_run": None, "wall_seconds": None}
+  return report.write_report(ctx, EXPERIMENTS, {**run_info, "invocations": _invocations(ctx)})
+
+
+def publish_report(workdir: str, destination: str) -> list[str]:
+  """Copies what a reader of the study needs (report.md, results.json, the README summary and the plots
+  report.md links to, not the runs) from the study's workdir into `destination`, where the report's plot
+  links still resolve; a plot the report no longer shows is removed there. Returns the names copied."""
+  report_path = os.path.join(workdir, report.REPORT_FILE)
+  if not os.path.exists(report_path):
+    raise ConfigError(f"{workdir} holds no {report.REPORT_FILE} to publish; run the study there first")
+  with open(report_path) as f:
+    report_text = f.read()
+  # A plot file of an experiment without finished runs may be left from an earlier report: only links count.
+  plots = {f"{experiment.KEY}.png": f"]({experiment.KEY}.png)" in report_text for experiment in EXPERIMENTS}
+  os.makedirs(destination, exist_ok=True)
+  copied = []
+  for name, shown in [(report.REPORT_FILE, True), (report.RESULTS_FILE, True), (report.SUMMARY_FILE, True),
+                      *plots.items()]:
+    target = os.path.join(destination, name)
+    if shown:
+      shutil.copyfile(os.path.join(workdir, name), target)
+      copied.append(name)
+    elif os.path.exists(target):
+      os.remove(target)
+  return copied

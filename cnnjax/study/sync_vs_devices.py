@@ -15,7 +15,7 @@ from typing import Any
 
 from cnnjax import train
 from cnnjax.study import probes, report
-from cnnjax.study.plan import FINISHED, Context, Task, TrialPlan, run_record, train_task
+from cnnjax.study.plan import FINISHED, Context, Task, TrialPlan, group_record, seed_groups, train_task
 
 KEY = "sync_vs_devices"
 EXPERIMENT_FILE = "bn_sync_vs_devices.py"
@@ -24,11 +24,16 @@ QUESTION = ("At a fixed global batch, does it matter whether BatchNorm's statist
             "the devices (`bn_sync=global`) or computed on each device's slice (`local`, or `ghost` groups), "
             "and how far apart are the statistics the devices normalize with when they are not synchronized?")
 MEASUREMENT_MISSING = "measurement missing"
+MARKERS = ("o", "s", "^", "D", "v")
+X_OFFSET = 1.05  # each mode this factor apart along the log2 device axis, so that equal points stay visible
 
 
 def tasks(ctx: Context) -> list[Task]:
+  """Every seed's run (one after another: each needs its device layout), then the divergence of each
+  configuration's first seed (an invariant of the configuration, not a score)."""
   plans = ctx.trials(KEY, EXPERIMENT_FILE)
-  return [train_task(ctx, KEY, plan) for plan in plans] + [_divergence_task(ctx, plan) for plan in plans]
+  return [train_task(ctx, KEY, plan) for plan in plans] + [
+      _divergence_task(ctx, group.first) for group in seed_groups(plans)]
 
 
 def _divergence_task(ctx: Context, plan: TrialPlan) -> Task:
@@ -54,10 +59,10 @@ def statistics_batch(config: Any) -> int:
 
 def results(ctx: Context) -> dict[str, Any]:
   records = []
-  for plan in ctx.trials(KEY, EXPERIMENT_FILE):
-    config = plan.config
-    probe = ctx.read_probe(KEY, plan.name, plan) or {}
-    record = run_record(plan)
+  for group in ctx.seed_groups(KEY, EXPERIMENT_FILE):
+    config = group.config
+    probe = ctx.read_probe(KEY, group.first.name, group.first) or {}
+    record = group_record(group)
     record.update(
         devices=config.parallel.num_devices, bn_sync=config.model.bn_sync,
         bn_group_size=config.model.bn_group_size if config.model.bn_sync == "ghost" else None,
@@ -76,8 +81,8 @@ def _label(record: dict[str, Any]) -> str:
 
 def section(results: dict[str, Any], ctx: Context) -> str:
   records = results[KEY]
-  rows = [[r["devices"], _label(r), r["per_device_batch"], r["statistics_batch"], report.pct(r["eval_accuracy"]),
-           report.num(r["eval_loss"]), report.pct(r["train_accuracy"]), report.points(r["train_eval_gap"]),
+  rows = [[r["devices"], _label(r), r["per_device_batch"], r["statistics_batch"], report.pct_ci(r, "eval_accuracy"),
+           report.num_ci(r, "eval_loss"), report.pct_ci(r, "train_accuracy"), report.points(r["train_eval_gap"]),
            report.num(r["replica_stat_divergence"]), report.num(r["replica_std_divergence"])]
           for r in records]
   text = report.table(["devices", "bn_sync", "per-device batch", "statistics batch", "eval accuracy", "eval loss",
@@ -86,31 +91,35 @@ def section(results: dict[str, Any], ctx: Context) -> str:
            "|statistics-group mean - full-batch mean| / full-batch std, and the same for the standard "
            "deviation, from the statistics each device actually normalized with at the final weights, over "
            f"the run's first training batches ({ctx.scale.divergence_batches}). *train - eval*: training "
-           "accuracy (training mode, last logged batches) minus eval accuracy (running averages).")
-  return report.section(TITLE, QUESTION, text, _plot(records, ctx), reading(records, report.seed_spread(results)),
-                        notes)
+           "accuracy (training mode, last logged batches) minus eval accuracy (running averages). Accuracies "
+           "and losses: mean over seeds ± the half-width of its 95% interval; divergences: the first seed.")
+  return report.section(TITLE, QUESTION, text, _plot(records, ctx), reading(records), notes)
 
 
 def _plot(records: list[dict[str, Any]], ctx: Context) -> str | None:
   finished = [r for r in records if report.present(r["eval_accuracy"])]
   if not finished:
     return None
-  fig, (accuracy_axis, divergence_axis) = report.figure(2, "BatchNorm sync vs devices (fixed global batch)")
-  for label in dict.fromkeys(_label(r) for r in finished):
+  fig, (accuracy_axis, divergence_axis) = report.figure(2, "BatchNorm sync vs devices (fixed global batch; "
+                                                            "accuracy: mean and 95% interval over seeds)")
+  for index, label in enumerate(dict.fromkeys(_label(r) for r in finished)):
     chosen = sorted((r for r in finished if _label(r) == label), key=lambda r: r["devices"])
-    style = "o-" if len(chosen) > 1 else "s"
-    accuracy_axis.plot([r["devices"] for r in chosen], [report.PERCENT * r["eval_accuracy"] for r in chosen], style,
-                       label=label)
-    measured = [r for r in chosen if report.present(r["replica_stat_divergence"])]
-    divergence_axis.plot([r["devices"] for r in measured], [r["replica_stat_divergence"] for r in measured], style,
+    # Lines that coincide (global and local on one device, equal accuracies) stay visible: each mode is drawn
+    # a little apart along the device axis, with its own marker.
+    marker = MARKERS[index % len(MARKERS)]
+    style = f"{marker}-" if len(chosen) > 1 else marker
+    xs = [r["devices"] * X_OFFSET ** index for r in chosen]
+    report.error_bars(accuracy_axis, xs, chosen, "eval_accuracy", report.PERCENT, fmt=style, label=label)
+    measured = [(x, r) for x, r in zip(xs, chosen) if report.present(r["replica_stat_divergence"])]
+    divergence_axis.plot([x for x, _ in measured], [r["replica_stat_divergence"] for _, r in measured], style,
                          label=label)
   report.powers_of_two([(accuracy_axis, "eval accuracy (%)"), (divergence_axis, "divergence of batch means (stds)")],
                        "devices")
   return report.save(fig, os.path.join(ctx.workdir, f"{KEY}.png"))
 
 
-def reading(records: list[dict[str, Any]], spread: tuple[float, int] | None) -> str:
-  """What the numbers say, computed from them; `spread` is the base model's seed-to-seed range."""
+def reading(records: list[dict[str, Any]]) -> str:
+  """What the numbers say, computed from them; accuracy differences are compared with the seed spread."""
   sentences = []
   by_mode: dict[str, list[dict[str, Any]]] = {}
   for record in records:
@@ -123,15 +132,16 @@ def reading(records: list[dict[str, Any]], spread: tuple[float, int] | None) -> 
   if synced:
     accuracies = [r["eval_accuracy"] for r in synced]
     divergences = [r["replica_stat_divergence"] for r in synced]
-    listing = ", ".join(f"{report.pct(r['eval_accuracy'])} on {r['devices']}" for r in synced)
-    sentence = f"With `bn_sync=global` the eval accuracy was {listing} device(s)"
+    listing = ", ".join(f"{report.pct_ci(r, 'eval_accuracy')} on {r['devices']}" for r in synced)
+    sentence = f"With `bn_sync=global` the mean eval accuracy was {listing} device(s)"
     if report.present(*accuracies) and len(accuracies) > 1:
       device_spread = max(accuracies) - min(accuracies)
+      most, least = max(synced, key=lambda r: r["eval_accuracy"]), min(synced, key=lambda r: r["eval_accuracy"])
       sentence += (": identical, as synchronized statistics make it one computation whatever the device count"
                    if device_spread == 0 else
-                   f", a spread of {report.examples(device_spread, eval_examples)} although it is mathematically one "
-                   "computation: the order of floating-point reductions differs with the device count and "
-                   "training amplifies it")
+                   f", means {report.examples(device_spread, eval_examples)} apart at most "
+                   f"({report.compared(most, least)}) although it is mathematically one computation: the order "
+                   "of floating-point reductions differs with the device count and training amplifies it")
     if report.present(*divergences):
       worst = max(divergences)
       sentence += (". Every device normalized with identical statistics: the divergence was exactly 0"
@@ -162,9 +172,12 @@ def reading(records: list[dict[str, Any]], spread: tuple[float, int] | None) -> 
       comparisons = ", ".join(
           f"{report.points(loc['eval_accuracy'] - glob['eval_accuracy'])} on {loc['devices']} devices "
           f"({report.examples(loc['eval_accuracy'] - glob['eval_accuracy'], eval_examples)})" for loc, glob in paired)
-      largest = max((loc["eval_accuracy"] - glob["eval_accuracy"] for loc, glob in paired), key=abs)
-      sentences.append(f"Local minus global eval accuracy: {comparisons}; the largest difference, "
-                       f"{report.points(largest)}, is {report.against_seeds(largest, spread)}.")
+      beyond = [f"{loc['devices']}" for loc, glob in paired if report.beyond_seeds(loc, glob)]
+      largest_loc, largest_glob = max(paired, key=lambda pair: abs(pair[0]["eval_accuracy"] - pair[1]["eval_accuracy"]))
+      sentences.append(f"Local minus global mean eval accuracy: {comparisons}; the largest, on "
+                       f"{largest_loc['devices']} devices, is {report.compared(largest_loc, largest_glob)}; "
+                       + (f"beyond the seed spread on {', '.join(beyond)} devices."
+                          if beyond else "no difference is beyond the seed spread."))
     gaps = [(r, synced_at.get(r["devices"])) for r in local]
     measured = [(loc, glob) for loc, glob in gaps
                 if glob is not None and report.present(loc["train_eval_gap"], glob["train_eval_gap"])]
@@ -181,6 +194,24 @@ def reading(records: list[dict[str, Any]], spread: tuple[float, int] | None) -> 
       span = ("within one device's slice" if r["statistics_batch"] <= r["per_device_batch"]
               else f"spanning {r['statistics_batch'] // r['per_device_batch']} devices")
       sentences.append(f"Ghost groups of {r['bn_group_size']} ({span}) on {r['devices']} devices: eval accuracy "
-                       f"{report.pct(r['eval_accuracy'])}, divergence {report.num(r['replica_stat_divergence'])}.")
+                       f"{report.pct_ci(r, 'eval_accuracy')}, divergence {report.num(r['replica_stat_divergence'])}.")
   sentences += report.unfinished(records)
   return " ".join(sentences) if sentences else "No runs of this experiment are finished yet."
+
+
+def summary(results: dict[str, Any]) -> str:
+  """The README's bullet: accuracies over seeds by sync mode and devices, and the divergences."""
+  records = results[KEY]
+  parts = []
+  for label in dict.fromkeys(_label(r) for r in records):
+    chosen = sorted((r for r in records if _label(r) == label), key=lambda r: r["devices"])
+    parts.append(f"{label}: " + ", ".join(
+        f"{report.pct_ci(r, 'eval_accuracy')} (divergence {report.num(r['replica_stat_divergence'])}) on "
+        f"{r['devices']}" for r in chosen))
+  beyond = [f"{_label(r)} on {r['devices']}" for r in records for other in records
+            if _label(other) == "global" and other["devices"] == r["devices"] and r is not other
+            and report.beyond_seeds(r, other)]
+  return ("**Sync vs devices** (eval accuracy over seeds, and the devices' statistics divergence in full-batch "
+          "stds, by device count): " + "; ".join(parts) + ". Against global sync on the same devices, "
+          + (f"beyond the seed spread: {', '.join(beyond)}." if beyond else
+             "no accuracy difference is beyond the seed spread."))

@@ -13,7 +13,7 @@ from typing import Any
 
 from cnnjax import train
 from cnnjax.study import probes, report
-from cnnjax.study.plan import FINISHED, MISSING, Context, Task, run_record, train_task
+from cnnjax.study.plan import FINISHED, MISSING, Context, SeedGroup, Task, group_record, train_task
 
 KEY = "vmap_leakage"
 EXPERIMENT_FILE = "bn_vmap_leakage.py"
@@ -39,13 +39,19 @@ MEASURED_KEYS = ("batch_size", "cross_example_grad_norm", "self_grad_norm", "cro
                  "losses_vs_batched_max_abs_diff", "grad_mean_vs_batched_max_abs_diff", "batched_grad_max_abs")
 
 
+def _groups(ctx: Context) -> dict[str, SeedGroup]:
+  return {group.config.model.norm: group for group in ctx.seed_groups(KEY, EXPERIMENT_FILE)}
+
+
 def _plans(ctx: Context) -> dict[str, Any]:
-  return {plan.config.model.norm: plan for plan in ctx.trials(KEY, EXPERIMENT_FILE)}
+  """Each normalization's first seed: the model the leakage is measured on (an invariant needs no seeds)."""
+  return {norm: group.first for norm, group in _groups(ctx).items()}
 
 
 def tasks(ctx: Context) -> list[Task]:
   plans = _plans(ctx)
   sources = tuple(plans.values())
+  every_seed = [plan for group in _groups(ctx).values() for plan in group.plans]
 
   def run() -> str:
     if "batch" not in plans or "group" not in plans or any(p.summary() is None for p in sources):
@@ -59,7 +65,7 @@ def tasks(ctx: Context) -> list[Task]:
     ctx.write_probe(KEY, PROBE_NAME, {"records": records}, *sources)
     return "; ".join(f"{r['mode']} {r['cross_example_grad_norm']:.3g}" for r in records)
 
-  return ([train_task(ctx, KEY, plan) for plan in sources]
+  return ([train_task(ctx, KEY, plan) for plan in every_seed]
           + [Task(KEY, "cross-example gradients", done=lambda: ctx.read_probe(KEY, PROBE_NAME, *sources) is not None,
                   run=run)])
 
@@ -74,7 +80,7 @@ def results(ctx: Context) -> dict[str, Any]:
     record = {"mode": mode, "status": FINISHED if found else MISSING}
     record.update({key: (found or {}).get(key) for key in MEASURED_KEYS})
     records.append(record)
-  runs = [{**run_record(plan), "norm": norm} for norm, plan in plans.items()]
+  runs = [{**group_record(group), "norm": norm} for norm, group in _groups(ctx).items()]
   return {KEY: records, f"{KEY}_runs": runs}
 
 
@@ -93,8 +99,9 @@ def section(results: dict[str, Any], ctx: Context) -> str:
   batch_size = next((r["batch_size"] for r in records if r["batch_size"]), None)
   runs = {run["norm"]: run for run in results[f"{KEY}_runs"]}
   notes = (f"Measured on the first {batch_size if batch_size else report.MISSING_TEXT} eval examples with the "
-           f"trained BatchNorm model (eval accuracy {report.pct(runs.get('batch', {}).get('eval_accuracy'))}) and "
-           f"GroupNorm model ({report.pct(runs.get('group', {}).get('eval_accuracy'))}). 'Batched' is the same "
+           "trained BatchNorm and GroupNorm models of the first seed (eval accuracy over the seeds: BatchNorm "
+           f"{report.pct_ci(runs.get('batch', {}), 'eval_accuracy')}, GroupNorm "
+           f"{report.pct_ci(runs.get('group', {}), 'eval_accuracy')}). 'Batched' is the same "
            "normalization applied to the whole batch at once (training mode for the vmap rows); per-example "
            "gradients are `vmap(grad(loss_i))` over the examples, averaged. n/a: the batched computation is the "
            "reference itself.")
@@ -165,3 +172,12 @@ def reading(records: list[dict[str, Any]]) -> str:
                        f"{'average to' if grads_match else 'do not average to'} the batched gradient (largest "
                        f"difference {report.num(record['grad_mean_vs_batched_max_abs_diff'])}).")
   return " ".join(sentences)
+
+
+def summary(results: dict[str, Any]) -> str:
+  """The README's bullet: the cross-example gradients by computation (a measurement on one seed)."""
+  by_mode = {r["mode"]: r for r in results[KEY]}
+  listing = "; ".join(f"{MODE_LABELS[m]}: {report.num(r['cross_example_grad_norm'])}" for m, r in by_mode.items())
+  examples = report.num(by_mode["batchnorm_train"]["batch_size"])
+  return (f"**vmap leakage** (mean norm of d loss_i / d x_j, i != j, over {examples} examples of the first seed's "
+          f"models): {listing}.")

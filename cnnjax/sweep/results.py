@@ -8,8 +8,10 @@ ran elsewhere (for example a cluster running the commands of
 is shown as missing and no trial is called best, since that one might be.
 Failed and diverged trials carry their one-line reason. When seeds are
 swept, results.md adds the mean and spread over seeds of every other
-combination, and each swept value other than a seed gets a plot of the metric
-against it (every trial a point, the line through the means).
+combination, and each swept key other than a seed gets a plot of the metric
+against it: one series per combination of the other swept keys (never an
+average over them), lines for numeric keys and points for categorical ones,
+each mean with its 95% interval over seeds, every trial a faint dot.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ SUMMARY_COLUMNS = ("eval_accuracy", "eval_loss", "train_accuracy", "train_loss",
 LOG_AXIS_RATIO = 10.0
 PLOT_SIZE_INCHES = (5.0, 3.5)
 PLOT_DPI = 100
+# Series of one plot sit this far apart along x: a fraction of a category's slot or of the numeric span,
+# or a factor on a log axis; enough to tell equal series apart, too little to suggest another x value.
+SERIES_OFFSET = 0.04
+LOG_SERIES_OFFSET = 1.04
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+COLOR_CYCLE = 10  # matplotlib's default colours C0..C9
+ERROR_CAP = 3  # points
+TRIAL_DOT_SIZE = 10  # points^2
+TRIAL_DOT_ALPHA = 0.35
+CONFIDENCE_QUANTILE = 0.975  # two-sided 95% intervals: Student's t at 0.975
 MISSING = "missing"  # a finished trial's metric that its summary lacks
 __all__ = ["DIVERGED", "FAILED", "FINISHED", "INCOMPLETE", "MISSING", "NOT_STARTED", "Row", "best_row",
            "read_rows", "write_results"]
@@ -211,39 +223,105 @@ def _over_seeds(rows: Sequence[Row], keys: Sequence[str], metric: str) -> list[l
   return body
 
 
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One x value of a plotted series: the metric's mean over the trials there (its seeds), the half-width
+  of the mean's 95% interval (0 with one trial), and every trial's value."""
+
+  x: Any
+  mean: float
+  half_width: float
+  values: tuple[float, ...]
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float | None, float | None]:
+  """(mean, sample standard deviation, half-width of the mean's 95% interval by Student's t); the spread
+  and interval are None with fewer than two values."""
+  mean = statistics.fmean(values)
+  if len(values) < 2:
+    return mean, None, None
+  import scipy.stats  # pylint: disable=import-outside-toplevel  (only summaries need it)
+  std = statistics.stdev(values)
+  return mean, std, float(scipy.stats.t.ppf(CONFIDENCE_QUANTILE, len(values) - 1) * std / math.sqrt(len(values)))
+
+
+def plot_series(rows: Sequence[Row], key: str, keys: Sequence[str], metric: str) -> dict[str, list[Point]]:
+  """What the plot of `metric` against `key` draws: one series per combination of the other swept keys
+  (seeds aside), labelled by it ('all trials' when nothing else is swept), each a Point per value of
+  `key`, in order of appearance. Trials that do not set `key` are not in it."""
+  others = [k for k in keys if k != key and not _is_seed(k)]
+  series: dict[str, dict[str, list[Any]]] = {}
+  for row in rows:
+    if key not in row.trial.overrides or row.summary is None or not _finite(row.summary.get(metric)):
+      continue
+    label = ", ".join(f"{k.split('.')[-1]}={_cell(row.trial.overrides[k])}" for k in others
+                      if k in row.trial.overrides) or "all trials"
+    value = row.trial.overrides[key]
+    entry = series.setdefault(label, {}).setdefault(_cell(value), [value, []])
+    entry[1].append(float(row.summary[metric]))
+  result = {}
+  for label, by_value in series.items():
+    points = []
+    for value, values in by_value.values():
+      mean, _, half_width = mean_interval(values)
+      points.append(Point(value, mean, half_width or 0.0, tuple(values)))
+    result[label] = points
+  return result
+
+
+def _numeric(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def write_plots(workdir: str, rows: Sequence[Row], keys: Sequence[str], metric: str) -> list[str]:
-  """One PNG per swept key (seeds aside) with at least two values among finished trials; file names."""
+  """One PNG per swept key (seeds aside) with at least two values among finished trials; file names.
+
+  Nothing is averaged over the other swept keys: each combination of them is
+  its own series, in its own colour and marker. A numeric key draws lines
+  through the means; a categorical one (strings, booleans) draws points only,
+  since its order means nothing. Series sit slightly apart along x so that
+  equal ones stay visible; each mean carries its 95% interval over seeds as an
+  error bar, and every trial is a faint dot.
+  """
   import matplotlib  # pylint: disable=import-outside-toplevel  (only summaries need it)
   matplotlib.use("Agg")
   from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
-  finished = [r for r in rows if r.summary is not None and _finite(r.summary.get(metric))]
   names = []
   for key in keys:
-    points = [(r.trial.overrides[key], float(r.summary[metric])) for r in finished if key in r.trial.overrides]
-    distinct = list(dict.fromkeys(_cell(value) for value, _ in points))
-    if _is_seed(key) or len(distinct) < 2:
+    if _is_seed(key):
       continue
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in points)
-    if numeric:
-      xs = [float(v) for v, _ in points]
-    else:
-      xs = [float(distinct.index(_cell(v))) for v, _ in points]
-    ys = [y for _, y in points]
-    means = collections.defaultdict(list)
-    for x, y in zip(xs, ys):
-      means[x].append(y)
-    line_x = sorted(means)
+    series = plot_series(rows, key, keys, metric)
+    distinct = list(dict.fromkeys(_cell(p.x) for points in series.values() for p in points))
+    if len(distinct) < 2:
+      continue
+    numeric = all(_numeric(p.x) for points in series.values() for p in points)
+    xs_all = [float(p.x) for points in series.values() for p in points] if numeric else []
+    log_axis = numeric and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= LOG_AXIS_RATIO
     figure, axes = pyplot.subplots(figsize=PLOT_SIZE_INCHES)
-    axes.scatter(xs, ys, alpha=0.6, label="trials")
-    axes.plot(line_x, [statistics.fmean(means[x]) for x in line_x], marker="o", label="mean")
-    if numeric and min(xs) > 0 and max(xs) / min(xs) >= LOG_AXIS_RATIO:
+    for index, (label, points) in enumerate(series.items()):
+      shift = (index - (len(series) - 1) / 2) * SERIES_OFFSET
+      if not numeric:
+        xs = [distinct.index(_cell(p.x)) + shift for p in points]
+      elif log_axis:
+        xs = [float(p.x) * LOG_SERIES_OFFSET ** (index - (len(series) - 1) / 2) for p in points]
+      else:
+        span = (max(xs_all) - min(xs_all)) or 1.0
+        xs = [float(p.x) + shift * span for p in points]
+      color, marker = f"C{index % COLOR_CYCLE}", MARKERS[index % len(MARKERS)]
+      seeds = max(len(p.values) for p in points)
+      for x, p in zip(xs, points):
+        axes.scatter([x] * len(p.values), p.values, s=TRIAL_DOT_SIZE, color=color, alpha=TRIAL_DOT_ALPHA)
+      axes.errorbar(xs, [p.mean for p in points], yerr=[p.half_width for p in points], color=color, marker=marker,
+                    linestyle="-" if numeric else "none", capsize=ERROR_CAP,
+                    label=f"{label} ({seeds} seed{'s' if seeds > 1 else ''})")
+    if log_axis:
       axes.set_xscale("log")
     if not numeric:
       axes.set_xticks(range(len(distinct)), distinct)
     axes.set_xlabel(key)
     axes.set_ylabel(metric)
-    axes.set_title(f"{metric} vs {key} ({len(points)} trials)")
-    axes.legend()
+    axes.set_title(f"{metric} vs {key}", fontsize="medium")
+    axes.legend(fontsize="x-small", title="mean, 95% interval; dots: trials", title_fontsize="x-small")
     figure.tight_layout()
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"plot_{metric}_vs_{key}.png")
     figure.savefig(os.path.join(workdir, name), dpi=PLOT_DPI)

@@ -162,7 +162,7 @@ def _prepare(runs: Sequence[TrialRun], mode: str, groups: Sequence[Sequence[Any]
   another config); returns each trial's number of steps, by name.
 
   Trials that differ only in learning rate, weight decay, label smoothing or
-  seed share one build (building opens the dataset, about 0.4 s for the digits);
+  seed share one build (building opens the dataset, which costs more than the check);
   their own values are checked by `config.validate`.
   """
   if mode == "vectorized":

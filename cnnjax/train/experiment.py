@@ -29,7 +29,7 @@ from cnnjax import optim, parallel
 from cnnjax.errors import ConfigError
 from cnnjax.models import build_model
 from cnnjax.models.validation import InputTooSmallError, TooLargeError, check_input_shape, check_memory
-from cnnjax.nn import bn_sync
+from cnnjax.nn import RenormClipping, bn_sync
 from cnnjax.parallel.host_devices import HostDevices
 from cnnjax.train.state import TrainState, create_train_state
 from cnnjax.train.step import eval_step, train_step
@@ -166,7 +166,11 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
 
   norm_options = dict(momentum=config.model.bn_momentum, epsilon=config.model.bn_epsilon,
                       running_variance=config.model.bn_running_variance,
-                      group_norm_groups=config.model.group_norm_groups, grouping=grouping)
+                      group_norm_groups=config.model.group_norm_groups, grouping=grouping,
+                      renorm=RenormClipping(
+                          rmax=config.model.renorm_rmax, dmax=config.model.renorm_dmax,
+                          warmup_steps=config.model.renorm_warmup_steps, rmax_steps=config.model.renorm_rmax_steps,
+                          dmax_steps=config.model.renorm_dmax_steps))
   try:
     model = build_model(config.model.name, num_classes=dataset.num_classes, norm_kind=config.model.norm,
                         norm_options=norm_options, dtype=_dtype(config.model.dtype), lowering=config.model.lowering,

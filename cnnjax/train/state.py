@@ -34,8 +34,8 @@ class TrainState:
 
 
 # Initialization runs once, so its speed does not matter but its compile time does: XLA's
-# optimizations multiply the compile time of the many random initializers (measured 9.5 s -> 1.2 s
-# for ResNet-20 on a 2-core CPU).
+# optimizations multiply the compile time of the many random initializers (docs/performance.md,
+# "Measurements behind design choices").
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
