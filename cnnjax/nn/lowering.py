@@ -96,25 +96,45 @@ def _is_channels_last(dimension_numbers: Any, ndim: int) -> bool:
   return jax.lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, dimension_numbers) == wanted
 
 
-def _patch_conv(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int], pads: Sequence[tuple[int, int]],
-                dilations: Sequence[int], precision: Any) -> jax.Array:
-  """A channels-last convolution as one matrix product of the input's patches with the kernel."""
-  kernel_shape = rhs.shape[:-2]
+def output_shape(lhs_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+                 pads: Sequence[tuple[int, int]], dilations: Sequence[int]) -> tuple[int, ...]:
+  """The spatial output shape of a channels-last convolution (not positive where the kernel does not fit)."""
+  return tuple((size + low + high - extent) // s + 1
+               for size, (low, high), extent, s in zip(lhs_shape[1:-1], pads, _extents(kernel_shape, dilations),
+                                                        strides))
+
+
+def patches(lhs: jax.Array, kernel_shape: Sequence[int], strides: Sequence[int], pads: Sequence[tuple[int, int]],
+            dilations: Sequence[int]) -> jax.Array | None:
+  """The patch matrix of a channels-last input: (B, out..., taps x C_in), taps in the kernel's row-major order.
+
+  Row (b, o...) holds the input values that output position o of image b sees,
+  in the order of a (spatial..., C_in, C_out) kernel's reshape to (taps x C_in,
+  C_out), so that a convolution is this matrix times that reshaped kernel.
+  None where the kernel does not fit in the padded input (an empty output).
+  """
+  out_shape = output_shape(lhs.shape, kernel_shape, strides, pads, dilations)
+  if min(out_shape) <= 0:
+    return None
   padded = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype),
                        [(0, 0, 0)] + [(low, high, 0) for low, high in pads] + [(0, 0, 0)])
-  out_shape = [(size - extent) // s + 1
-               for size, extent, s in zip(padded.shape[1:-1], _extents(kernel_shape, dilations), strides)]
-  if min(out_shape) <= 0:  # the kernel does not fit: an empty output, as XLA gives
-    return jnp.zeros((lhs.shape[0], *(max(o, 0) for o in out_shape), rhs.shape[-1]), lhs.dtype)
   taps = []
   for tap in itertools.product(*(range(k) for k in kernel_shape)):
     start = [0] + [t * d for t, d in zip(tap, dilations)] + [0]
     limit = ([lhs.shape[0]] + [t * d + (o - 1) * s + 1 for t, d, o, s in zip(tap, dilations, out_shape, strides)]
              + [lhs.shape[-1]])
     taps.append(jax.lax.slice(padded, start, limit, [1] + list(strides) + [1]))
-  # (B, out..., taps, C_in) against (taps, C_in, C_out): the order of the kernel's own reshape.
-  patches = jnp.stack(taps, axis=-2).reshape(*taps[0].shape[:-1], -1)
-  return jnp.dot(patches, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
+  return jnp.stack(taps, axis=-2).reshape(*taps[0].shape[:-1], -1)
+
+
+def _patch_conv(lhs: jax.Array, rhs: jax.Array, strides: Sequence[int], pads: Sequence[tuple[int, int]],
+                dilations: Sequence[int], precision: Any) -> jax.Array:
+  """A channels-last convolution as one matrix product of the input's patches with the kernel."""
+  matrix = patches(lhs, rhs.shape[:-2], strides, pads, dilations)
+  if matrix is None:  # the kernel does not fit: an empty output, as XLA gives
+    out_shape = output_shape(lhs.shape, rhs.shape[:-2], strides, pads, dilations)
+    return jnp.zeros((lhs.shape[0], *(max(o, 0) for o in out_shape), rhs.shape[-1]), lhs.dtype)
+  return jnp.dot(matrix, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
