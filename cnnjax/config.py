@@ -23,9 +23,9 @@ import ml_collections
 from cnnjax.data import DATASET_NAMES, is_dataset_name
 from cnnjax.errors import ConfigError
 from cnnjax.models import MODELS
-from cnnjax.nn import LOWERINGS, NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS
+from cnnjax.nn import BN_SYNC_MODES, LOWERINGS, NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS
 from cnnjax.optim import OPTIMIZERS, SCHEDULES
-from cnnjax.parallel import BN_SYNC_MODES, STRATEGIES
+from cnnjax.parallel import STRATEGIES
 
 # Keys under `model` that the training code consumes; every other key is a model option.
 MODEL_COMMON_KEYS = ("name", "norm", "bn_sync", "bn_group_size", "bn_momentum", "bn_epsilon",

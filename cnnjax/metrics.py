@@ -1,5 +1,5 @@
 """Run outputs: metrics.jsonl, TensorBoard event files, curves.png, summary.json, the parameter checksum,
-and progress reporting.
+eval results from summed eval outputs, and progress reporting.
 
 Only the writing process (process 0 of a multi-process run) writes files; the
 others pass `enabled=False`.
@@ -62,6 +62,23 @@ def param_checksum(params: Any) -> str:
 def param_l2(params: Any) -> float:
   """The L2 norm of all parameters together."""
   return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(params))))
+
+
+def eval_result(totals: dict[str, Any]) -> dict[str, float]:
+  """Loss and accuracy from summed eval outputs; for segmentation also the mean IoU."""
+  count = max(totals["count"], 1.0)
+  result = {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
+            "examples": int(totals["examples"])}
+  if "class_union" in totals:
+    result["mean_iou"] = mean_iou(totals["class_intersection"], totals["class_union"])
+  return result
+
+
+def mean_iou(intersection: np.ndarray, union: np.ndarray) -> float:
+  """The mean over classes of intersection / union, leaving out classes absent from both the truth and the
+  predictions (union 0), whose IoU is undefined."""
+  present = np.asarray(union) > 0
+  return float(np.mean(np.asarray(intersection)[present] / np.asarray(union)[present])) if present.any() else 0.0
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:

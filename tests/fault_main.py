@@ -27,7 +27,7 @@ from orbax.checkpoint._src.path import atomicity
 
 from cnnjax import cli
 from cnnjax import train
-from cnnjax.train import engines
+from cnnjax.parallel import strategies as engines
 
 INJECTED_FAILURE = "injected failure: out of memory allocating 1234 bytes"
 

@@ -18,7 +18,6 @@ from cnnjax import metrics, train
 from cnnjax.analysis import trained
 from cnnjax.errors import ConfigError
 from cnnjax.sweep import load_trials, run_sweep
-from cnnjax.train import engines
 from helpers import EXPERIMENTS, experiment_config, read_jsonl, tiny
 
 TRAIN_TAGS = {"train/loss", "train/accuracy", "train/learning_rate", "train/grad_norm", "train/examples_per_second"}
@@ -111,7 +110,7 @@ def test_a_segmentation_run_logs_the_mean_iou_of_its_eval(tmp_path):
 
 
 def test_mean_iou_leaves_out_classes_never_seen_nor_predicted():
-  assert engines.mean_iou(np.array([2.0, 0.0, 1.0]), np.array([4.0, 0.0, 3.0])) == pytest.approx(
+  assert metrics.mean_iou(np.array([2.0, 0.0, 1.0]), np.array([4.0, 0.0, 3.0])) == pytest.approx(
       (0.5 + 1 / 3) / 2)
 
 

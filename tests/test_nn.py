@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax.nn import BatchNorm, Norm, RenormClipping, get_activation
+from cnnjax.nn import BatchNorm, BatchNormGrouping, Norm, RenormClipping, get_activation
 
 EPS = 1e-5
 
@@ -31,7 +31,8 @@ def apply_train(module, x):
 @pytest.mark.parametrize("group", [0, 2, 4, 8])
 def test_examples_per_group_normalizes_each_group(group):
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 3, 3, 5)) * 3 + 1
-  y, _ = apply_train(BatchNorm(use_running_average=False, epsilon=EPS, examples_per_group=group), x)
+  y, _ = apply_train(BatchNorm(use_running_average=False, epsilon=EPS,
+                               grouping=BatchNormGrouping(examples_per_group=group)), x)
   np.testing.assert_allclose(y, reference_batchnorm(x, group or 8), atol=2e-5)
 
 
@@ -39,7 +40,8 @@ def test_examples_per_group_normalizes_each_group(group):
 def test_devices_per_group_under_vmap_equals_groups_of_the_full_batch(devices_per_group):
   devices, per_device = 8, 2
   x = jax.random.normal(jax.random.PRNGKey(1), (devices * per_device, 4, 6)) * 2 - 1
-  module = BatchNorm(use_running_average=False, epsilon=EPS, axis_name="d", devices_per_group=devices_per_group)
+  module = BatchNorm(use_running_average=False, epsilon=EPS,
+                     grouping=BatchNormGrouping(axis_name="d", devices_per_group=devices_per_group))
   variables = BatchNorm(use_running_average=False).init(jax.random.PRNGKey(0), x)
   y, updates = jax.vmap(lambda xs: module.apply(variables, xs, mutable=["batch_stats"]), axis_name="d")(
       x.reshape(devices, per_device, 4, 6))
@@ -52,7 +54,8 @@ def test_devices_per_group_under_vmap_equals_groups_of_the_full_batch(devices_pe
 
 def test_running_average_keeps_the_mean_of_group_statistics():
   x = jax.random.normal(jax.random.PRNGKey(2), (8, 6)) * 2 + 3
-  _, stats = apply_train(BatchNorm(use_running_average=False, momentum=0.9, examples_per_group=4), x)
+  _, stats = apply_train(BatchNorm(use_running_average=False, momentum=0.9,
+                                   grouping=BatchNormGrouping(examples_per_group=4)), x)
   groups = np.asarray(x).reshape(2, 4, 6)
   np.testing.assert_allclose(stats["mean"], 0.1 * groups.mean(1).mean(0), rtol=1e-5)
   np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * groups.var(1).mean(0), rtol=1e-5)
@@ -67,7 +70,8 @@ def test_eval_mode_uses_running_statistics_and_no_batch_mixing():
 
 def test_group_size_that_does_not_divide_the_batch_is_an_error():
   with pytest.raises(ValueError, match="does not divide"):
-    apply_train(BatchNorm(use_running_average=False, examples_per_group=3), jnp.ones((8, 2)))
+    apply_train(BatchNorm(use_running_average=False,
+                          grouping=BatchNormGrouping(examples_per_group=3)), jnp.ones((8, 2)))
 
 
 def normalized(x, axes, epsilon=1e-5):
@@ -133,7 +137,8 @@ def relative_error(actual, expected):
 @pytest.mark.parametrize("group", [0, 2])
 def test_large_channel_means_stay_within_1e4_of_float64_on_a_fresh_layer(group):
   x = large_mean_inputs((16, 4, 4, 8))
-  y, _ = apply_train(BatchNorm(use_running_average=False, epsilon=EPS, examples_per_group=group), x)
+  y, _ = apply_train(BatchNorm(use_running_average=False, epsilon=EPS,
+                               grouping=BatchNormGrouping(examples_per_group=group)), x)
   assert relative_error(y, reference_batchnorm(x, group or len(x))) < PRECISION_RTOL
 
 
@@ -141,7 +146,8 @@ def test_large_channel_means_stay_within_1e4_of_float64_on_a_fresh_layer(group):
 def test_large_channel_means_across_devices_stay_within_1e4_of_float64(devices_per_group):
   devices, per_device = 8, 2
   x = large_mean_inputs((devices * per_device, 4, 6), seed=1)
-  module = BatchNorm(use_running_average=False, epsilon=EPS, axis_name="d", devices_per_group=devices_per_group)
+  module = BatchNorm(use_running_average=False, epsilon=EPS,
+                     grouping=BatchNormGrouping(axis_name="d", devices_per_group=devices_per_group))
   variables = BatchNorm(use_running_average=True).init(jax.random.PRNGKey(0), x)
   y, updates = jax.vmap(lambda xs: module.apply(variables, xs, mutable=["batch_stats"]), axis_name="d")(
       x.reshape(devices, per_device, 4, 6))
@@ -167,7 +173,8 @@ def expected_running_var(groups: np.ndarray, convention: str, momentum: float = 
 @pytest.mark.parametrize("group", [0, 4])
 def test_running_variance_conventions_follow_their_formulas(convention, group):
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (8, 3, 3, 5))) * 2 + 1
-  _, stats = apply_train(BatchNorm(use_running_average=False, examples_per_group=group, running_variance=convention),
+  _, stats = apply_train(BatchNorm(use_running_average=False,
+                                   grouping=BatchNormGrouping(examples_per_group=group), running_variance=convention),
                          x)
   groups = x.reshape((len(x) // (group or len(x)), group or len(x)) + x.shape[1:])
   np.testing.assert_allclose(stats["var"], expected_running_var(groups, convention), rtol=1e-5)
@@ -178,7 +185,8 @@ def test_running_variance_conventions_follow_their_formulas(convention, group):
 def test_running_variance_conventions_count_the_values_of_every_device_in_the_group(convention, devices_per_group):
   devices, per_device = 8, 2
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (devices * per_device, 4, 6))) * 2 - 1
-  module = BatchNorm(use_running_average=False, axis_name="d", devices_per_group=devices_per_group,
+  module = BatchNorm(use_running_average=False,
+                     grouping=BatchNormGrouping(axis_name="d", devices_per_group=devices_per_group),
                      running_variance=convention)
   variables = BatchNorm(use_running_average=True).init(jax.random.PRNGKey(0), x)
   _, updates = jax.vmap(lambda xs: module.apply(variables, xs, mutable=["batch_stats"]), axis_name="d")(
@@ -190,7 +198,8 @@ def test_running_variance_conventions_count_the_values_of_every_device_in_the_gr
 
 def test_unbiased_running_variance_of_a_single_value_is_an_error():
   with pytest.raises(ValueError, match="at least 2 values per channel"):
-    apply_train(BatchNorm(use_running_average=False, examples_per_group=1, running_variance="unbiased"),
+    apply_train(BatchNorm(use_running_average=False,
+                          grouping=BatchNormGrouping(examples_per_group=1), running_variance="unbiased"),
                 jnp.ones((4, 3)))
   with pytest.raises(ValueError, match="unknown BatchNorm running variance"):
     Norm(kind="batch", running_variance="sample")
@@ -236,8 +245,9 @@ def test_renorm_limits_open_linearly_after_the_warmup():
 def test_renorm_during_warmup_is_batchnorm_bit_for_bit():
   x = jax.random.normal(jax.random.PRNGKey(6), (8, 3, 3, 5)) * 2 + 1
   variables = renorm_variables(5, mean=0.7, var=3.0, step=0)
-  renorm = BatchNorm(use_running_average=False, renorm=RenormClipping(warmup_steps=1), examples_per_group=4)
-  plain = BatchNorm(use_running_average=False, examples_per_group=4)
+  renorm = BatchNorm(use_running_average=False, renorm=RenormClipping(warmup_steps=1),
+                     grouping=BatchNormGrouping(examples_per_group=4))
+  plain = BatchNorm(use_running_average=False, grouping=BatchNormGrouping(examples_per_group=4))
   y, updates = renorm.apply(variables, x, mutable=["batch_stats"])
   plain_stats = {k: v for k, v in variables["batch_stats"].items() if k != "renorm_step"}
   expected, plain_updates = plain.apply({**variables, "batch_stats": plain_stats}, x, mutable=["batch_stats"])
@@ -251,7 +261,7 @@ def test_renorm_during_warmup_is_batchnorm_bit_for_bit():
 @pytest.mark.parametrize("group", [0, 4])
 def test_renorm_corrects_by_the_running_statistics_before_their_update(rmax, dmax, group):
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (8, 3, 3, 5))) * 2 + 1
-  module = BatchNorm(use_running_average=False, epsilon=EPS, examples_per_group=group,
+  module = BatchNorm(use_running_average=False, epsilon=EPS, grouping=BatchNormGrouping(examples_per_group=group),
                      renorm=RenormClipping(rmax=rmax, dmax=dmax))
   y, updates = module.apply(renorm_variables(5, mean=0.5, var=0.8, step=3), x, mutable=["batch_stats"])
   np.testing.assert_allclose(y, reference_renorm(x, group or len(x), 0.5, 0.8, rmax, dmax), atol=5e-5)
@@ -292,7 +302,8 @@ def test_renorm_across_devices_equals_groups_of_the_full_batch_and_keeps_replica
   devices, per_device = 8, 2
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(10), (devices * per_device, 4, 6))) * 2 - 1
   clipping = RenormClipping(rmax=1.5, dmax=0.3)
-  module = BatchNorm(use_running_average=False, epsilon=EPS, axis_name="d", devices_per_group=devices_per_group,
+  module = BatchNorm(use_running_average=False, epsilon=EPS,
+                     grouping=BatchNormGrouping(axis_name="d", devices_per_group=devices_per_group),
                      renorm=clipping)
   variables = renorm_variables(6, mean=-0.4, var=1.7, step=5)
   y, updates = jax.vmap(lambda xs: module.apply(variables, xs, mutable=["batch_stats"]), axis_name="d")(

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from cnnjax.sweep import apply_overrides, load_trials, run_sweep
-from cnnjax.train import engines
+from cnnjax.parallel import strategies as engines
 from helpers import (EXPERIMENTS, REPO_ROOT, experiment_config, final_state, load_experiment, read_jsonl, run_cli,
                      tiny)
 

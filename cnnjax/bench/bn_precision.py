@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from cnnjax.nn import BatchNorm
+from cnnjax.nn import BatchNorm, BatchNormGrouping
 
 RATIOS = (10, 100, 300, 1000)
 # (batch, height, width, channels): 8 devices of 4 examples, or 16 ghost groups of 2.
@@ -70,12 +70,14 @@ def cnnjax_errors(x: np.ndarray, batch_norm: Callable[..., Any] = BatchNorm) -> 
   batch, per_device = len(x), len(x) // DEVICES
   cases = {
       "one_group": (batch_norm(use_running_average=False, epsilon=EPSILON), _train_output, batch),
-      "ghost_groups": (batch_norm(use_running_average=False, epsilon=EPSILON, examples_per_group=GHOST_GROUP),
+      "ghost_groups": (batch_norm(use_running_average=False, epsilon=EPSILON,
+                                  grouping=BatchNormGrouping(examples_per_group=GHOST_GROUP)),
                        _train_output, GHOST_GROUP),
-      "across_devices": (batch_norm(use_running_average=False, epsilon=EPSILON, axis_name="d"),
+      "across_devices": (batch_norm(use_running_average=False, epsilon=EPSILON,
+                                    grouping=BatchNormGrouping(axis_name="d")),
                          _across_devices, batch),
-      "device_sub_groups": (batch_norm(use_running_average=False, epsilon=EPSILON, axis_name="d",
-                                       devices_per_group=DEVICE_SUB_GROUP),
+      "device_sub_groups": (batch_norm(use_running_average=False, epsilon=EPSILON,
+                                       grouping=BatchNormGrouping(axis_name="d", devices_per_group=DEVICE_SUB_GROUP)),
                             _across_devices, per_device * DEVICE_SUB_GROUP),
   }
   return {name: relative_error(run(layer, x), float64_reference(x, group))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax.nn import BatchNormGrouping
 from cnnjax.train import Experiment
 from cnnjax.train.step import train_step
 
@@ -62,8 +63,7 @@ def time_train_step(exp: Experiment, *, warmup_steps: int, timed_steps: int) -> 
 def step_flops(exp: Experiment) -> float:
   """FLOPs of one global train step, from XLA's cost analysis of the unsharded step."""
   # The same model seeing the whole batch: statistics groups and device axes do not change the count.
-  model = exp.model.clone(norm=dataclasses.replace(exp.model.norm, axis_name=None, devices_per_group=0,
-                                                   examples_per_group=0))
+  model = exp.model.clone(norm=dataclasses.replace(exp.model.norm, grouping=BatchNormGrouping()))
   step = functools.partial(train_step, model=model, tx=exp.tx, schedule_shape=exp.schedule_shape,
                            label_smoothing=exp.config.label_smoothing, axis_name=None)
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.init_state())

@@ -1,4 +1,6 @@
-"""Data: random-access sources (TFDS ArrayRecord, embedded digits, npz), host preprocessing, grain pipelines."""
+"""Data: random-access sources (TFDS ArrayRecord, embedded digits, npz, synthetic shapes, text), host
+preprocessing and augmentation per task, the grain pipelines that cut each process's slice of a global
+batch, and offline preparation of original files into TFDS datasets."""
 
 from cnnjax.data.pipeline import (HOST_ONLY_KEYS, ProcessSlice, eval_dataset, iterate,
                                   num_eval_batches, train_dataset)

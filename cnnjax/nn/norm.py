@@ -5,13 +5,10 @@ Models never construct a normalization layer directly: they receive a `Norm`
 That keeps BatchNorm's device synchronization, GroupNorm, LayerNorm or no
 normalization a config choice that never touches model code.
 
-`BatchNorm` here makes explicit which examples share statistics:
-
-* `examples_per_group`: split the local batch (axis 0) into consecutive groups
-  of this many examples, each normalized by its own statistics (0: one group).
-* `axis_name` / `devices_per_group`: combine statistics across the devices of a
-  named axis (pmap, shard_map, or vmap with `axis_name`): all of them (0), none
-  (1), or consecutive groups of k devices.
+`BatchNorm` here makes explicit which examples share statistics: its
+`grouping` (`cnnjax.nn.bn_sync.BatchNormGrouping`, the one definition of
+`model.bn_sync` from the config to the layer) splits the batch into groups and
+combines their statistics across devices.
 
 Statistics are float32 moments of x - c, one pass over the data, with c per
 group and channel the mean of the group's first example over its positions:
@@ -32,15 +29,8 @@ than a few dozen of its standard deviations between steps leaves it behind:
 both cancel as before. The first example's mean lies within the range of the
 examples' means, whatever the step.
 
-A group that spans devices (a per-device view with `devices_per_group` != 1)
-gathers each device's (shift, mean about it, variance) in one `all_gather` and
-combines them exactly (Chan et al.'s pairwise formula: the mean of the
-variances plus the variance of the means, the latter taken about the group's
-first device's shift). That is the one collective, as the one-pass form
-needed; it moves 3 x groups x features numbers per device, a few kilobytes,
-and every device of a group computes bit-identical statistics. Under `jit`
-with a sharded batch, XLA fetches each group's first example from the device
-that holds it, one small extra all-reduce per layer. ResNet-20 on 8 simulated
+A group that spans devices combines every device's (shift, mean about it,
+variance) exactly (`BatchNormGrouping.combine`). ResNet-20 on 8 simulated
 CPU devices (batch 128) measured 0.99 (pmap), 1.00 (shard_map) and 0.97 (jit)
 of the one-pass form's step rate, and 0.98 on one device (CPU time).
 
@@ -86,6 +76,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from cnnjax.nn.bn_sync import BatchNormGrouping
 
 NORM_KINDS = ("batch", "renorm", "group", "layer", "none")
 # The kinds that are BatchNorm layers (running statistics, statistics groups, bn_sync).
@@ -155,9 +147,7 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Any = None
   param_dtype: Any = jnp.float32
-  axis_name: str | None = None
-  devices_per_group: int = 0
-  examples_per_group: int = 0
+  grouping: BatchNormGrouping = BatchNormGrouping()
   running_variance: str = "biased"  # one of RUNNING_VARIANCE_CONVENTIONS
   renorm: RenormClipping | None = None  # Batch Renormalization with these limits; None: BatchNorm
   use_scale: bool = True
@@ -186,7 +176,7 @@ class BatchNorm(nn.Module):
       multiplier = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
       y = x32 * multiplier + (bias - ra_mean.value * multiplier)
     else:
-      groups = self._split_groups(x32)  # (num_groups, group_size, ...positions, features)
+      groups = self.grouping.split(x32)  # (num_groups, group_size, ...positions, features)
       reduce_axes = tuple(range(1, groups.ndim - 1))
       expand = (slice(None),) + (None,) * len(reduce_axes)  # (groups, features) -> broadcast over groups
       # The shift: each group's first example averaged over its positions (see the module docstring).
@@ -224,15 +214,6 @@ class BatchNorm(nn.Module):
       step.value = step.value + 1
     return scale * r, bias + scale * d
 
-  def _split_groups(self, x: jax.Array) -> jax.Array:
-    if not self.examples_per_group:
-      return x[None]
-    if x.ndim < 2 or x.shape[0] % self.examples_per_group:
-      raise ValueError(
-          f"BatchNorm group of {self.examples_per_group} examples does not divide the "
-          f"batch of {x.shape[0] if x.ndim else 0}; choose a group size that divides it.")
-    return x.reshape((x.shape[0] // self.examples_per_group, self.examples_per_group) + x.shape[1:])
-
   def _moments(self, centered: jax.Array, shift: jax.Array,
                reduce_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array, int]:
     """Each group's mean and variance from its values minus `shift`, over the devices that share it.
@@ -242,28 +223,7 @@ class BatchNorm(nn.Module):
     """
     mean = centered.mean(reduce_axes)
     var = jnp.square(centered).mean(reduce_axes) - jnp.square(mean)
-    if self.axis_name is None or self.devices_per_group == 1:
-      return shift + mean, jnp.maximum(var, 0.0), 1
-    # One collective for every grouping: the per-device statistics are a few vectors, so gathering
-    # them from every device is cheap and works alike under pmap, shard_map and vmap.
-    gathered = jax.lax.all_gather(jnp.stack([shift, mean, var]), self.axis_name)  # (devices, 3, groups, features)
-    num_devices = gathered.shape[0]
-    devices = self.devices_per_group or num_devices
-    if num_devices % devices:
-      raise ValueError(
-          f"BatchNorm groups of {devices} devices do not divide the "
-          f"{num_devices} devices on axis {self.axis_name!r}.")
-    if devices != num_devices:
-      per_group = gathered.reshape((num_devices // devices, devices) + gathered.shape[1:])
-      gathered = per_group[jax.lax.axis_index(self.axis_name) // devices]
-    shifts, means, variances = gathered[:, 0], gathered[:, 1], gathered[:, 2]
-    # Every device's mean about the group's first shift: the shifts are close to each other, so their
-    # differences lose nothing, and the same numbers on every device keep replicas bit-identical.
-    reference = shifts[0]
-    device_means = (shifts - reference) + means
-    group_mean = device_means.mean(0)
-    group_var = (variances + jnp.square(device_means - group_mean)).mean(0)
-    return reference + group_mean, jnp.maximum(group_var, 0.0), devices
+    return self.grouping.combine(shift, mean, var)
 
   def _update_running_stats(self, ra_mean, ra_var, mean: jax.Array, var: jax.Array, values_per_group: int) -> None:
     if self.running_variance not in RUNNING_VARIANCE_CONVENTIONS:
@@ -275,9 +235,7 @@ class BatchNorm(nn.Module):
         raise ValueError("an unbiased running variance needs at least 2 values per channel in each BatchNorm "
                          "group; use larger groups or model.bn_running_variance=biased")
       batch_var = batch_var * (values_per_group / (values_per_group - 1))
-    if self.axis_name is not None and self.devices_per_group != 0:
-      # Groups differ across devices: average them so every replica holds the same state.
-      batch_mean, batch_var = jax.lax.pmean((batch_mean, batch_var), self.axis_name)
+    batch_mean, batch_var = self.grouping.average_over_replicas((batch_mean, batch_var))
     ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * batch_mean
     ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * batch_var
 
@@ -312,9 +270,7 @@ class Norm:
   momentum: float = 0.9
   epsilon: float = 1e-5
   group_norm_groups: int = 32
-  axis_name: str | None = None
-  devices_per_group: int = 0
-  examples_per_group: int = 0
+  grouping: BatchNormGrouping = BatchNormGrouping()
   running_variance: str = "biased"
   renorm: RenormClipping = RenormClipping()
   dtype: Any = jnp.float32
@@ -330,8 +286,7 @@ class Norm:
     if self.kind in BATCH_NORM_KINDS:
       return functools.partial(
           BatchNorm, use_running_average=not train, momentum=self.momentum,
-          epsilon=self.epsilon, dtype=self.dtype, axis_name=self.axis_name,
-          devices_per_group=self.devices_per_group, examples_per_group=self.examples_per_group,
+          epsilon=self.epsilon, dtype=self.dtype, grouping=self.grouping,
           running_variance=self.running_variance, renorm=self.renorm if self.kind == "renorm" else None)
     if self.kind == "group":
       return functools.partial(GroupNorm, num_groups=self.group_norm_groups,

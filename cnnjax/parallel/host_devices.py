@@ -11,7 +11,7 @@ for the model (`AUTOMATIC_CPU_DEVICES`, one for models not measured) when the
 run leaves the devices to cnnjax (`parallel.strategy=auto`,
 `parallel.num_devices=0`); `--simulate_devices=N` asks for N explicitly. With
 `bn_sync=global` the numbers are the same on any device count (up to float
-rounding), and `local` keeps its meaning (see `cnnjax.train.loop.build`). A
+rounding), and `local` keeps its meaning (see `cnnjax.nn.bn_sync`). A
 count already in `XLA_FLAGS` always wins, and accelerator hosts are not
 affected (the flag only adds CPU devices beside the accelerators).
 

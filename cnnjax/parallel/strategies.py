@@ -1,205 +1,101 @@
-"""Data-parallel strategies: how a pure step function is compiled and fed across devices.
+"""Data-parallel strategies: how a pure step is compiled and fed across devices, one object per strategy.
 
 The step functions in `cnnjax.train.step` are pure functions of (state, batch)
 that take the name of the device axis as an argument (None when the step sees
-the whole global batch). A strategy compiles such a step for a set of devices
-and moves states and batches in and out:
+the whole global batch). A strategy compiles such a step for its devices and
+moves states and batches in and out. `REGISTRY` maps each name to its class:
 
-| strategy  | compiled as                                   | the step sees          | gradient / metric reduction |
-|-----------|-----------------------------------------------|------------------------|-----------------------------|
-| none      | `jax.jit` on one device                        | the global batch       | none needed                 |
-| pmap      | `jax.pmap(axis_name='batch')`                  | one device's slice     | `lax.pmean` over 'batch'    |
-| shard_map | `jax.jit(jax.shard_map(...))` on a 1-D mesh    | one device's slice     | `lax.pmean` over 'batch'    |
-| jit       | `jax.jit` with NamedSharding, batch sharded    | the global batch       | inserted by XLA             |
+| strategy   | compiled as                                   | the step sees          | gradient / metric reduction |
+|------------|-----------------------------------------------|------------------------|-----------------------------|
+| none       | `jax.jit` on one device                        | the global batch       | none needed                 |
+| pmap       | `jax.pmap(axis_name='batch')`                  | one device's slice     | `lax.pmean` over 'batch'    |
+| shard_map  | `jax.jit(jax.shard_map(...))` on a 1-D mesh    | one device's slice     | `lax.pmean` over 'batch'    |
+| jit        | `jax.jit` with NamedSharding, batch sharded    | the global batch       | inserted by XLA             |
+| vectorized | `jax.vmap` over members inside `jax.shard_map` | one member's batch     | none: members are separate  |
+|            | over devices (a population, not a config key)  |                        |                             |
 
-`auto` (the default) stands for `none` on a single device and `jit` over every
-device otherwise (across processes too), on as many devices as the batches
-divide evenly over (`resolve`).
+`auto` (`cnnjax.parallel.placement.resolve`) picks `none` or `jit`. States are
+replicated on every device; the global batch is split contiguously across
+devices. The `vectorized` strategy trains M runs that differ only in values
+that need no recompilation, stacked on a leading member axis: one compiled
+step, `jax.vmap` over members, with the member axis sharded over devices (each
+device steps its own block of members, with no communication). The member axis
+is never a BatchNorm axis: the step is vmapped with no axis name, so each
+member's BatchNorm normalizes over that member's own batch only.
 
-States are replicated on every device; the global batch is split contiguously,
-device d of D holding rows [d B/D, (d+1) B/D) of its process's slice. Across
-processes (`jax.distributed`), each process feeds only its own slice.
+The training loop drives runs through an `Engine` (`SingleEngine` for one run
+on its strategy, `PopulationEngine` for a vectorized population): it hands over
+host states and batches as one list per member, and gets per-member host values
+back. An engine reads a run only through the `Run` protocol: its config, its
+strategy and its pure steps with their hyperparameters bound.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Protocol, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AUTO = "auto"
-STRATEGIES = (AUTO, "none", "pmap", "shard_map", "jit")
+from cnnjax import data as data_lib
+from cnnjax.parallel.placement import AUTO, Layout
+
 BATCH_AXIS = "batch"
+MEMBER_AXIS = "member"
 
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """How a global batch is spread: devices, processes and per-device batch."""
-
-  strategy: str
-  devices: tuple[Any, ...]
-  global_batch: int
-
-  @property
-  def num_devices(self) -> int:
-    return len(self.devices)
-
-  @property
-  def per_device_batch(self) -> int:
-    return self.global_batch // self.num_devices
-
-  @property
-  def per_device_view(self) -> bool:
-    """Whether the step sees one device's slice (and collectives on `axis_name`)."""
-    return self.strategy in ("pmap", "shard_map")
-
-  @property
-  def axis_name(self) -> str | None:
-    return BATCH_AXIS if self.per_device_view else None
-
-  @property
-  def local_devices(self) -> tuple[Any, ...]:
-    return tuple(d for d in self.devices if d.process_index == jax.process_index())
-
-
-@dataclasses.dataclass(frozen=True)
-class Resolved:
-  """What `auto` (or an explicit choice) comes to: the strategy and the devices it runs on."""
-
-  strategy: str
-  devices: tuple[Any, ...]
-  available: int  # devices present (over every process)
-  automatic: bool  # whether `auto` chose the strategy
-
-
-def resolve(strategy: str, num_devices: int, batches: Sequence[int],
-            devices: Sequence[Any] | None = None) -> Resolved:
-  """The strategy and devices of a run. `auto` takes `none` on one device, else `jit` on the most
-  devices (the same number from every process) that every batch in `batches` divides evenly over."""
-  available = tuple(devices) if devices is not None else tuple(jax.devices())
-  if strategy != AUTO:
-    return Resolved(strategy, select_devices(strategy, num_devices, available), len(available), False)
-  if len(available) == 1:
-    return Resolved("none", available, 1, True)
-  if num_devices:
-    return Resolved("jit", select_devices("jit", num_devices, available), len(available), True)
-  processes = len({d.process_index for d in available})
-  per_process = min(sum(d.process_index == p for d in available) for p in {d.process_index for d in available})
-  count = next(processes * k for k in range(per_process, 0, -1)
-               if all(batch % (processes * k) == 0 for batch in batches))
-  if count == 1:
-    return Resolved("none", select_devices("none", 0, available), len(available), True)
-  return Resolved("jit", select_devices("jit", count, available), len(available), True)
-
-
-def select_devices(strategy: str, num_devices: int, devices: Sequence[Any] | None = None) -> tuple[Any, ...]:
-  """The devices a run uses: `num_devices` of `devices` (default: all), one for 'none'.
-
-  With several processes, every process must feed its slice of each batch to
-  devices of its own, so the selection takes the same number of devices from
-  each process, and 'none' (one device of one process) is refused: each
-  process would silently train and evaluate on its own slice only.
-  """
-  available = tuple(devices) if devices is not None else tuple(jax.devices())
-  processes = sorted({d.process_index for d in available})
-  if strategy == "none":
-    if len(processes) > 1:
-      raise ValueError(f"parallel.strategy=none trains on one device of one process, but this run has "
-                       f"{len(processes)} processes, which would each train on their own slice of the batch only; "
-                       "use parallel.strategy=jit (or pmap, shard_map) to use every process's devices")
-    local = [d for d in available if d.process_index == jax.process_index()]
-    return (local[0],)
-  count = num_devices or len(available)
-  if count > len(available):
-    raise ValueError(f"parallel.num_devices={count} but only {len(available)} devices are available; "
-                     f"set parallel.num_devices to at most {len(available)}")
-  if len(processes) == 1:
-    return available[:count]
-  per_process = {p: [d for d in available if d.process_index == p] for p in processes}
-  fewest = min(len(ds) for ds in per_process.values())
-  if count % len(processes) or count // len(processes) > fewest:
-    raise ValueError(f"parallel.num_devices={count} does not split evenly over the {len(processes)} processes "
-                     f"(each must feed its own devices, and the smallest has {fewest}); use a multiple of "
-                     f"{len(processes)} up to {fewest * len(processes)}, or 0 for all")
-  return tuple(d for p in processes for d in per_process[p][:count // len(processes)])
-
-
-def check_divisible(global_batch: int, num_devices: int, process_count: int, what: str = "batch_size") -> None:
-  """Raises a one-line error when a global batch does not split evenly."""
-  if global_batch % process_count:
-    raise ValueError(f"{what}={global_batch} does not divide over {process_count} processes; "
-                     f"use a multiple of {process_count}")
-  if global_batch % num_devices:
-    raise ValueError(f"{what}={global_batch} does not divide over {num_devices} devices; use a multiple "
-                     f"of {num_devices} (e.g. {(global_batch // num_devices + 1) * num_devices}) "
-                     f"or set parallel.num_devices")
+Batch = dict[str, np.ndarray]
+# step(state, batch) -> (state, metrics) and step(state, batch) -> sums, hyperparameters bound.
+TrainStep = Callable[..., tuple[PyTree, dict[str, Any]]]
+EvalStep = Callable[..., dict[str, Any]]
 
 
 class Strategy:
-  """Compiles pure steps for a layout and moves states and batches to and from devices."""
+  """Compiles pure steps for a layout and moves states and batches to and from devices.
+
+  The defaults here are those of a mesh with replicated states and a sharded
+  batch (`jit`, `shard_map`); each strategy overrides what it does differently.
+  """
+
+  name: ClassVar[str]
+  # Whether the step sees one device's slice, and reduces over `axis_name` with explicit collectives.
+  per_device_view: ClassVar[bool] = False
+  mesh_axis: ClassVar[str] = BATCH_AXIS
 
   def __init__(self, layout: Layout):
     self.layout = layout
-    if layout.strategy not in STRATEGIES:
-      raise ValueError(f"unknown strategy {layout.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    self.mesh = Mesh(np.asarray(layout.devices), (BATCH_AXIS,),
-                     axis_types=(jax.sharding.AxisType.Auto,))
+    self.mesh = Mesh(np.asarray(layout.devices), (self.mesh_axis,), axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXIS))
-    # pmap takes arrays with a leading axis over the devices, one row per device.
-    self._stacked = self.batch_sharding
-
-  @property
-  def name(self) -> str:
-    return self.layout.strategy
+    self.batch_sharding = NamedSharding(self.mesh, P(self.mesh_axis))
 
   @property
   def axis_name(self) -> str | None:
-    return self.layout.axis_name
+    """The device axis the step reduces over (bound into it by the caller), or None."""
+    return BATCH_AXIS if self.per_device_view else None
 
   # -- compiling ---------------------------------------------------------------------------
 
-  def compile(self, step: Callable[..., Any], *, donate_state: bool, returns_state: bool) -> Callable[..., Any]:
-    """Compiles `step(state, batch)` for the layout.
+  def compile_train(self, step: TrainStep) -> Callable[..., Any]:
+    """`step(state, batch) -> (state, metrics)` compiled for the layout, the state donated.
 
-    `step` returns `(state, outputs)` when `returns_state`, else `outputs`; its
-    outputs must already be reduced over the device axis (`self.axis_name`, which
-    the caller binds into `step`), so they come back replicated.
+    Its outputs must already be reduced over the device axis (`self.axis_name`,
+    which the caller binds into `step`), so they come back replicated.
     """
-    donate = (0,) if donate_state else ()
-    name = self.layout.strategy
-    if name == "pmap":
-      return jax.pmap(step, axis_name=BATCH_AXIS, devices=self.layout.devices, donate_argnums=donate)
-    out_specs = (P(), P()) if returns_state else P()
-    if name == "shard_map":
-      # check_vma=False: gradients of the replicated parameters stay per-device, as under pmap,
-      # and the step reduces them with its own explicit pmean (with checking on, JAX would
-      # already sum them across devices when differentiating, and the pmean would be wrong).
-      mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=out_specs,
-                             check_vma=False)
-      return jax.jit(mapped, donate_argnums=donate)
-    if name == "jit":
-      out_shardings = (self.replicated, self.replicated) if returns_state else self.replicated
-      return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding),
-                     out_shardings=out_shardings, donate_argnums=donate)
-    return jax.jit(step, donate_argnums=donate)
+    return self._compile(step, donate=(0,), returns_state=True)
+
+  def compile_eval(self, step: EvalStep) -> Callable[..., Any]:
+    """`step(state, batch) -> outputs` compiled for the layout, reading the state without donating it."""
+    return self._compile(step, donate=(), returns_state=False)
+
+  def _compile(self, step: Callable[..., Any], donate: tuple[int, ...], returns_state: bool) -> Callable[..., Any]:
+    raise NotImplementedError
 
   # -- moving data -------------------------------------------------------------------------
 
   def put_state(self, host_state: PyTree) -> PyTree:
     """Replicates a host state (NumPy or single-device arrays) onto the layout's devices."""
-    if self.layout.strategy == "pmap":
-      count = len(self.layout.local_devices)
-      return jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(
-              self._stacked, np.broadcast_to(np.asarray(x), (count,) + np.shape(x))), host_state)
-    if self.layout.strategy == "none":
-      return jax.device_put(host_state, self.layout.devices[0])
     return jax.tree.map(lambda x: _make_replicated(np.asarray(x), self.replicated), host_state)
 
   def get_state(self, state: PyTree) -> PyTree:
@@ -212,13 +108,11 @@ class Strategy:
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Places this process's slice of a global batch on its devices."""
-    if self.layout.strategy == "pmap":
-      count = len(self.layout.local_devices)
-      return {k: jax.make_array_from_process_local_data(self._stacked, v.reshape((count, -1) + v.shape[1:]))
-              for k, v in batch.items()}
-    if self.layout.strategy == "none":
-      return jax.device_put(batch, self.layout.devices[0])
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+
+  def put_eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Places an eval batch: split over the devices like a training batch."""
+    return self.put_batch(batch)
 
   def get_outputs(self, outputs: PyTree) -> PyTree:
     """Step outputs (already reduced across devices) as host NumPy values."""
@@ -227,10 +121,286 @@ class Strategy:
   def _first_replica(self, x: Any) -> np.ndarray:
     if not isinstance(x, jax.Array):
       return np.asarray(x)
-    data = np.asarray(x.addressable_shards[0].data)
-    # Under pmap every array carries a leading device axis; a shard is one device's copy.
-    return data[0] if self.layout.strategy == "pmap" else data
+    return np.asarray(x.addressable_shards[0].data)
+
+
+class OneDevice(Strategy):
+  """`none`: plain jit on one device, which sees the global batch."""
+
+  name = "none"
+
+  def _compile(self, step, donate, returns_state):
+    return jax.jit(step, donate_argnums=donate)
+
+  def put_state(self, host_state):
+    return jax.device_put(host_state, self.layout.devices[0])
+
+  def put_batch(self, batch):
+    return jax.device_put(batch, self.layout.devices[0])
+
+
+class Pmap(Strategy):
+  """`pmap`: one program per device over axis 'batch', arrays with a leading axis of one row per device."""
+
+  name = "pmap"
+  per_device_view = True
+
+  def _compile(self, step, donate, returns_state):
+    return jax.pmap(step, axis_name=BATCH_AXIS, devices=self.layout.devices, donate_argnums=donate)
+
+  def put_state(self, host_state):
+    count = len(self.layout.local_devices)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            self.batch_sharding, np.broadcast_to(np.asarray(x), (count,) + np.shape(x))), host_state)
+
+  def put_batch(self, batch):
+    count = len(self.layout.local_devices)
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v.reshape((count, -1) + v.shape[1:]))
+            for k, v in batch.items()}
+
+  def _first_replica(self, x):
+    # Every array carries a leading device axis; a shard is one device's copy.
+    return super()._first_replica(x)[0] if isinstance(x, jax.Array) else np.asarray(x)
+
+
+class ShardMap(Strategy):
+  """`shard_map`: one program over a 1-D mesh, each device seeing its slice as under pmap."""
+
+  name = "shard_map"
+  per_device_view = True
+
+  def _compile(self, step, donate, returns_state):
+    out_specs = (P(), P()) if returns_state else P()
+    # check_vma=False: gradients of the replicated parameters stay per-device, as under pmap,
+    # and the step reduces them with its own explicit pmean (with checking on, JAX would
+    # already sum them across devices when differentiating, and the pmean would be wrong).
+    mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=out_specs,
+                           check_vma=False)
+    return jax.jit(mapped, donate_argnums=donate)
+
+
+class Jit(Strategy):
+  """`jit`: the global-batch step with the batch sharded and the state replicated; XLA inserts the
+  collectives."""
+
+  name = "jit"
+
+  def _compile(self, step, donate, returns_state):
+    out_shardings = (self.replicated, self.replicated) if returns_state else self.replicated
+    return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding),
+                   out_shardings=out_shardings, donate_argnums=donate)
+
+
+class Vectorized(Strategy):
+  """`vectorized`: members stacked on a leading axis, vmapped, the member axis sharded over the devices.
+
+  States and batches hold every member (leading axis M); the train step takes,
+  beside them, the values that differ between members (a dict of (M,) arrays,
+  passed to the step as keyword arguments). An eval batch is the same for every
+  member, so it is replicated.
+  """
+
+  name = "vectorized"
+  mesh_axis = MEMBER_AXIS
+
+  def compile_train(self, step):
+    def member_step(member_state, member_batch, member_values):
+      return step(member_state, member_batch, **member_values)
+
+    # shard_map makes each device step only its own block of members. Left to the SPMD partitioner,
+    # the vmapped convolutions (grouped over members) were not split by member: every device computed
+    # every member, far slower than the same members one after another (docs/performance.md).
+    return jax.jit(jax.shard_map(jax.vmap(member_step), mesh=self.mesh, in_specs=(P(MEMBER_AXIS),) * 3,
+                                 out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS))), donate_argnums=(0,))
+
+  def compile_eval(self, step):
+    # Every member sees the same eval batch; each device evaluates its own members (as in training).
+    return jax.jit(jax.shard_map(jax.vmap(step, in_axes=(0, None)), mesh=self.mesh,
+                                 in_specs=(P(MEMBER_AXIS), P()), out_specs=P(MEMBER_AXIS)))
+
+  def put_state(self, host_state):
+    return jax.device_put(host_state, self.batch_sharding)
+
+  def get_state(self, state):
+    return jax.device_get(state)
+
+  def put_batch(self, batch):
+    return jax.device_put(batch, self.batch_sharding)
+
+  def put_eval_batch(self, batch):
+    return jax.device_put(batch, self.replicated)
+
+  def get_outputs(self, outputs):
+    return jax.device_get(outputs)
+
+
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (OneDevice, Pmap, ShardMap, Jit, Vectorized)}
+# What `parallel.strategy` may say: a population's strategy is chosen by a sweep, not by a config.
+STRATEGIES = (AUTO,) + tuple(name for name in REGISTRY if name != Vectorized.name)
+
+
+def make(name: str, layout: Layout) -> Strategy:
+  """The strategy called `name` on `layout`."""
+  if name not in REGISTRY:
+    raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+  return REGISTRY[name](layout)
+
+
+def members_device_count(num_members: int, available: int) -> int:
+  """The devices a population spreads over: the largest count that divides the members evenly."""
+  return max(d for d in range(1, min(available, num_members) + 1) if num_members % d == 0)
 
 
 def _make_replicated(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+# -- engines: the training loop's members on a strategy ------------------------------------------
+
+class Run(Protocol):
+  """What an engine reads of a run (`cnnjax.train.Experiment` is one): data only, no calls back.
+
+  `train_step` and `eval_step` are the pure steps with the run's model,
+  optimizer, loss settings and the strategy's device axis bound.
+  """
+
+  config: ml_collections.ConfigDict
+  strategy: Strategy
+  train_step: TrainStep
+  eval_step: EvalStep
+
+
+class Engine(Protocol):
+  """How the training loop (`cnnjax.train.loop.train_members`) places and steps its members.
+
+  Every method takes or returns one entry per member, in the members' order.
+  """
+
+  strategy_name: str
+  num_devices: int
+  num_members: int
+  global_batch: int  # examples per step of one member
+
+  def put_state(self, host_states: Sequence[PyTree]) -> PyTree: ...
+
+  def get_states(self, state: PyTree) -> list[PyTree]: ...
+
+  def put_batch(self, batches: Sequence[Batch]) -> PyTree: ...
+
+  def outputs(self, device_outputs: PyTree) -> list[dict[str, Any]]: ...
+
+  def compile_train_step(self, state: PyTree, batch: PyTree) -> Callable[[PyTree, PyTree], tuple[PyTree, PyTree]]:
+    """The train step compiled ahead of time for these device arrays."""
+
+  def eval_step_fn(self) -> Callable[[PyTree, PyTree], PyTree]: ...
+
+  def eval_sums(self, state: PyTree, eval_fn: Callable[[PyTree, PyTree], PyTree],
+                batches: Iterable[Batch]) -> list[dict[str, Any]]:
+    """Each member's eval outputs summed over `batches` (host batches, the same for every member)."""
+
+
+def device_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The keys of a host batch that go to the devices."""
+  return {k: v for k, v in batch.items() if k not in data_lib.HOST_ONLY_KEYS}
+
+
+class SingleEngine:
+  """One run on its own strategy (none, pmap, shard_map, jit)."""
+
+  def __init__(self, exp: Run):
+    self.exp = exp
+    self.strategy = exp.strategy
+    self.strategy_name = exp.strategy.name
+    self.num_devices = exp.strategy.layout.num_devices
+    self.num_members = 1
+    self.global_batch = exp.config.batch_size
+
+  def put_state(self, host_states: Sequence[PyTree]) -> PyTree:
+    return self.strategy.put_state(host_states[0])
+
+  def get_states(self, state: PyTree) -> list[PyTree]:
+    return [self.strategy.get_state(state)]
+
+  def put_batch(self, batches: Sequence[Batch]) -> PyTree:
+    return self.strategy.put_batch(device_part(batches[0]))
+
+  def outputs(self, device_outputs: PyTree) -> list[dict[str, Any]]:
+    return [{k: host_value(v) for k, v in self.strategy.get_outputs(device_outputs).items()}]
+
+  def compile_train_step(self, state: PyTree, batch: PyTree) -> Any:
+    return self.strategy.compile_train(self.exp.train_step).lower(state, batch).compile()
+
+  def eval_step_fn(self) -> Any:
+    return self.strategy.compile_eval(self.exp.eval_step)
+
+  def eval_sums(self, state, eval_fn, batches):
+    return _eval_sums(self, state, eval_fn, batches)
+
+
+class PopulationEngine:
+  """M runs as one `vectorized` strategy: the members' states and batches stacked on a leading axis.
+
+  Members may differ only in values that need no recompilation: the label
+  smoothing is passed to the step per member; learning rate and weight decay
+  live in each member's optimizer state, the seed in its state and data.
+  """
+
+  def __init__(self, experiments: Sequence[Run], devices: Sequence[Any] | None = None):
+    self.experiments = list(experiments)
+    self.exp = self.experiments[0]
+    self.num_members = len(self.experiments)
+    self.global_batch = self.exp.config.batch_size
+    available = list(devices) if devices is not None else jax.local_devices()
+    count = members_device_count(self.num_members, len(available))
+    self.strategy = make(Vectorized.name, Layout(tuple(available[:count]), self.global_batch))
+    self.strategy_name = self.strategy.name
+    self.num_devices = count
+    self.member_values = self.strategy.put_batch(
+        {"label_smoothing": np.asarray([e.config.label_smoothing for e in self.experiments], np.float32)})
+
+  def put_state(self, host_states: Sequence[PyTree]) -> PyTree:
+    return self.strategy.put_state(jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]),
+                                                *host_states))
+
+  def get_states(self, state: PyTree) -> list[PyTree]:
+    host = self.strategy.get_state(state)
+    return [jax.tree.map(lambda x, i=i: np.asarray(x[i]), host) for i in range(self.num_members)]
+
+  def put_batch(self, batches: Sequence[Batch]) -> PyTree:
+    parts = [device_part(b) for b in batches]
+    return self.strategy.put_batch({k: np.stack([p[k] for p in parts]) for k in parts[0]})
+
+  def outputs(self, device_outputs: PyTree) -> list[dict[str, Any]]:
+    host = self.strategy.get_outputs(device_outputs)
+    return [{k: host_value(v[i]) for k, v in host.items()} for i in range(self.num_members)]
+
+  def compile_train_step(self, state: PyTree, batch: PyTree) -> Any:
+    # The base run's step: the members' models, optimizers and schedules are the same.
+    compiled = self.strategy.compile_train(self.exp.train_step).lower(state, batch, self.member_values).compile()
+    return lambda s, b: compiled(s, b, self.member_values)
+
+  def eval_step_fn(self) -> Any:
+    return self.strategy.compile_eval(self.exp.eval_step)
+
+  def eval_sums(self, state, eval_fn, batches):
+    return _eval_sums(self, state, eval_fn, batches)
+
+
+def _eval_sums(engine: SingleEngine | PopulationEngine, state: PyTree, eval_fn: Callable[[PyTree, PyTree], PyTree],
+               batches: Iterable[Batch]) -> list[dict[str, Any]]:
+  totals: list[dict[str, Any]] = [{"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "examples": 0.0}
+                                  for _ in range(engine.num_members)]
+  for batch in batches:
+    per_member = engine.outputs(eval_fn(state, engine.strategy.put_eval_batch(device_part(batch))))
+    for total, sums in zip(totals, per_member):
+      # Floats, and per-class arrays for segmentation.
+      for key, value in sums.items():
+        total[key] = total.get(key, 0.0) + value
+  return totals
+
+
+def host_value(value: Any) -> float | np.ndarray:
+  """A step output on the host: a float, or a float64 array for per-class sums."""
+  array = np.asarray(value)
+  return float(array) if array.ndim == 0 else array.astype(np.float64)

@@ -23,9 +23,11 @@ import numpy as np
 
 from cnnjax import train
 from cnnjax.errors import NonFiniteError
+from cnnjax.nn import BatchNormGrouping
+from cnnjax.parallel.strategies import device_part
 from cnnjax.study import probes, report
 from cnnjax.study.plan import MISSING, Context, Task, TrialPlan, run_record, seed_statistics, train_task
-from cnnjax.train import engines, population
+from cnnjax.train import population
 from cnnjax.train.preemption import Preemption
 from cnnjax.train.state import TrainState
 from cnnjax.train.step import train_step
@@ -111,7 +113,7 @@ def train_confused_population(configs: Sequence[ml_collections.ConfigDict],
   """
   experiments = [train.build(population.member_config(config)) for config in configs]
   base = experiments[0]
-  pooled_model = probes.with_norm(base.model, axis_name=CONFUSED_AXIS, devices_per_group=0, examples_per_group=0)
+  pooled_model = probes.with_norm(base.model, grouping=BatchNormGrouping(axis_name=CONFUSED_AXIS))
 
   def member_step(state, batch, label_smoothing):
     return train_step(state, batch, model=pooled_model, tx=base.tx, schedule_shape=base.schedule_shape,
@@ -125,7 +127,7 @@ def train_confused_population(configs: Sequence[ml_collections.ConfigDict],
   for step_index in range(base.total_steps):
     if preemption is not None and preemption.signum is not None:
       raise preemption.stopped(step_index)
-    parts = [engines.device_part(next(iterator)) for iterator in iterators]
+    parts = [device_part(next(iterator)) for iterator in iterators]
     state, metrics = step(state, {k: np.stack([p[k] for p in parts]) for k in parts[0]}, smoothing)
     if not np.all(np.asarray(metrics["finite"]) > 0):
       raise NonFiniteError(f"the confused-axes population stopped being finite at step {step_index + 1}")

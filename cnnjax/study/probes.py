@@ -21,9 +21,12 @@ import numpy as np
 from flax import traverse_util
 
 from cnnjax import data as data_lib
+from cnnjax import metrics as metrics_lib
+from cnnjax import parallel
+from cnnjax.nn import BatchNormGrouping
 from cnnjax.nn.norm import BATCH_MOMENTS
-from cnnjax.train import engines
-from cnnjax.train.loop import Experiment
+from cnnjax.parallel.strategies import device_part
+from cnnjax.train.experiment import Experiment
 from cnnjax.train.rundir import RunDir
 from cnnjax.train.state import TrainState
 from cnnjax.train.step import cross_entropy, step_key
@@ -62,7 +65,7 @@ def train_batches(exp: Experiment, count: int) -> list[dict[str, np.ndarray]]:
   however many steps the run itself took."""
   dataset = data_lib.train_dataset(exp.dataset.train, exp.preprocess, seed=exp.config.seed,
                                    batch=exp.train_slice, num_steps=count)
-  return [engines.device_part(dataset[index]) for index in range(count)]
+  return [device_part(dataset[index]) for index in range(count)]
 
 
 def one_pass(exp: Experiment) -> int:
@@ -112,7 +115,7 @@ def normalization_moments(exp: Experiment, state: TrainState,
       return {layer: value[None] for layer, value in per_layer.items()}
     return {layer: jax.lax.all_gather(value, axis_name) for layer, value in per_layer.items()}
 
-  compiled = exp.strategy.compile(moments, donate_state=False, returns_state=False)
+  compiled = exp.strategy.compile_eval(moments)
   device_state = exp.strategy.put_state(state)
   return [exp.strategy.get_outputs(compiled(device_state, exp.strategy.put_batch(batch))) for batch in batches]
 
@@ -192,7 +195,7 @@ def leakage_modes(bn_model: Any, bn_state: TrainState, gn_model: Any, gn_state: 
   bn_train = _losses_fn(bn_model, bn_state.batch_stats, train=True)
   bn_eval = _losses_fn(bn_model, bn_state.batch_stats, train=False)
   group = _losses_fn(gn_model, gn_state.batch_stats, train=True)
-  named = _losses_fn(with_norm(bn_model, axis_name=EXAMPLE_AXIS, devices_per_group=0, examples_per_group=0),
+  named = _losses_fn(with_norm(bn_model, grouping=BatchNormGrouping(axis_name=EXAMPLE_AXIS)),
                      bn_state.batch_stats, train=True)
 
   def vmapped(losses, axis_name):
@@ -275,7 +278,7 @@ def precise_batch_stats(exp: Experiment, state: TrainState, batches: Sequence[di
                              rngs={"dropout": step_key(state.rng, state.step, axis_name)})
     return updates["batch_stats"]
 
-  compiled = exp.strategy.compile(batch_stats, donate_state=False, returns_state=False)
+  compiled = exp.strategy.compile_eval(batch_stats)
   device_state = exp.strategy.put_state(state)
   per_batch = [exp.strategy.get_outputs(compiled(device_state, exp.strategy.put_batch(b))) for b in batches]
   return jax.tree.map(lambda *xs: np.mean(np.stack(xs).astype(np.float64), 0).astype(np.float32), *per_batch)
@@ -303,15 +306,17 @@ class Evaluator:
   """The training loop's evaluation (every eval example once, padding masked) of any state of a run."""
 
   def __init__(self, exp: Experiment):
-    self.engine = engines.SingleEngine(exp)
-    self.eval_fn = exp.eval_step_fn()  # compiled once, reused for every state
+    self.exp = exp
+    self.engine = parallel.SingleEngine(exp)
+    self.eval_fn = self.engine.eval_step_fn()  # compiled once, reused for every state
 
   def __call__(self, state: TrainState, batch_stats: PyTree | None = None) -> dict[str, float]:
     """Eval accuracy and loss, with the state's running averages or the given statistics."""
     if batch_stats is not None:
       state = state.replace(batch_stats=batch_stats)
     device_state = self.engine.put_state([state])
-    result = engines.eval_result(self.engine.eval_sums(device_state, self.eval_fn)[0])
+    sums = self.engine.eval_sums(device_state, self.eval_fn, self.exp.eval_batches())[0]
+    result = metrics_lib.eval_result(sums)
     return {"accuracy": result["accuracy"], "loss": result["loss"], "examples": result["examples"]}
 
 

@@ -1,5 +1,4 @@
 """Sweeps: trials declared in experiment files, run sequentially, partitioned over devices or vectorized.
-
 Declare with `grid`, `zipped`, `product` and `random_search` (`uniform`,
 `log_uniform`, `choice`) in an experiment file's `sweep()`; run with
 `python -m cnnjax.sweep --config=experiments/NAME.py --workdir=DIR`, or from

@@ -1,7 +1,12 @@
-"""Training: the TrainState, the pure train/eval steps, the run directory, and the loop with resume,
-preemption and outputs."""
+"""Training: from a config to a run and its results. `experiment` builds an `Experiment` from a config
+(dataset, model, optimizer, parallel strategy, BatchNorm grouping, the pure steps with their settings
+bound); `step` holds the pure train and eval steps and `state` the TrainState they carry; `loop` trains
+members through an engine of their strategy, with resume, evaluation, preemption and outputs; `rundir`
+owns one run's directory; `population` trains runs that differ only in scalar hyperparameters as one
+vectorized population."""
 
-from cnnjax.train.loop import Experiment, Member, build, run, total_steps, train_members
+from cnnjax.train.experiment import Experiment, build, total_steps
+from cnnjax.train.loop import Member, run, train_members
 from cnnjax.train.preemption import Preempted, Preemption
 from cnnjax.train.rundir import RunDir
 from cnnjax.train.state import TrainState, count_params, create_train_state

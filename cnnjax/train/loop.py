@@ -1,8 +1,9 @@
-"""The training loop: build everything from a config, train with resume, evaluate, summarize.
+"""The training loop: train with resume, evaluate, summarize.
 
-`build(config)` turns a config into an `Experiment` (dataset, model, optimizer,
-parallel strategy) and validates everything it can before any file is written.
-`run(config, workdir)` trains it in its run directory (`cnnjax.train.rundir`):
+`run(config, workdir)` builds the run (`cnnjax.train.experiment.build`, which
+validates everything it can before any file is written) and trains it in its
+run directory (`cnnjax.train.rundir`) through an engine of its parallel strategy
+(`cnnjax.parallel`), which compiles the step:
 
 * locks the workdir, so that a second run on it is refused;
 * resumes from the newest good checkpoint of this config (state, data position
@@ -23,231 +24,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
-import math
-import os
 import signal
 import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnnjax import config as config_lib
-from cnnjax import data as data_lib
 from cnnjax import metrics as metrics_lib
-from cnnjax import optim, parallel
+from cnnjax import parallel
 from cnnjax.checkpoint import Checkpointer
-from cnnjax.errors import ConfigError, NonFiniteError
-from cnnjax.models import build_model, torchvision_import
-from cnnjax.models.validation import InputTooSmallError, TooLargeError, check_input_shape, check_memory
-from cnnjax.nn import RenormClipping
+from cnnjax.errors import NonFiniteError
+from cnnjax.models import torchvision_import
 from cnnjax.parallel.host_devices import HostDevices
-from cnnjax.train import engines
+from cnnjax.train.experiment import Experiment, build
 from cnnjax.train.preemption import Preemption
 from cnnjax.train.profiling import StepTrace
 from cnnjax.train.rundir import METRICS_FILE, RunDir, check_workdir
-from cnnjax.train.state import TrainState, count_params, create_train_state
-from cnnjax.train.step import eval_step, train_step
-
-
-# The TrainState's step counter is an int32.
-MAX_STEPS = 2 ** 31 - 1
-
-
-@dataclasses.dataclass
-class Experiment:
-  """Everything a run is made of, built and checked from a config."""
-
-  config: ml_collections.ConfigDict
-  dataset: data_lib.Dataset
-  preprocess: data_lib.Preprocess
-  input_shape: tuple[int, ...]  # one example: (H, W, C), (D, H, W, C) or (L,)
-  model: Any
-  tx: Any
-  schedule_shape: Any
-  strategy: parallel.Strategy
-  total_steps: int
-  train_slice: data_lib.ProcessSlice
-  eval_slice: data_lib.ProcessSlice
-  placement: parallel.Resolved  # what `parallel.strategy` came to, and the devices present
-  host: HostDevices  # the process's CPU devices, and whether cnnjax chose their count
-  bn_groups: str  # which examples BatchNorm normalizes over, in words
-
-  def describe(self) -> str:
-    """One line of what runs where: backend, devices, processes, strategy, BatchNorm, batches, data, steps."""
-    device = self.strategy.layout.devices[0]
-    devices = self.strategy.layout.num_devices
-    strategy = self.strategy.name + (f" ({parallel.AUTO})" if self.placement.automatic else "")
-    host = self.host.describe() if device.platform == "cpu" else ""
-    return (f"{device.platform} ({device.device_kind}{'; ' + host if host else ''}): {devices} of "
-            f"{self.placement.available} devices, {jax.process_count()} process(es) | strategy {strategy} | "
-            f"bn_sync {self.config.model.bn_sync} ({self.bn_groups}) | batch {self.config.batch_size} global, "
-            f"{self.strategy.layout.per_device_batch} per device | {len(self.dataset.train)} train / "
-            f"{len(self.dataset.eval)} eval examples | {self.total_steps} steps")
-
-  def init_state(self) -> TrainState:
-    return create_train_state(self.config.seed, self.model, self.tx, self.input_shape)
-
-  def train_step_fn(self):
-    return self.strategy.compile(
-        functools.partial(train_step, model=self.model, tx=self.tx, schedule_shape=self.schedule_shape,
-                          label_smoothing=self.config.label_smoothing, axis_name=self.strategy.axis_name),
-        donate_state=True, returns_state=True)
-
-  def eval_step_fn(self):
-    return self.strategy.compile(
-        functools.partial(eval_step, model=self.model, axis_name=self.strategy.axis_name),
-        donate_state=False, returns_state=False)
-
-  def train_batches(self) -> Any:
-    dataset = data_lib.train_dataset(self.dataset.train, self.preprocess, seed=self.config.seed,
-                                     batch=self.train_slice, num_steps=self.total_steps)
-    return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
-                            prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
-
-  def eval_batches(self) -> Any:
-    dataset = data_lib.eval_dataset(self.dataset.eval, self.preprocess, batch=self.eval_slice)
-    return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
-                            prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
-
-
-def _dtype(name: str) -> Any:
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def planned_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
-  """The steps a run of `config` takes: `num_train_steps`, else `num_epochs` over the training split."""
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
-
-
-def total_steps(config: ml_collections.ConfigDict) -> int:
-  """The steps a run of `config` takes, opening its dataset only when the epochs decide."""
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  dataset = data_lib.open_dataset(**dataset_options(config))
-  return planned_steps(config, len(dataset.train))
-
-
-def dataset_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The keyword arguments of `data.open_dataset` for `config`."""
-  return dict(name=config.data.name, tfds_data_dir=config.data.tfds_data_dir,
-              train_split=config.data.train_split, eval_split=config.data.eval_split,
-              train_path=config.data.train_path, eval_path=config.data.eval_path,
-              num_classes=config.data.num_classes, vocab_size=config.data.vocab_size,
-              max_length=config.data.max_length, cache_megabytes=config.data.cache_megabytes)
-
-
-def batchnorm_semantics(config: ml_collections.ConfigDict, host: HostDevices, device: Any,
-                        process_count: int) -> tuple[str, int, str]:
-  """(bn_sync, bn_group_size, description) as the layers apply them.
-
-  Virtual CPU devices that cnnjax chose by itself never change what is
-  computed: `local` then means each process's own batch, the batch its one CPU
-  device would hold without them (ghost groups of batch / processes).
-  """
-  bn_sync, group_size = config.model.bn_sync, config.model.bn_group_size
-  if bn_sync == "global":
-    return bn_sync, group_size, "the whole batch"
-  if bn_sync == "local" and host.automatic and device.platform == "cpu":
-    group_size = config.batch_size // process_count
-    return "ghost", group_size, f"each process's batch of {group_size}, whatever the virtual CPU devices"
-  if bn_sync == "local":
-    return bn_sync, group_size, "each device's slice"
-  return bn_sync, group_size, f"groups of {group_size}"
-
-
-def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = None,
-          host: HostDevices = HostDevices()) -> Experiment:
-  """Validates `config` and builds the run; raises a CnnjaxError on any bad input. Writes nothing.
-
-  `host` says how many CPU devices the process started with and whether cnnjax
-  chose that number (see `cnnjax.parallel.host_devices`).
-  """
-  config_lib.validate(config)
-  process_count = jax.process_count()
-  try:
-    eval_batch = config.eval_batch_size or config.batch_size
-    placement = parallel.resolve(config.parallel.strategy, config.parallel.num_devices,
-                                 (config.batch_size, eval_batch), devices)
-    selected = placement.devices
-    parallel.check_divisible(config.batch_size, len(selected), process_count, "batch_size")
-    parallel.check_divisible(eval_batch, len(selected), process_count,
-                             "eval_batch_size" if config.eval_batch_size else "batch_size (used for eval)")
-    layout = parallel.Layout(placement.strategy, selected, config.batch_size)
-    bn_sync, bn_group_size, bn_groups = batchnorm_semantics(config, host, selected[0], process_count)
-    grouping = parallel.batchnorm_grouping(
-        bn_sync, bn_group_size, per_device_view=layout.per_device_view,
-        axis_name=layout.axis_name, num_devices=layout.num_devices, global_batch=config.batch_size)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-  dataset = data_lib.open_dataset(**dataset_options(config))
-  if config.batch_size > len(dataset.train):
-    raise ConfigError(f"batch_size={config.batch_size} exceeds the {len(dataset.train)} training examples of "
-                      f"{config.data.name}; use a batch_size of at most {len(dataset.train)}")
-  if dataset.num_classes < 2:
-    logging.getLogger("cnnjax").warning(
-        "%s has %d class: every prediction is right, so its accuracy of 100%% says nothing; check the labels "
-        "(or data.num_classes)", config.data.name, dataset.num_classes)
-  augment = data_lib.Augment(crop_padding=config.data.crop_padding, flip=config.data.flip,
-                             rotation_degrees=config.data.rotation_degrees)
-  # (H, W, C) images, (D, H, W, C) volumes or (L,) token ids, after resizing.
-  input_shape = dataset.model_input_shape(config.data.image_size, augmented=augment.enabled,
-                                          random_resized_crop=config.data.random_resized_crop)
-  preprocess = data_lib.Preprocess(
-      image_size=config.data.image_size, mean=dataset.mean, std=dataset.std, seed=config.seed,
-      random_resized_crop=config.data.random_resized_crop, augment=augment, task=dataset.task,
-      mask_fill=dataset.background_class)
-
-  norm_options = dict(momentum=config.model.bn_momentum, epsilon=config.model.bn_epsilon,
-                      running_variance=config.model.bn_running_variance,
-                      group_norm_groups=config.model.group_norm_groups,
-                      renorm=RenormClipping(
-                          rmax=config.model.renorm_rmax, dmax=config.model.renorm_dmax,
-                          warmup_steps=config.model.renorm_warmup_steps, rmax_steps=config.model.renorm_rmax_steps,
-                          dmax_steps=config.model.renorm_dmax_steps),
-                      **dataclasses.asdict(grouping))
-  try:
-    model = build_model(config.model.name, num_classes=dataset.num_classes, norm_kind=config.model.norm,
-                        norm_options=norm_options, dtype=_dtype(config.model.dtype), lowering=config.model.lowering,
-                        **{**config_lib.model_options(config), **dataset.model_options})
-  except (TypeError, ValueError) as e:
-    raise ConfigError(str(e).splitlines()[0]) from None
-
-  num_steps = planned_steps(config, len(dataset.train))
-  if num_steps > MAX_STEPS:
-    raise ConfigError(f"the run would take {num_steps} steps, more than the step counter holds ({MAX_STEPS}); "
-                      "lower num_epochs or num_train_steps")
-  shape = optim.schedule_shape(config.optimizer.schedule, total_steps=num_steps,
-                               warmup_steps=config.optimizer.warmup_steps,
-                               decay_boundaries=tuple(config.optimizer.decay_boundaries),
-                               decay_factor=config.optimizer.decay_factor)
-  tx = optim.make_optimizer(config.optimizer.name, learning_rate=config.optimizer.learning_rate,
-                            weight_decay=config.optimizer.weight_decay, shape=shape,
-                            momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
-                            b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps)
-  if config.init_from and not os.path.isfile(os.path.expanduser(config.init_from)):
-    raise ConfigError(f"init_from={config.init_from!r} is not a file; download the torchvision weights it names "
-                      "(see the experiment's docstring), or pass --config.init_from= to start from scratch")
-  try:
-    check_input_shape(model, input_shape, config.model.name)
-    # Evaluation holds the activations of its own batch (no gradients): the larger batch decides.
-    check_memory(model, tx, input_shape, max(layout.per_device_batch, eval_batch // len(selected)), selected)
-  except (InputTooSmallError, TooLargeError) as e:
-    raise ConfigError(str(e)) from None
-  return Experiment(
-      config=config, dataset=dataset, preprocess=preprocess, input_shape=input_shape,
-      model=model, tx=tx, schedule_shape=shape, strategy=parallel.Strategy(layout),
-      total_steps=num_steps, placement=placement, host=host, bn_groups=bn_groups,
-      train_slice=data_lib.ProcessSlice(config.batch_size, jax.process_index(), process_count),
-      eval_slice=data_lib.ProcessSlice(eval_batch, jax.process_index(), process_count))
-
+from cnnjax.train.state import TrainState, count_params
 
 class TrainLog:
   """Per-step metrics fetched one step behind, averaged over each logging window.
@@ -414,7 +210,7 @@ class Member:
     self.rundir.write_config(self.config)
     return self.rundir.metrics_writer(start_step)
 
-  def summary(self, final_state: Any, timing: Timing, engine: Any) -> dict[str, Any]:
+  def summary(self, final_state: Any, timing: Timing, engine: parallel.Engine) -> dict[str, Any]:
     last = self.log.last_window or {}
     result = self.last_eval
     return {
@@ -435,7 +231,7 @@ class Member:
       self.checkpointer.close()
 
 
-def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
+def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_step: int,
                   preemption: Preemption | None = None) -> list[dict[str, Any] | None]:
   """Trains restored members in lockstep from `start_step`; returns each one's summary (None if it failed).
 
@@ -497,9 +293,11 @@ def train_members(members: Sequence[Member], engine: Any, *, start_step: int,
       raise NonFiniteError(lead.error)
 
   def evaluate_alive(step: int) -> None:
-    for member, writer, totals in zip(members, writers, engine.eval_sums(state, eval_fn)):
+    # Every member evaluates on the same examples, which the first member's run reads.
+    sums = engine.eval_sums(state, eval_fn, members[0].exp.eval_batches())
+    for member, writer, totals in zip(members, writers, sums):
       if member.error is None:
-        member.last_eval = engines.eval_result(totals)
+        member.last_eval = metrics_lib.eval_result(totals)
         writer.write({"step": step, "split": "eval", **member.last_eval})
         writer.write_curves()
 
@@ -620,7 +418,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[An
       logging.getLogger("cnnjax").info("run: %s", exp.describe())
     try:
       start_step = member.restore()
-      return train_members([member], engines.SingleEngine(exp), start_step=start_step,
+      return train_members([member], parallel.SingleEngine(exp), start_step=start_step,
                            preemption=preemption)[0]
     finally:
       member.close()

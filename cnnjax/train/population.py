@@ -25,9 +25,10 @@ import ml_collections
 
 from cnnjax import config as config_lib
 from cnnjax.errors import ConfigError, NonFiniteError, WorkdirBusyError
+from cnnjax import parallel
 from cnnjax.models.validation import TooLargeError, check_memory
-from cnnjax.train import engines
-from cnnjax.train.loop import Member, build, train_members
+from cnnjax.train.experiment import Experiment, build
+from cnnjax.train.loop import Member, train_members
 from cnnjax.train.preemption import Preemption
 
 logger = logging.getLogger("cnnjax")
@@ -134,7 +135,7 @@ def run_population(configs: Sequence[ml_collections.ConfigDict], workdirs: Seque
       for member, _ in group:
         member.population = population_id
       check_population_memory([m.exp for m, _ in group], devices)
-      engine = engines.PopulationEngine([m.exp for m, _ in group], devices=devices)
+      engine = parallel.PopulationEngine([m.exp for m, _ in group], devices=devices)
       try:
         results = train_members([m for m, _ in group], engine, start_step=start_step, preemption=preemption)
       except NonFiniteError:
@@ -151,10 +152,10 @@ def workdir_name(workdir: str) -> str:
   return os.path.basename(os.path.normpath(workdir))
 
 
-def check_population_memory(experiments: Sequence[Any], devices: Sequence[Any] | None) -> None:
+def check_population_memory(experiments: Sequence[Experiment], devices: Sequence[Any] | None) -> None:
   """Refuses a population whose members, as many per device as the engine will put there, cannot fit."""
   available = list(devices) if devices is not None else jax.local_devices()
-  per_device = -(-len(experiments) // engines.members_device_count(len(experiments), len(available)))
+  per_device = -(-len(experiments) // parallel.members_device_count(len(experiments), len(available)))
   base = experiments[0]
   try:
     check_memory(base.model, base.tx, base.input_shape, base.strategy.layout.per_device_batch, available[:1],

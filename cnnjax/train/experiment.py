@@ -1,0 +1,211 @@
+"""From a config to an `Experiment`: everything a run is made of, built and checked before any file is written.
+
+`build(config)` opens the dataset, resolves the parallel strategy
+(`cnnjax.parallel`), turns `model.bn_sync` into the one `BatchNormGrouping` its
+BatchNorm layers apply (`cnnjax.nn.bn_sync`), builds the model and optimizer,
+and binds them into the pure train and eval steps (`cnnjax.train.step`). The
+strategy compiles those steps; the loop (`cnnjax.train.loop`) runs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+
+from cnnjax import config as config_lib
+from cnnjax import data as data_lib
+from cnnjax import optim, parallel
+from cnnjax.errors import ConfigError
+from cnnjax.models import build_model
+from cnnjax.models.validation import InputTooSmallError, TooLargeError, check_input_shape, check_memory
+from cnnjax.nn import RenormClipping, bn_sync
+from cnnjax.parallel.host_devices import HostDevices
+from cnnjax.train.state import TrainState, create_train_state
+from cnnjax.train.step import eval_step, train_step
+
+
+# The TrainState's step counter is an int32.
+MAX_STEPS = 2 ** 31 - 1
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run is made of, built and checked from a config."""
+
+  config: ml_collections.ConfigDict
+  dataset: data_lib.Dataset
+  preprocess: data_lib.Preprocess
+  input_shape: tuple[int, ...]  # one example: (H, W, C), (D, H, W, C) or (L,)
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule_shape: Callable[[jax.Array], jax.Array]  # the learning-rate schedule's shape, step -> factor
+  strategy: parallel.Strategy
+  total_steps: int
+  train_slice: data_lib.ProcessSlice
+  eval_slice: data_lib.ProcessSlice
+  placement: parallel.Resolved  # what `parallel.strategy` came to, and the devices present
+  host: HostDevices  # the process's CPU devices, and whether cnnjax chose their count
+  bn_groups: str  # which examples BatchNorm normalizes over, in words
+  # The pure steps of this run, (state, batch) -> ..., with the model, optimizer, loss settings and the
+  # strategy's device axis bound: what the strategy compiles (`cnnjax.parallel.Run`).
+  train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+  eval_step: Callable[..., dict[str, jax.Array]]
+
+  def describe(self) -> str:
+    """One line of what runs where: backend, devices, processes, strategy, BatchNorm, batches, data, steps."""
+    device = self.strategy.layout.devices[0]
+    devices = self.strategy.layout.num_devices
+    strategy = self.strategy.name + (f" ({parallel.AUTO})" if self.placement.automatic else "")
+    host = self.host.describe() if device.platform == "cpu" else ""
+    return (f"{device.platform} ({device.device_kind}{'; ' + host if host else ''}): {devices} of "
+            f"{self.placement.available} devices, {jax.process_count()} process(es) | strategy {strategy} | "
+            f"bn_sync {self.config.model.bn_sync} ({self.bn_groups}) | batch {self.config.batch_size} global, "
+            f"{self.strategy.layout.per_device_batch} per device | {len(self.dataset.train)} train / "
+            f"{len(self.dataset.eval)} eval examples | {self.total_steps} steps")
+
+  def init_state(self) -> TrainState:
+    return create_train_state(self.config.seed, self.model, self.tx, self.input_shape)
+
+  def train_step_fn(self) -> Callable[..., Any]:
+    """The train step as the run's strategy compiles it, for stepping a run by hand (tests, benchmarks)."""
+    return self.strategy.compile_train(self.train_step)
+
+  def train_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    dataset = data_lib.train_dataset(self.dataset.train, self.preprocess, seed=self.config.seed,
+                                     batch=self.train_slice, num_steps=self.total_steps)
+    return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
+                            prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
+
+  def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    dataset = data_lib.eval_dataset(self.dataset.eval, self.preprocess, batch=self.eval_slice)
+    return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
+                            prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
+
+
+def _dtype(name: str) -> Any:
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def planned_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  """The steps a run of `config` takes: `num_train_steps`, else `num_epochs` over the training split."""
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  """The steps a run of `config` takes, opening its dataset only when the epochs decide."""
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  dataset = data_lib.open_dataset(**dataset_options(config))
+  return planned_steps(config, len(dataset.train))
+
+
+def dataset_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The keyword arguments of `data.open_dataset` for `config`."""
+  return dict(name=config.data.name, tfds_data_dir=config.data.tfds_data_dir,
+              train_split=config.data.train_split, eval_split=config.data.eval_split,
+              train_path=config.data.train_path, eval_path=config.data.eval_path,
+              num_classes=config.data.num_classes, vocab_size=config.data.vocab_size,
+              max_length=config.data.max_length, cache_megabytes=config.data.cache_megabytes)
+
+
+def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = None,
+          host: HostDevices = HostDevices()) -> Experiment:
+  """Validates `config` and builds the run; raises a CnnjaxError on any bad input. Writes nothing.
+
+  `host` says how many CPU devices the process started with and whether cnnjax
+  chose that number (see `cnnjax.parallel.host_devices`).
+  """
+  config_lib.validate(config)
+  process_count = jax.process_count()
+  try:
+    eval_batch = config.eval_batch_size or config.batch_size
+    placement = parallel.resolve(config.parallel.strategy, config.parallel.num_devices,
+                                 (config.batch_size, eval_batch), devices)
+    selected = placement.devices
+    parallel.check_divisible(config.batch_size, len(selected), process_count, "batch_size")
+    parallel.check_divisible(eval_batch, len(selected), process_count,
+                             "eval_batch_size" if config.eval_batch_size else "batch_size (used for eval)")
+    strategy = parallel.make(placement.strategy, parallel.Layout(selected, config.batch_size))
+    grouping, bn_groups = bn_sync.grouping_for_run(
+        config.model.bn_sync, config.model.bn_group_size, per_device_view=strategy.per_device_view,
+        axis_name=strategy.axis_name, num_devices=len(selected), global_batch=config.batch_size,
+        process_count=process_count, automatic_cpu_devices=host.automatic and selected[0].platform == "cpu")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+  dataset = data_lib.open_dataset(**dataset_options(config))
+  if config.batch_size > len(dataset.train):
+    raise ConfigError(f"batch_size={config.batch_size} exceeds the {len(dataset.train)} training examples of "
+                      f"{config.data.name}; use a batch_size of at most {len(dataset.train)}")
+  if dataset.num_classes < 2:
+    logging.getLogger("cnnjax").warning(
+        "%s has %d class: every prediction is right, so its accuracy of 100%% says nothing; check the labels "
+        "(or data.num_classes)", config.data.name, dataset.num_classes)
+  augment = data_lib.Augment(crop_padding=config.data.crop_padding, flip=config.data.flip,
+                             rotation_degrees=config.data.rotation_degrees)
+  # (H, W, C) images, (D, H, W, C) volumes or (L,) token ids, after resizing.
+  input_shape = dataset.model_input_shape(config.data.image_size, augmented=augment.enabled,
+                                          random_resized_crop=config.data.random_resized_crop)
+  preprocess = data_lib.Preprocess(
+      image_size=config.data.image_size, mean=dataset.mean, std=dataset.std, seed=config.seed,
+      random_resized_crop=config.data.random_resized_crop, augment=augment, task=dataset.task,
+      mask_fill=dataset.background_class)
+
+  norm_options = dict(momentum=config.model.bn_momentum, epsilon=config.model.bn_epsilon,
+                      running_variance=config.model.bn_running_variance,
+                      group_norm_groups=config.model.group_norm_groups, grouping=grouping,
+                      renorm=RenormClipping(
+                          rmax=config.model.renorm_rmax, dmax=config.model.renorm_dmax,
+                          warmup_steps=config.model.renorm_warmup_steps, rmax_steps=config.model.renorm_rmax_steps,
+                          dmax_steps=config.model.renorm_dmax_steps))
+  try:
+    model = build_model(config.model.name, num_classes=dataset.num_classes, norm_kind=config.model.norm,
+                        norm_options=norm_options, dtype=_dtype(config.model.dtype), lowering=config.model.lowering,
+                        **{**config_lib.model_options(config), **dataset.model_options})
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e).splitlines()[0]) from None
+
+  num_steps = planned_steps(config, len(dataset.train))
+  if num_steps > MAX_STEPS:
+    raise ConfigError(f"the run would take {num_steps} steps, more than the step counter holds ({MAX_STEPS}); "
+                      "lower num_epochs or num_train_steps")
+  shape = optim.schedule_shape(config.optimizer.schedule, total_steps=num_steps,
+                               warmup_steps=config.optimizer.warmup_steps,
+                               decay_boundaries=tuple(config.optimizer.decay_boundaries),
+                               decay_factor=config.optimizer.decay_factor)
+  tx = optim.make_optimizer(config.optimizer.name, learning_rate=config.optimizer.learning_rate,
+                            weight_decay=config.optimizer.weight_decay, shape=shape,
+                            momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
+                            b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps)
+  if config.init_from and not os.path.isfile(os.path.expanduser(config.init_from)):
+    raise ConfigError(f"init_from={config.init_from!r} is not a file; download the torchvision weights it names "
+                      "(see the experiment's docstring), or pass --config.init_from= to start from scratch")
+  try:
+    check_input_shape(model, input_shape, config.model.name)
+    # Evaluation holds the activations of its own batch (no gradients): the larger batch decides.
+    check_memory(model, tx, input_shape, max(strategy.layout.per_device_batch, eval_batch // len(selected)),
+                 selected)
+  except (InputTooSmallError, TooLargeError) as e:
+    raise ConfigError(str(e)) from None
+  return Experiment(
+      config=config, dataset=dataset, preprocess=preprocess, input_shape=input_shape,
+      model=model, tx=tx, schedule_shape=shape, strategy=strategy,
+      total_steps=num_steps, placement=placement, host=host, bn_groups=bn_groups,
+      train_step=functools.partial(train_step, model=model, tx=tx, schedule_shape=shape,
+                                   label_smoothing=config.label_smoothing, axis_name=strategy.axis_name),
+      eval_step=functools.partial(eval_step, model=model, axis_name=strategy.axis_name),
+      train_slice=data_lib.ProcessSlice(config.batch_size, jax.process_index(), process_count),
+      eval_slice=data_lib.ProcessSlice(eval_batch, jax.process_index(), process_count))
