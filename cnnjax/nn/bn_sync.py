@@ -15,17 +15,7 @@ statistics across the devices of a group.
 
 The mechanism differs by strategy, because a step sees either the global batch
 (`none`, `jit`) or one device's slice with a named device axis (`pmap`,
-`shard_map`):
-
-| bn_sync | none / jit (global view)                | pmap / shard_map (per-device view, axis 'batch')                 |
-|---------|-----------------------------------------|------------------------------------------------------------------|
-| global  | plain batch statistics; under jit XLA   | `all_gather` each device's moments over the device axis and      |
-|         | all-reduces them across devices          | combine them exactly                                             |
-| local   | reshape to (devices, per-device batch)   | no collective for the statistics                                  |
-|         | and reduce within each row               |                                                                  |
-| ghost g | reshape to (B / g, g) and reduce each    | g <= per-device batch: reshape the slice into groups of g;        |
-|         | group (XLA communicates when a group     | g > per-device batch: `all_gather` the moments and combine them   |
-|         | spans devices)                           | over consecutive sub-groups of g / per-device devices             |
+`shard_map`); docs/parallel.md tables it, mode by strategy, once.
 
 A group that spans devices (a per-device view with `devices_per_group` != 1)
 gathers each device's (shift, mean about it, variance) in one `all_gather` and

@@ -30,9 +30,9 @@ both cancel as before. The first example's mean lies within the range of the
 examples' means, whatever the step.
 
 A group that spans devices combines every device's (shift, mean about it,
-variance) exactly (`BatchNormGrouping.combine`). ResNet-20 on 8 simulated
-CPU devices (batch 128) measured 0.99 (pmap), 1.00 (shard_map) and 0.97 (jit)
-of the one-pass form's step rate, and 0.98 on one device (CPU time).
+variance) exactly (`BatchNormGrouping.combine`); what that costs against the
+one-pass form is measured in docs/performance.md ("Measurements behind design
+choices").
 
 Running averages are updated from the mean of every group's statistics over
 all devices, so every replica holds identical running averages after every

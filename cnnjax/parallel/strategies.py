@@ -3,16 +3,8 @@
 The step functions in `cnnjax.train.step` are pure functions of (state, batch)
 that take the name of the device axis as an argument (None when the step sees
 the whole global batch). A strategy compiles such a step for its devices and
-moves states and batches in and out. `REGISTRY` maps each name to its class:
-
-| strategy   | compiled as                                   | the step sees          | gradient / metric reduction |
-|------------|-----------------------------------------------|------------------------|-----------------------------|
-| none       | `jax.jit` on one device                        | the global batch       | none needed                 |
-| pmap       | `jax.pmap(axis_name='batch')`                  | one device's slice     | `lax.pmean` over 'batch'    |
-| shard_map  | `jax.jit(jax.shard_map(...))` on a 1-D mesh    | one device's slice     | `lax.pmean` over 'batch'    |
-| jit        | `jax.jit` with NamedSharding, batch sharded    | the global batch       | inserted by XLA             |
-| vectorized | `jax.vmap` over members inside `jax.shard_map` | one member's batch     | none: members are separate  |
-|            | over devices (a population, not a config key)  |                        |                             |
+moves states and batches in and out. `REGISTRY` maps each name to its class;
+what each compiles and what its step sees is tabled once, in docs/parallel.md.
 
 `auto` (`cnnjax.parallel.placement.resolve`) picks `none` or `jit`. States are
 replicated on every device; the global batch is split contiguously across
