@@ -218,6 +218,7 @@ def test_summary_cli_prints_a_table_and_json():
   assert error.returncode == 2 and error.stderr.strip().startswith("error: alexnet cannot take")
 
 
+@pytest.mark.slow
 def test_every_registered_model_profiles_with_its_pinned_count():
   for name, (input_shape, num_classes, count) in PINNED.items():
     profile = profile_model(build_model(name, num_classes=num_classes), input_shape,

@@ -49,6 +49,7 @@ def test_quick_case_list_keeps_resnet20_whole_and_shrinks_imagenet_inputs():
   assert {c.image_size for c in quick if c.model in ("resnet18", "resnet50")} == {64}
 
 
+@pytest.mark.slow
 def test_benchmark_run_has_every_field_on_one_and_eight_devices():
   tiny = [harness.Case("lenet5", 16, 32, 1, 10, "none", "float32", "mnist"),
           harness.Case("lenet5", 16, 32, 1, 10, "pmap", "bfloat16", "mnist")]
@@ -137,6 +138,7 @@ def test_bench_parallel_starts_the_devices_it_is_asked_for(tmp_path, tfds_data_d
   assert payload["machine"]["simulated_devices"] == 2
 
 
+@pytest.mark.slow
 def test_bench_sweep_runs_a_mode_on_the_devices_it_is_asked_for(tmp_path, tfds_data_dir):
   out = tmp_path / "vectorized.json"
   result = run_script("bench_sweep", f"--json={out}", "--simulate_devices=2", "--steps=1",

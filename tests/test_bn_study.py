@@ -59,6 +59,7 @@ def test_synced_statistics_are_the_full_batch_ones_and_local_ones_each_slices_ow
       assert min(divergences) > 0.01, divergences
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path, tfds_data_dir):
   """One test, so that parallel test workers never run the study twice: the report, the invariants in its
   measurements, resuming, how missing runs show, and the scale a workdir holds."""

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import sklearn.datasets
 
 from helpers import REPO_ROOT, read_jsonl, run_cli
@@ -30,6 +31,7 @@ def mnist_format_arrays(path_prefix):
   return f"{path_prefix}_train.npz", f"{path_prefix}_test.npz"
 
 
+@pytest.mark.slow
 def test_lenet5_trains_on_foreign_mnist_format_npz_without_code_changes(tmp_path):
   train_path, test_path = mnist_format_arrays(tmp_path / "mnistlike")
   result = run_cli("cnnjax.main", LENET, f"--workdir={tmp_path / 'run'}", "--config.data.name=npz",
@@ -40,6 +42,7 @@ def test_lenet5_trains_on_foreign_mnist_format_npz_without_code_changes(tmp_path
   assert summary["eval_examples"] == 297 and summary["eval_accuracy"] > 0.85, summary
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tfds_data_dir):
   workdir = tmp_path / "run"
   args = [LENET, f"--workdir={workdir}", "--config.num_train_steps=400", "--config.checkpoint_every_steps=25",

@@ -22,6 +22,7 @@ LENET = "--config=experiments/lenet5_digits.py"
     ("--config.model.name=resnet9000", "model.name='resnet9000' is unknown"),
     ("--config.data.name=SVHN!", "data.name='SVHN!' is neither one of digits, npz"),
 ])
+@pytest.mark.slow
 def test_cli_config_errors_are_one_line_and_write_nothing(tmp_path, override, message):
   workdir = tmp_path / "run"
   result = run_cli("cnnjax.main", LENET, f"--workdir={workdir}", override, timeout=120)

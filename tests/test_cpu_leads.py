@@ -58,6 +58,7 @@ def test_candidates_equal_xla_in_value_gradient_and_forward_mode(lead, spatial, 
 
 
 @pytest.mark.parametrize("lead", CONV_LEADS)
+@pytest.mark.slow
 def test_a_swapped_in_candidate_trains_the_same_resnet_and_is_scoped_to_the_block(lead):
   model = build_model("resnet20", num_classes=5, lowering=lowering.CPU_TUNED)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))

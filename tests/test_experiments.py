@@ -61,6 +61,7 @@ def test_every_experiment_has_an_end_to_end_case_and_a_documented_command():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.slow
 def test_experiment_end_to_end(tmp_path, tfds_data_dir, name):
   extra, mocked = CASES[name]
   workdir = tmp_path / name

@@ -187,6 +187,7 @@ def damage_bytes(workdir, step: int, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["swapped_arrays", "one_bit", "forty_0xff_bytes"])
+@pytest.mark.slow
 def test_damaged_checkpoint_is_detected_set_aside_and_the_previous_one_used(tmp_path, tfds_data_dir, caplog, how):
   reference = train.run(lenet_config(), str(tmp_path / "reference"))
   workdir = tmp_path / "run"
@@ -380,6 +381,7 @@ def test_a_sweep_never_ranks_on_a_missing_metric(tmp_path):
   assert "lr=0.01 finished without train_loss" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, tfds_data_dir, caplog):
   reference = tmp_path / "reference"
   train.run(lenet_config(), str(reference))
@@ -395,6 +397,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, tfds_data_
   assert metric_points(workdir) == metric_points(reference)
 
 
+@pytest.mark.slow
 def test_log_and_checkpoint_intervals_that_do_not_divide_resume_exactly(tmp_path, tfds_data_dir):
   config = lenet_config(num_train_steps=30, log_every_steps=7, checkpoint_every_steps=10)
   reference = tmp_path / "reference"
@@ -535,6 +538,7 @@ def test_out_of_range_values_are_refused_naming_the_key(key, value, message):
     ("--config.eval_batch_size=10000000", "needs about"),  # evaluation's own memory
     ("--config.num_epochs=1e30", "more than the step counter holds"),
 ])
+@pytest.mark.slow
 def test_bad_config_values_on_the_command_line_are_one_line_errors(tmp_path, override, message):
   workdir = tmp_path / "run"
   result = run_cli("cnnjax.main", "--config=experiments/lenet5_digits.py", f"--workdir={workdir}", override,
@@ -577,6 +581,7 @@ def test_unusable_workdirs_are_one_line_errors(tmp_path, case):
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not_an_object"])
 @pytest.mark.parametrize("name", ["config.json", "summary.json"])
+@pytest.mark.slow
 def test_damaged_run_files_are_set_aside_and_the_run_goes_on(tmp_path, tfds_data_dir, caplog, name, damage):
   workdir = tmp_path / "run"
   first = train.run(lenet_config(), str(workdir))
@@ -719,6 +724,7 @@ def population_configs(learning_rates, **overrides):
           for lr in learning_rates]
 
 
+@pytest.mark.slow
 def test_a_population_with_a_diverged_member_resumes_bit_identical(tmp_path, tfds_data_dir):
   import jax  # pylint: disable=import-outside-toplevel
   two_devices = jax.local_devices()[:2]  # two members per device: the population's size decides the rounding

@@ -49,6 +49,7 @@ def started_with(env_flags: str, code: str) -> str:
                         timeout=120, check=True).stdout.strip()
 
 
+@pytest.mark.slow
 def test_cnnjax_chooses_virtual_cpu_devices_only_when_the_run_leaves_them_to_it():
   code = ("from cnnjax.parallel import host_devices as h; import sys; "
           "host = h.configure({arg}, leaves_devices_to_cnnjax={leaves}, model='{model}'); import jax; "
@@ -73,6 +74,7 @@ def test_a_device_count_set_after_jax_started_is_refused(monkeypatch):
     host_devices.configure(0)
 
 
+@pytest.mark.slow
 def test_the_start_up_line_says_what_runs_where(tmp_path, tfds_data_dir):
   result = run_cli("cnnjax.main", "--config=experiments/lenet5_digits.py", f"--workdir={tmp_path / 'run'}",
                    "--config.num_train_steps=2", "--config.batch_size=32", "--config.progress_bar=false",
@@ -90,6 +92,7 @@ def test_the_start_up_line_says_what_runs_where(tmp_path, tfds_data_dir):
 
 
 @pytest.mark.parametrize("bn_sync", ["global", "local"])
+@pytest.mark.slow
 def test_automatic_virtual_devices_compute_what_one_device_computes(tmp_path, tfds_data_dir, bn_sync):
   """Global BatchNorm is the full batch on any device count; local means each process's batch when cnnjax,
   not the user, chose the virtual devices."""

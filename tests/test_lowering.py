@@ -87,6 +87,7 @@ def _channels_last(ndim: int) -> jax.lax.ConvDimensionNumbers:
     ((2, 2, 2), 3, 1, 1, ((1, 1),) * 3), ((2, 2), 3, 2, 1, "VALID"), ((5, 5), 3, 1, 1, "SAME"),
     ((5, 5), 1, 2, 1, "SAME"), ((4, 4), 1, 1, 1, "VALID"), ((6, 6, 6), 1, 2, 1, "VALID"), ((3,), 1, 1, 1, ((1, 1),))])
 @pytest.mark.parametrize("choice", FORCED)
+@pytest.mark.slow
 def test_both_convolution_lowerings_equal_xla_in_value_gradient_and_forward_mode(choice, spatial, kernel, stride,
                                                                                 dilation, padding):
   ndim = len(spatial)
@@ -124,6 +125,7 @@ def test_both_convolution_lowerings_equal_xla_in_value_gradient_and_forward_mode
     ("min", (2, 7, 7, 3), 3, 2, "valid", True), ("max", (2, 10, 5), 3, 1, "same", False),
     ("max", (2, 5, 5, 5, 2), 2, 2, "valid", True)])
 @pytest.mark.parametrize("choice", FORCED)
+@pytest.mark.slow
 def test_both_pooling_lowerings_equal_xla_with_ties(choice, kind, shape, window, stride, padding, ceil_mode):
   # Rounded ReLU outputs: many equal values per window, so which element receives the gradient matters.
   x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), shape)) * 2) / 2
@@ -155,6 +157,7 @@ def test_both_pooling_lowerings_equal_xla_with_ties(choice, kind, shape, window,
   assert ("custom_jvp_call" in primitive_names(jax.make_jaxpr(ours)(x).jaxpr)) == (choice == lowering.CPU_TUNED)
 
 
+@pytest.mark.slow
 def test_a_model_computes_the_same_in_both_lowerings():
   # A bottleneck ResNet on 32x32 inputs has every rewrite: unpadded 1x1 convolutions, 3x3
   # convolutions on 2x2 and 1x1 maps (fewer pixels than taps) and the max-pooled stem.

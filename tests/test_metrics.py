@@ -58,6 +58,7 @@ def test_a_run_writes_every_curve_to_tensorboard_once(tmp_path, tfds_data_dir):
 
 
 @pytest.mark.parametrize("damage", ["killed_before_checkpoint", "torn_event", "events_lost"])
+@pytest.mark.slow
 def test_a_resumed_run_holds_each_tensorboard_point_once(tmp_path, tfds_data_dir, damage):
   reference = tmp_path / "reference"
   train.run(lenet_config(eval_every_steps=2), str(reference))
@@ -99,6 +100,7 @@ def test_each_sweep_trial_is_one_tensorboard_run(tmp_path, tfds_data_dir):
     assert [e.step for e in multiplexer.Scalars(trial.name, "train/loss")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_segmentation_run_logs_the_mean_iou_of_its_eval(tmp_path):
   config = tiny(experiment_config("unet_shapes"), num_train_steps=2, batch_size=16)
   workdir = tmp_path / "run"

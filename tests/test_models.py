@@ -80,6 +80,7 @@ def test_lenet5_layer_sizes_follow_the_paper():
 
 @pytest.mark.parametrize("name,input_shape", [("mlp", (8, 8, 1)), ("simple_cnn", (16, 16, 1)),
                                               ("lenet5", (32, 32, 1)), ("resnet20", (16, 16, 3))])
+@pytest.mark.slow
 def test_forward_shapes_and_train_mode_updates_batch_stats(name, input_shape):
   model = build_model(name, num_classes=7)
   x = jax.random.normal(jax.random.PRNGKey(1), (4,) + input_shape)

@@ -132,6 +132,7 @@ def full_batch_reference(tfds_data_dir):
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("strategy", STRATEGIES[1:])
+@pytest.mark.slow
 def test_global_sync_equals_one_device_on_the_full_batch(strategy, norm, tfds_data_dir):
   host, losses, _, exp = cached_train_steps(strategy, "global", norm=norm)
   assert exp.strategy.layout.num_devices == DEVICES
@@ -164,6 +165,7 @@ GROUPED_CASES = [(strategy, bn_sync, group) for strategy in STRATEGIES
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("strategy,bn_sync,group", GROUPED_CASES)
+@pytest.mark.slow
 def test_local_and_ghost_equal_the_hand_reference(strategy, bn_sync, group, norm, tfds_data_dir):
   reference, reference_losses = hand_reference(group, norm)
   host, losses, _, _ = cached_train_steps(strategy, bn_sync, group if bn_sync == "ghost" else 0, norm)
@@ -182,6 +184,7 @@ def test_local_measurably_differs_from_global(full_batch_reference):
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("strategy", STRATEGIES[1:])
+@pytest.mark.slow
 def test_replicas_hold_identical_parameters_and_running_statistics(strategy, norm, tfds_data_dir):
   _, _, state, _ = cached_train_steps(strategy, "local", norm=norm)
   for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state)):

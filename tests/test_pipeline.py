@@ -96,6 +96,7 @@ def wait_gone(pids: list[int]) -> list[int]:
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc (Linux)")
 
 
+@pytest.mark.slow
 def test_workers_give_the_batches_of_threads_exactly_once_per_epoch_and_resume_across_counts():
   n, global_batch, steps = 23, 6, 12  # a batch straddles epochs; three epochs and more
   dataset = train_dataset(numbered_source(n), augmenting(), seed=5, batch=ProcessSlice(global_batch),

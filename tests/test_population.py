@@ -25,6 +25,7 @@ def member_config(learning_rate, seed, label_smoothing):
 
 
 
+@pytest.mark.slow
 def test_each_member_equals_its_solo_run(tmp_path, tfds_data_dir):
   configs = [member_config(*m) for m in MEMBERS]
   workdirs = [str(tmp_path / f"member{i}") for i in range(len(MEMBERS))]

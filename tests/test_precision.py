@@ -4,6 +4,7 @@ BatchNorm statistics, and its loss tracks float32 training."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cnnjax import train
 from helpers import experiment_config, read_jsonl, tiny
@@ -42,6 +43,7 @@ def _flat_modules(tree, prefix=""):
     yield from _flat_modules(value, path)
 
 
+@pytest.mark.slow
 def test_bfloat16_loss_tracks_float32(tmp_path, tfds_data_dir):
   losses = {}
   for dtype in ("float32", "bfloat16"):

@@ -31,6 +31,7 @@ def write_cifar(directory, num_labels, counts, files):
   return written
 
 
+@pytest.mark.slow
 def test_cifar10_from_original_binary_files(tmp_path):
   source = tmp_path / "src" / "cifar-10-batches-bin"
   source.mkdir(parents=True)
@@ -280,6 +281,7 @@ def test_an_image_folder_of_grayscale_images_of_varying_sizes(tmp_path):
     ("empty_class", "holds no images"),
     ("bad_image", "is not a readable image"),
 ])
+@pytest.mark.slow
 def test_image_folder_mistakes_are_one_line_errors(tmp_path, case, message):
   source = tmp_path / "images"
   write_image_folder(source, ["cat", "dog"])

@@ -54,6 +54,7 @@ def complete_steps(workdir) -> list[int]:
               ("save_commit:30", [10, 20])]),
     ("pmap", [("save_commit:20", [10])]),
 ])
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tfds_data_dir, strategy, faults):
   args = RUN + [f"--config.parallel.strategy={strategy}"]
   reference = tmp_path / "uninterrupted"
@@ -99,6 +100,7 @@ def test_unreadable_latest_checkpoint_is_reported_skipped_and_kept(tmp_path, tfd
   assert complete_steps(workdir) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused_unless_fresh(tmp_path, tfds_data_dir):
   workdir = tmp_path / "run"
   args = ["--config=experiments/lenet5_digits.py", f"--workdir={workdir}", "--config.num_train_steps=4",

@@ -55,6 +55,7 @@ def test_filter_bank_blurs_lower_and_sharpening_raises_sharpness():
      ["equivariance.png", "equivariance.json"]),
     ("degradation", ["--steps=2", "--models=plain20"], ["degradation.png", "degradation.json"]),
 ])
+@pytest.mark.slow
 def test_scripts_run_end_to_end_at_tiny_scale(tmp_path, tfds_data_dir, script, args, outputs):
   result = run_cli("", f"--workdir={tmp_path}", *args, wrapper=f"scripts/{script}.py", timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -114,6 +115,7 @@ CHECK_PAYLOAD = {"filter_bank": check_filter_bank, "deep_image_prior": check_dee
                  "degradation": check_degradation}
 
 
+@pytest.mark.slow
 def test_segmentation_scores_agree_with_the_loop_and_the_script(tmp_path, tfds_data_dir):
   config = tiny(experiment_config("unet_shapes"), num_train_steps=2, **{"model.features": (4, 8),
                                                                        "batch_size": 8, "eval_batch_size": 100})

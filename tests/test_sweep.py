@@ -16,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from cnnjax.sweep import apply_overrides, load_trials, run_sweep
 from cnnjax.parallel import strategies as engines
@@ -51,6 +52,7 @@ def final_params(workdir, config):
   return state.params, state.batch_stats
 
 
+@pytest.mark.slow
 def test_lr_sweep_vectorized_end_to_end_and_a_member_equals_its_printed_solo_command(tmp_path, tfds_data_dir):
   sweep_dir = tmp_path / "sweep"
   args = ["--config=experiments/lr_sweep_digits.py", f"--workdir={sweep_dir}", "--config.num_train_steps=4",
@@ -97,6 +99,7 @@ def test_lr_sweep_vectorized_end_to_end_and_a_member_equals_its_printed_solo_com
   np.testing.assert_allclose(member_summary["train_loss"], solo_summary["train_loss"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_norm_sweep_partitioned_runs_trials_at_once_on_disjoint_devices(tmp_path, tfds_data_dir, monkeypatch):
   base = tiny(experiment_config("norm_sweep_digits"), num_train_steps=3, checkpoint_every_steps=3)
   base.lock()
@@ -128,6 +131,7 @@ def test_norm_sweep_partitioned_runs_trials_at_once_on_disjoint_devices(tmp_path
   assert sorted(e["trial"] for e in events if e["event"] == "end") == sorted(t.name for t in trials)
 
 
+@pytest.mark.slow
 def test_killed_sweep_completes_on_rerun_with_every_trial_exactly_once(tmp_path, tfds_data_dir):
   sweep_dir = tmp_path / "sweep"
   steps, every = 24, 4

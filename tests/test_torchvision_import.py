@@ -76,6 +76,7 @@ def relative_error(actual, expected) -> float:
 
 
 @pytest.mark.parametrize("name", tvi.ARCHITECTURES)
+@pytest.mark.slow
 def test_imported_weights_give_the_twins_eval_logits(name):
   size = INPUT_SIZES.get(name, DEFAULT_INPUT_SIZE)
   reference = twin(name)
@@ -241,6 +242,7 @@ def finetune_config(tmp_path, weights: str):
   return config
 
 
+@pytest.mark.slow
 def test_a_finetune_step_runs_from_imported_weights(tmp_path, resnet18_state_dict):
   weights = str(tmp_path / "resnet18.safetensors")
   save_file(resnet18_state_dict, weights)
@@ -263,6 +265,7 @@ def test_a_finetune_step_runs_from_imported_weights(tmp_path, resnet18_state_dic
   assert tvi.init_from(empty, exp.model, {"params": imported})["params"] is imported
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_init_from_once_and_resumes_from_its_own_checkpoints(tmp_path, resnet18_state_dict):
   weights = str(tmp_path / "resnet18.safetensors")
   save_file(resnet18_state_dict, weights)
