@@ -7,7 +7,7 @@ jit with the batch split over them, bn_sync=global, which computes the same on a
 the count that `cnnjax.parallel.host_devices.AUTOMATIC_CPU_DEVICES` should be.
 Cost: about 10 minutes on 2 CPU cores (every count of every model in its own process, repeated).
 
-Each measurement is a child process of the benchmark harness (`cnnjax.bench.harness`), with
+Each measurement is a child process of the benchmark harness (`cnnjax.lab.bench.harness`), with
 glibc's allocator kept warm, started with `--xla_force_host_platform_device_count=N`. The
 counts are measured in interleaved rounds, so that a noisy neighbour slows all of them alike;
 the JSON records every round, the command, the commit and the machine.
@@ -44,7 +44,7 @@ def commit() -> str:
 
 def main(argv):
   del argv
-  from cnnjax.bench import harness  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import harness  # pylint: disable=import-outside-toplevel
   chosen = [m for m in MODELS if m[0] in FLAGS.models]
   rounds: dict[str, dict[int, list[float]]] = {m[0]: {n: [] for n in DEVICE_COUNTS} for m in chosen}
   for repeat in range(FLAGS.repeats):

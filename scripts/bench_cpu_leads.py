@@ -10,14 +10,14 @@ channels_last timed in the same rounds (round by round, and of the medians); the
 parameter difference after one step from the same state against `cpu_tuned` (the candidates
 must compute the same step).
 Variants: `plain` and `cpu_tuned` (cnnjax.nn.lowering), and the leads of
-`cnnjax.bench.cpu_leads`: `weight_grad_matmul`, `patch_layout`, `ynn_eltwise`.
+`cnnjax.lab.bench.cpu_leads`: `weight_grad_matmul`, `patch_layout`, `ynn_eltwise`.
 Cost: about 10 minutes on 2 busy CPU cores with 7 rounds (compiling five steps, then a PyTorch
 child per round).
 
 Every variant is compiled in this process and timed round by round in a rotating order, so
 that a noisy neighbour slows all of them alike; PyTorch runs in a child of the benchmark
 harness each round (its own process, as in `scripts/benchmark.py`). The process re-executes
-itself with the harness's allocator settings (`cnnjax.bench.harness.ALLOCATOR_ENV`), which
+itself with the harness's allocator settings (`cnnjax.lab.bench.harness.ALLOCATOR_ENV`), which
 the benchmark's children use too.
 """
 
@@ -42,7 +42,7 @@ flags.DEFINE_integer("rounds", 7, "Interleaved rounds over every variant and PyT
 flags.DEFINE_integer("warmup_steps", 2, "Untimed steps before each variant's timed steps in a round.")
 flags.DEFINE_integer("timed_steps", 5, "Timed steps per variant and round (their median counts).")
 flags.DEFINE_list("variants", ["plain", BASELINE, "weight_grad_matmul", "patch_layout", "ynn_eltwise"],
-                  "Step variants to time: plain, cpu_tuned and the leads of cnnjax.bench.cpu_leads.")
+                  "Step variants to time: plain, cpu_tuned and the leads of cnnjax.lab.bench.cpu_leads.")
 flags.DEFINE_bool("torch", True, "Time the PyTorch twin in the same rounds.")
 FLAGS = flags.FLAGS
 
@@ -57,7 +57,7 @@ def compile_variant(variant: str, workdir: str):
   import jax  # pylint: disable=import-outside-toplevel
 
   from cnnjax import train  # pylint: disable=import-outside-toplevel
-  from cnnjax.bench import cpu_leads, harness, timing  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import cpu_leads, harness, timing  # pylint: disable=import-outside-toplevel
   from cnnjax.nn import lowering  # pylint: disable=import-outside-toplevel
   config = harness.case_config(harness.Case(**CASE), workdir)
   config.model.lowering = variant if variant in (lowering.PLAIN, lowering.CPU_TUNED) else lowering.CPU_TUNED
@@ -99,7 +99,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from cnnjax.bench import harness  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import harness  # pylint: disable=import-outside-toplevel
   if BASELINE not in FLAGS.variants:
     raise app.UsageError(f"--variants must include the baseline {BASELINE}")
   batch_size = CASE["batch"]
@@ -178,7 +178,7 @@ def main(argv):
 
 def with_allocator_env() -> None:
   """Re-executes this script with the harness's glibc settings unless they are already set."""
-  from cnnjax.bench.harness import ALLOCATOR_ENV  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench.harness import ALLOCATOR_ENV  # pylint: disable=import-outside-toplevel
   if any(os.environ.get(key) != value for key, value in ALLOCATOR_ENV.items()):
     os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **ALLOCATOR_ENV})
 

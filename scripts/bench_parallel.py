@@ -13,7 +13,7 @@ Cost: about a minute on 2 CPU cores with 8 simulated devices.
 in XLA_FLAGS wins): on a CPU host, 8 "devices" share its cores, so the numbers
 measure the strategies' overheads, not a speed-up. Like scripts/benchmark.py,
 it runs with glibc's allocator told to keep freed memory (re-executing itself
-with `cnnjax.bench.harness.ALLOCATOR_ENV` set).
+with `cnnjax.lab.bench.harness.ALLOCATOR_ENV` set).
 """
 
 import json
@@ -24,7 +24,7 @@ import sys
 from absl import app, flags
 
 from cnnjax import cli
-from cnnjax.bench.harness import ALLOCATOR_ENV, SIMULATED_DEVICES, STRATEGIES
+from cnnjax.lab.bench.harness import ALLOCATOR_ENV, SIMULATED_DEVICES, STRATEGIES
 
 flags.DEFINE_string("json", None, "Where to write the results.")
 flags.DEFINE_integer("simulate_devices", SIMULATED_DEVICES, "CPU devices to start with; must divide --batch.")
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
 
   import jax  # pylint: disable=import-outside-toplevel  (after XLA_FLAGS)
   from cnnjax import config as config_lib, train
-  from cnnjax.bench import timing  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import timing  # pylint: disable=import-outside-toplevel
 
   results = []
   for strategy in strategies:

@@ -11,7 +11,7 @@ derived from it, the cores that ResNet-50's 3,000 images/s on one H100 would nee
 Cost: about 8 minutes on 2 CPU cores (every setting 3 times, each starting its workers afresh).
 
 The data is a synthetic `imagenet2012` written as a real TFDS ArrayRecord dataset of ImageNet-sized
-JPEGs (`cnnjax.bench.datasets.prepare_imagenet_jpeg`); what it holds is in the JSON. Settings are measured
+JPEGs (`cnnjax.lab.bench.datasets.prepare_imagenet_jpeg`); what it holds is in the JSON. Settings are measured
 in interleaved rounds, so that a noisy neighbour slows all of them alike; every round, the load of the
 machine while it ran, the command, the commit and the machine are recorded.
 """
@@ -63,7 +63,7 @@ def parse_setting(text: str) -> tuple[int, int]:
 def measure_all(root: str) -> dict:
   from cnnjax import config as config_lib  # pylint: disable=import-outside-toplevel
   from cnnjax import train  # pylint: disable=import-outside-toplevel
-  from cnnjax.bench import datasets, harness, pipeline  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import datasets, harness, pipeline  # pylint: disable=import-outside-toplevel
   settings = [parse_setting(text) for text in FLAGS.settings]
   config = datasets.pipeline_config("imagenet_jpeg", batch=FLAGS.batch, image_size=config_lib.IMAGENET_IMAGE_SIZE,
                                     root=root, num_examples=FLAGS.examples)

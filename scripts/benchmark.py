@@ -27,7 +27,7 @@ import sys
 from absl import app, flags
 
 from cnnjax import cli
-from cnnjax.bench import harness
+from cnnjax.lab.bench import harness
 
 # Timed steps per case when --timed_steps is not given.
 QUICK_TIMED_STEPS, FULL_TIMED_STEPS = 5, 10

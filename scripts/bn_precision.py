@@ -14,7 +14,7 @@ Cost: a few seconds on a CPU.
 import argparse
 import json
 
-from cnnjax.bench import bn_precision
+from cnnjax.lab.bench import bn_precision
 
 
 def main() -> None:

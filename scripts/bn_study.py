@@ -58,7 +58,7 @@ def main(argv):
   # Its experiments spread batches over up to 8 devices: asked for explicitly, so bn_sync=local means each
   # of them.
   cli.configure_host_devices(SIMULATED_DEVICES if FLAGS.simulate_devices == -1 else FLAGS.simulate_devices, None)
-  from cnnjax import study  # pylint: disable=import-outside-toplevel  (JAX after XLA_FLAGS)
+  from cnnjax.lab import bn_study as study  # pylint: disable=import-outside-toplevel  (JAX after XLA_FLAGS)
 
   def go():
     if FLAGS.readme:

@@ -1,7 +1,7 @@
 """Deep image prior denoising of a real sample photo: a random U-Net fitted to the noisy photo.
 
 PSNR of the network's output against the clean photo (never seen by the fit)
-over the iterations, against the noisy photo's own PSNR (cnnjax.analysis.image_prior).
+over the iterations, against the noisy photo's own PSNR (cnnjax.lab.notes.image_prior).
 
 Command:
   python scripts/deep_image_prior.py --workdir=/tmp/cnnjax/deep_image_prior
@@ -32,7 +32,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   cli.configure_logging()
-  from cnnjax.analysis import image_prior  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.notes import image_prior  # pylint: disable=import-outside-toplevel
   features = tuple(int(width) for width in FLAGS.features)
   factor = 2 ** (len(features) - 1)
   if FLAGS.size % factor:

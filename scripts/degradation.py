@@ -1,6 +1,6 @@
 """The degradation problem: training loss of plain-20/56 against ResNet-20/56 at small scale, plotted.
 
-Four runs of `cnnjax.train.run` with one recipe (cnnjax.analysis.depth_study):
+Four runs of `cnnjax.train.run` with one recipe (cnnjax.lab.notes.depth_study):
 the plain networks are ResNet-20/56 without their shortcuts, so any gap between
 plain and residual at equal depth is the shortcuts' doing.
 
@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   cli.configure_logging()
-  from cnnjax.analysis import depth_study, shift_study  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.notes import depth_study, shift_study  # pylint: disable=import-outside-toplevel
   results = cli.run_reporting_errors(
       lambda: depth_study.run_study(FLAGS.workdir, models=FLAGS.models, steps=FLAGS.steps))
   for model, result in results.items():

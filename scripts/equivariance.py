@@ -2,10 +2,10 @@
 
 1. Convolution stacks (3 layers, random weights): relative error of
    f(shift(x)) against shift(f(x)) for circular and zero ('same') padding,
-   stride 1 and 2, shifts of 1-4 pixels (cnnjax.analysis.equivariance).
+   stride 1 and 2, shifts of 1-4 pixels (cnnjax.lab.notes.equivariance).
 2. Classifiers trained on centred 32x32 digits, tested on digits shifted by
    0-8 pixels: simple_cnn without pooling, with 2x2 max pooling, and with
-   global average pooling (cnnjax.analysis.shift_study).
+   global average pooling (cnnjax.lab.notes.shift_study).
 
 Command:
   python scripts/equivariance.py --workdir=/tmp/cnnjax/shifted_digits
@@ -44,7 +44,7 @@ LABELS = ("no pooling + flatten", "max pooling + flatten", "max pooling + global
 def main(argv):
   del argv
   cli.configure_logging()
-  from cnnjax.analysis import equivariance, shift_study  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.notes import equivariance, shift_study  # pylint: disable=import-outside-toplevel
   chosen = cli.run_reporting_errors(lambda: shift_study.choose(LABELS, FLAGS.variants))
   rows = equivariance.measure()
   print(equivariance.format_rows(rows))

@@ -1,5 +1,5 @@
 """Applies the notes' fixed kernels (identity, two edge detectors, sharpen, box blur, 3x3 and 5x5 Gaussian
-blur) to a real photo and saves the results side by side (cnnjax.analysis.filters).
+blur) to a real photo and saves the results side by side (cnnjax.lab.notes.filters).
 
 Command:
   python scripts/filter_bank.py --workdir=/tmp/cnnjax/filter_bank
@@ -27,7 +27,7 @@ PHOTOS = ("china.jpg", "flower.jpg")
 def main(argv):
   del argv
   cli.configure_logging()
-  from cnnjax.analysis import filters  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.notes import filters  # pylint: disable=import-outside-toplevel
   if FLAGS.photo not in PHOTOS:
     cli.fail(f"--photo={FLAGS.photo!r} is not a scikit-learn sample photo; choose one of {', '.join(PHOTOS)}")
   os.makedirs(FLAGS.workdir, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The GPU check: cnnjax on one GPU, next to PyTorch, in one JSON file and a log (cnnjax.bench.gpu_check).
+"""The GPU check: cnnjax on one GPU, next to PyTorch, in one JSON file and a log (cnnjax.lab.bench.gpu_check).
 
 Command (on the GPU machine, through scripts/gpu_check.sh, which installs the
 carried wheels first):
@@ -14,7 +14,7 @@ so in the JSON); --dry_run, tiny sizes on any host: about 2 minutes on 2 CPU cor
 
 import argparse
 
-from cnnjax.bench import gpu_check
+from cnnjax.lab.bench import gpu_check
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (scripts/gpu_check.py, cnnjax.bench.gpu_check), runnable without network.
+# The GPU check (scripts/gpu_check.py, cnnjax.lab.bench.gpu_check), runnable without network.
 #
 # On a machine with network, once (about 12 MB of wheels into .whl/, which git ignores):
 #   bash scripts/gpu_check.sh fetch

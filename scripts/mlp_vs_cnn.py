@@ -1,7 +1,7 @@
 """MLP against CNNs on the same data: parameter counts, accuracy, and accuracy on shifted test images.
 
 All three train on centred 32x32 digits with the same recipe and no
-augmentation (cnnjax.analysis.shift_study): the notes' MLP (flatten, one hidden
+augmentation (cnnjax.lab.notes.shift_study): the notes' MLP (flatten, one hidden
 layer of 128 units), simple_cnn (two conv + max-pool stages, flatten, dense),
 and simple_cnn with global average pooling instead of flatten. The notes'
 32x32x3 parameter scenario is printed too: one hidden layer of 128 units costs
@@ -42,7 +42,8 @@ LABELS = ("MLP (128 hidden)", "max pooling + flatten", "max pooling + global ave
 def main(argv):
   del argv
   cli.configure_logging()
-  from cnnjax.analysis import conv_params, dense_params, shift_study  # pylint: disable=import-outside-toplevel
+  from cnnjax.analysis import conv_params, dense_params
+  from cnnjax.lab.notes import shift_study  # pylint: disable=import-outside-toplevel
   chosen = cli.run_reporting_errors(lambda: shift_study.choose(LABELS, FLAGS.variants))
   scenario = {"mlp_hidden_layer": dense_params(SCENARIO_PIXELS, shift_study.MLP_HIDDEN),
               "conv_layer": conv_params(3, SCENARIO_FILTERS, SCENARIO_KERNEL)}

@@ -25,7 +25,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   cli.configure_logging()
-  from cnnjax.analysis.trained import restore_run, segmentation_scores  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.notes.trained import restore_run, segmentation_scores  # pylint: disable=import-outside-toplevel
   scores = cli.run_reporting_errors(lambda: segmentation_scores(*restore_run(FLAGS.config, FLAGS.workdir)))
   print(json.dumps(scores, indent=2))
 

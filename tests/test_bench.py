@@ -14,7 +14,7 @@ import os
 import pytest
 
 from cnnjax import config as config_lib
-from cnnjax.bench import harness
+from cnnjax.lab.bench import harness
 from helpers import REPO_ROOT, run_cli
 
 BENCH_PIPELINE = os.path.join(REPO_ROOT, "scripts", "bench_pipeline.py")

@@ -19,10 +19,11 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax import study, train
+from cnnjax import train
+from cnnjax.lab import bn_study as study
 from cnnjax.errors import ConfigError
-from cnnjax.study import probes
-from cnnjax.study.plan import Context
+from cnnjax.lab.bn_study import probes
+from cnnjax.lab.bn_study.plan import Context
 from helpers import EXPERIMENTS, REPO_ROOT, run_cli
 
 DEVICES = 8

@@ -1,4 +1,4 @@
-"""The measured CPU leads (cnnjax.bench.cpu_leads): each candidate computes XLA's convolution, its gradient and
+"""The measured CPU leads (cnnjax.lab.bench.cpu_leads): each candidate computes XLA's convolution, its gradient and
 its forward-mode derivative; swapping a candidate in is scoped to tracing inside the block; the compiler-option
 lead compiles and computes the same step. Their speed is measured by scripts/bench_cpu_leads.py, never here."""
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax.bench import cpu_leads
+from cnnjax.lab.bench import cpu_leads
 from cnnjax.models import build_model
 from cnnjax.nn import lowering
 from model_helpers import quick_variables

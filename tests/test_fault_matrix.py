@@ -314,7 +314,7 @@ def test_sigterm_stops_a_sweep_whose_rerun_completes_every_trial_exactly_once(tm
 
 
 def test_a_requested_stop_ends_the_bn_study_before_it_trains(tmp_path, tfds_data_dir):
-  from cnnjax import study  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab import bn_study as study  # pylint: disable=import-outside-toplevel
   preemption = Preemption()
   preemption.signum = signal.SIGTERM
   with pytest.raises(Preempted, match="stopped by SIGTERM"):
@@ -823,7 +823,7 @@ def test_summarizing_a_sweep_that_is_not_there_is_a_one_line_error(tmp_path):
 
 
 def test_a_damaged_study_probe_is_set_aside_and_measured_again(tmp_path, caplog):
-  from cnnjax import study  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab import bn_study as study  # pylint: disable=import-outside-toplevel
   ctx = study.Context(str(tmp_path), study.SCALES["tiny"], EXPERIMENTS)
   path = ctx.probe_path("ensemble", "member_vs_solo")
   os.makedirs(os.path.dirname(path))
@@ -835,7 +835,7 @@ def test_a_damaged_study_probe_is_set_aside_and_measured_again(tmp_path, caplog)
 
 
 def test_the_confused_population_stops_on_a_preemption(tfds_data_dir):
-  from cnnjax.study import ensembles  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bn_study import ensembles  # pylint: disable=import-outside-toplevel
   stop = Preemption()
   stop.signum = signal.SIGTERM
   with pytest.raises(Preempted):

@@ -1,4 +1,4 @@
-"""The GPU check (scripts/gpu_check.sh, cnnjax.bench.gpu_check): its dry run on CPU writes every field of the
+"""The GPU check (scripts/gpu_check.sh, cnnjax.lab.bench.gpu_check): its dry run on CPU writes every field of the
 JSON and the log; a budget too small for any section still writes them all, each saying why it is empty; the
 issue's goals are read off the throughput correctly."""
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cnnjax.bench import gpu_check
+from cnnjax.lab.bench import gpu_check
 from helpers import REPO_ROOT, SUBPROCESS_TIMEOUT
 
 THROUGHPUT_FIELDS = ("model", "batch", "image_size", "dtype", "strategy", "jax", "torch_eager", "torch_compiled",

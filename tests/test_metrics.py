@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from cnnjax import metrics, train
-from cnnjax.analysis import trained
+from cnnjax.lab.notes import trained
 from cnnjax.errors import ConfigError
 from cnnjax.sweep import load_trials, run_sweep
 from helpers import EXPERIMENTS, experiment_config, read_jsonl, tiny

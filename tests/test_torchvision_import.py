@@ -2,7 +2,7 @@
 classifier replacement, and a fine-tune step from imported weights.
 
 torchvision itself is not needed (its wheel does not import beside the CPU
-PyTorch here): the twins in `cnnjax/bench/torch_models.py` carry torchvision's
+PyTorch here): the twins in `cnnjax/lab/bench/torch_models.py` carry torchvision's
 module names, so their state dicts have the keys and shapes of torchvision's
 weight files. PyTorch is part of the `test` extra; without it this module fails
 to import rather than being skipped.
@@ -21,7 +21,7 @@ import torch
 from safetensors.numpy import save_file
 
 from cnnjax import train
-from cnnjax.bench import harness, torch_models
+from cnnjax.lab.bench import harness, torch_models
 from cnnjax.errors import CheckpointError, ConfigError
 from cnnjax.models import build_model
 from cnnjax.models import torchvision_import as tvi

@@ -1,6 +1,5 @@
-"""CNN arithmetic and measurements: output sizes, parameters, multiply-accumulates, receptive fields,
-per-layer profiles of any model, and the studies of the notes' claims (equivariance, MLP vs CNN,
-plain vs residual depth, the fixed filter bank, deep image prior)."""
+"""CNN arithmetic and measurements: output sizes, parameters, multiply-accumulates, receptive fields and
+per-layer profiles of any model (the notes' studies that use them live in `cnnjax.lab.notes`)."""
 
 from cnnjax.analysis.arithmetic import (conv_macs, conv_output_size, conv_params, dense_params, pool_output_size,
                                         same_padding)

@@ -8,7 +8,7 @@ which calls `run`. Within `budget_seconds` it measures, in this order:
    224x224x3, bfloat16, and ResNet-20 at batch 512, 32x32x3, bfloat16: the
    cnnjax train step (strategy none; median of the timed steps after warm-up,
    compile time, peak device memory) next to its PyTorch twin on the same GPU
-   (`cnnjax.bench.torch_models`: bf16 autocast, channels_last, SGD with
+   (`cnnjax.lab.bench.torch_models`: bf16 autocast, channels_last, SGD with
    momentum), eager and under torch.compile (where it works; its first step,
    compilation included, and peak memory), with the ratios and the issue's goals;
 3. the GPU subset of the tests on the GPU (`GPU_TESTS`: the lowerings,
@@ -53,9 +53,9 @@ import xml.etree.ElementTree as ElementTree
 from typing import Any
 
 # The harness imports JAX and cnnjax only inside its functions: the parent process never starts JAX.
-from cnnjax.bench import harness
+from cnnjax.lab.bench import harness
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 # Under 8 minutes with the wheels' installation (scripts/gpu_check.sh): the device lease's per-command
 # limit is 10.
 DEFAULT_BUDGET_SECONDS = 420
@@ -69,7 +69,7 @@ PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12
             "orbax-checkpoint", "numpy", "ml-dtypes", "torch", "triton", "grain", "tensorflow-datasets",
             "array-record", "ml-collections", "protobuf", "pytest", "pytest-xdist")
 # On the GPU: one device is enough for each of these (node ids or files under tests/).
-GPU_TESTS = ("tests/test_lowering.py", "tests/test_nn.py", "tests/test_precision.py",
+GPU_TESTS = ("tests/test_lowering.py", "tests/test_norm.py", "tests/test_precision.py",
              "tests/test_reliability.py::test_sigkill_anywhere_then_resume_is_bit_identical",
              "tests/test_reliability.py::test_unreadable_latest_checkpoint_is_reported_skipped_and_kept")
 # The GPU subset's -k filter: the SIGKILL test's pmap case needs several devices.
@@ -187,14 +187,14 @@ def _last_line(output: str) -> str:
 
 
 def _child_record(check: Check, title: str, section: str, spec: dict[str, Any]) -> dict[str, Any]:
-  """Runs `spec` in a child (`python -m cnnjax.bench.gpu_check --child=...`) and returns its record."""
+  """Runs `spec` in a child (`python -m cnnjax.lab.bench.gpu_check --child=...`) and returns its record."""
   timeout = check.timeout_for(section)
   if timeout is None:
     return {"status": "skipped: the budget ran out"}
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "record.json")
     env = _child_env(**(harness.ALLOCATOR_ENV if spec["what"] == "jax" else {}))
-    result = check.run(title, [sys.executable, "-m", "cnnjax.bench.gpu_check", f"--child={json.dumps(spec)}",
+    result = check.run(title, [sys.executable, "-m", "cnnjax.lab.bench.gpu_check", f"--child={json.dumps(spec)}",
                                f"--out={out}"], timeout, env)
     if result["timed_out"]:
       return {"status": f"timed out after {timeout:.0f} s"}
@@ -241,7 +241,7 @@ def throughput_cases(sizes: Sizes) -> list[dict[str, Any]]:
 
 
 def jax_record(spec: dict[str, Any]) -> dict[str, Any]:
-  """In a child: the cnnjax train step of a case on one device (`cnnjax.bench.harness.run_case`)."""
+  """In a child: the cnnjax train step of a case on one device (`cnnjax.lab.bench.harness.run_case`)."""
   case = harness.Case(model=spec["model"], batch=spec["batch"], image_size=spec["image_size"],
                       channels=spec["channels"], num_classes=spec["num_classes"], strategy="none",
                       dtype=spec["dtype"], input_kind=spec["input_kind"])
@@ -250,7 +250,7 @@ def jax_record(spec: dict[str, Any]) -> dict[str, Any]:
 
 def torch_record(spec: dict[str, Any]) -> dict[str, Any]:
   """In a child: the PyTorch twin's train step, bf16 autocast and channels_last, eager or compiled."""
-  from cnnjax.bench import torch_models  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import torch_models  # pylint: disable=import-outside-toplevel
   return torch_models.time_train_step(
       spec["model"], batch=spec["batch"], input_shape=(spec["image_size"], spec["image_size"], spec["channels"]),
       num_classes=spec["num_classes"], channels_last=True, threads=os.cpu_count(),

@@ -25,9 +25,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cnnjax import metrics as metrics_lib
 from cnnjax.errors import ConfigError
-from cnnjax.study import (ensembles, ghost_batch, per_device_batch, report, sync_vs_devices, train_vs_eval,
+from cnnjax.lab.bn_study import (ensembles, ghost_batch, per_device_batch, report, sync_vs_devices, train_vs_eval,
                           vmap_leakage)
-from cnnjax.study.plan import SCALES, Context, Scale, Task
+from cnnjax.lab.bn_study.plan import SCALES, Context, Scale, Task
 from cnnjax.sweep import write_results
 from cnnjax.train.preemption import Preemption
 from cnnjax.train.rundir import DAMAGED_DIR, read_json_object

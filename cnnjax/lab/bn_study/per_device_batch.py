@@ -14,8 +14,8 @@ import os
 from typing import Any
 
 from cnnjax.nn import BATCH_NORM_KINDS
-from cnnjax.study import report
-from cnnjax.study.plan import Context, Task, group_record, population_task
+from cnnjax.lab.bn_study import report
+from cnnjax.lab.bn_study.plan import Context, Task, group_record, population_task
 
 KEY = "per_device_batch"
 EXPERIMENT_FILE = "bn_per_device_batch.py"

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from cnnjax.analysis.trained import predictor, restore_run
+from cnnjax.lab.notes.trained import predictor, restore_run
 from cnnjax.config import base_config
 from cnnjax.data import open_dataset
 from cnnjax.errors import ConfigError

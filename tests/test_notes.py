@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cnnjax import train
-from cnnjax.analysis import equivariance, filters, shift_study
-from cnnjax.analysis.trained import restore_run, segmentation_scores
+from cnnjax.lab.notes import equivariance, filters, shift_study
+from cnnjax.lab.notes.trained import restore_run, segmentation_scores
 from helpers import experiment_config, run_cli, tiny
 
 def test_convolution_is_equivariant_exactly_where_the_notes_say():

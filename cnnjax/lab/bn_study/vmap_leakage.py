@@ -12,8 +12,8 @@ import os
 from typing import Any
 
 from cnnjax import train
-from cnnjax.study import probes, report
-from cnnjax.study.plan import FINISHED, MISSING, Context, SeedGroup, Task, group_record, train_task
+from cnnjax.lab.bn_study import probes, report
+from cnnjax.lab.bn_study.plan import FINISHED, MISSING, Context, SeedGroup, Task, group_record, train_task
 
 KEY = "vmap_leakage"
 EXPERIMENT_FILE = "bn_vmap_leakage.py"

@@ -14,8 +14,8 @@ import os
 from typing import Any
 
 from cnnjax import train
-from cnnjax.study import probes, report
-from cnnjax.study.plan import FINISHED, Context, Task, TrialPlan, group_record, seed_groups, train_task
+from cnnjax.lab.bn_study import probes, report
+from cnnjax.lab.bn_study.plan import FINISHED, Context, Task, TrialPlan, group_record, seed_groups, train_task
 
 KEY = "sync_vs_devices"
 EXPERIMENT_FILE = "bn_sync_vs_devices.py"

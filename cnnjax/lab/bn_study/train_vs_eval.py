@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from cnnjax import train
-from cnnjax.study import probes, report
-from cnnjax.study.plan import FINISHED, Context, Task, TrialPlan, group_record, seed_statistics, train_task
+from cnnjax.lab.bn_study import probes, report
+from cnnjax.lab.bn_study.plan import FINISHED, Context, Task, TrialPlan, group_record, seed_statistics, train_task
 
 KEY = "train_vs_eval"
 EXPERIMENT_FILE = "bn_train_vs_eval.py"

@@ -14,7 +14,7 @@ break the symmetry:
   is large everywhere (the subsampling aliases).
 
 The classifier-level counterpart (does the predicted class survive a shift,
-with and without pooling) is `cnnjax.analysis.shift_study`.
+with and without pooling) is `cnnjax.lab.notes.shift_study`.
 """
 
 from __future__ import annotations

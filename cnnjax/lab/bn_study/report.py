@@ -22,7 +22,7 @@ import jax
 
 from cnnjax import metrics as metrics_lib
 from cnnjax.errors import ConfigError
-from cnnjax.study.plan import FINISHED, MISSING, Context
+from cnnjax.lab.bn_study.plan import FINISHED, MISSING, Context
 from cnnjax.sweep.results import CONFIDENCE_QUANTILE, mean_interval
 
 RESULTS_FILE = "results.json"
@@ -97,7 +97,7 @@ def monotone(values: Sequence[float]) -> str | None:
 
 
 # -- seeds -----------------------------------------------------------------------------------------
-# Every configuration runs with several seeds (`cnnjax.study.plan.group_record`): a record's metric is the
+# Every configuration runs with several seeds (`cnnjax.lab.bn_study.plan.group_record`): a record's metric is the
 # mean over them, with `<metric>_std`, `<metric>_ci95` (the 95% interval's half-width) and `<metric>_seeds`.
 # Two configurations differ *beyond the seed spread* when the 95% interval of the difference of their means
 # (Welch's t) excludes 0; anything else is no evidence of an effect, and the readings say so.
@@ -270,7 +270,7 @@ def machine() -> dict[str, Any]:
 
 def write_report(ctx: Context, experiments: Sequence[Any], run_info: dict[str, Any]) -> dict[str, Any]:
   """Writes results.json, report.md and each experiment's plot into the study's workdir; returns the
-  results. `experiments` are the study's experiment modules (see `cnnjax.study.study`)."""
+  results. `experiments` are the study's experiment modules (see `cnnjax.lab.bn_study.study`)."""
   os.makedirs(ctx.workdir, exist_ok=True)
   results: dict[str, Any] = {}
   for experiment in experiments:

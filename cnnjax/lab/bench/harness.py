@@ -1,7 +1,7 @@
 """The benchmark harness behind `scripts/benchmark.py`: cases, the PyTorch reference, the input pipeline.
 
 Each case (model x batch x strategy x dtype) runs in its own child process
-(`python -m cnnjax.bench.harness --case=...`), so that its peak memory is its
+(`python -m cnnjax.lab.bench.harness --case=...`), so that its peak memory is its
 own, single-device cases get a plain one-device JAX (all host cores), and
 multi-device cases get 8 simulated devices. In the child the cnnjax train step
 is compiled and timed on a fixed batch (median of the timed steps after warm-up,
@@ -133,7 +133,7 @@ def run_case(case: Case, *, warmup_steps: int, timed_steps: int) -> dict[str, An
   import jax  # pylint: disable=import-outside-toplevel
 
   from cnnjax import train  # pylint: disable=import-outside-toplevel
-  from cnnjax.bench import timing  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import timing  # pylint: disable=import-outside-toplevel
   from cnnjax.train.state import count_params  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as workdir:
     exp = train.build(case_config(case, workdir))
@@ -152,7 +152,7 @@ def run_case(case: Case, *, warmup_steps: int, timed_steps: int) -> dict[str, An
 def run_torch_reference(case: Case, *, warmup_steps: int, timed_steps: int) -> dict[str, Any]:
   """Times the case's PyTorch twin in this process (a child of the harness), eager and channels_last."""
   try:
-    from cnnjax.bench import torch_models  # pylint: disable=import-outside-toplevel
+    from cnnjax.lab.bench import torch_models  # pylint: disable=import-outside-toplevel
   except ImportError:
     return {"torch_reference": "not installed (pip install '.[torch]')"}
   results = {}
@@ -174,7 +174,7 @@ def run_in_child(case: Case, *, what: str, warmup_steps: int, timed_steps: int) 
     out = os.path.join(tmp, "case.json")
     env = {**os.environ, **ALLOCATOR_ENV,
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={case.devices}"}
-    command = [sys.executable, "-m", "cnnjax.bench.harness", f"--case={json.dumps(dataclasses.asdict(case))}",
+    command = [sys.executable, "-m", "cnnjax.lab.bench.harness", f"--case={json.dumps(dataclasses.asdict(case))}",
                f"--what={what}", f"--out={out}", f"--warmup_steps={warmup_steps}", f"--timed_steps={timed_steps}"]
     result = subprocess.run(command, check=False, env=env, capture_output=True, text=True,
                             timeout=CASE_TIMEOUT_SECONDS)
@@ -194,8 +194,8 @@ def _last_error(stderr: str) -> str:
 def pipeline_throughput(kind: str, batch: int, image_size: int, data_root: str) -> float:
   """Images per second of the real host pipeline (decode, augment, batch) for an input kind."""
   from cnnjax import train  # pylint: disable=import-outside-toplevel
-  from cnnjax.bench import pipeline  # pylint: disable=import-outside-toplevel
-  from cnnjax.bench.datasets import pipeline_config  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import pipeline  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench.datasets import pipeline_config  # pylint: disable=import-outside-toplevel
   config = pipeline_config(kind, batch=batch, image_size=image_size, root=data_root,
                            num_examples=PIPELINE_EXAMPLES)
   record = pipeline.measure(train.build(config).train_batches(), batch, warmup_batches=PIPELINE_WARMUP_BATCHES,
@@ -218,7 +218,7 @@ def machine() -> dict[str, Any]:
 def benchmark(case_list: list[Case], *, quick: bool, torch_reference: bool, warmup_steps: int, timed_steps: int,
               progress: Any = print) -> dict[str, Any]:
   """Runs the cases (see `cases`), their PyTorch references and input pipelines; returns the JSON payload."""
-  from cnnjax.bench import timing  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import timing  # pylint: disable=import-outside-toplevel
   peak = timing.peak_matmul_flops_per_second()
   progress(f"float32 matmul peak: {peak / 1e9:.0f} GFLOP/s")
   records, pipelines, references = [], {}, {}

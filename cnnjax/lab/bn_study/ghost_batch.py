@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cnnjax.study import report
-from cnnjax.study.plan import Context, Task, group_record, train_task
+from cnnjax.lab.bn_study import report
+from cnnjax.lab.bn_study.plan import Context, Task, group_record, train_task
 
 KEY = "ghost_batch"
 EXPERIMENT_FILE = "bn_ghost_batch.py"

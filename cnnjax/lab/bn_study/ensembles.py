@@ -25,8 +25,8 @@ from cnnjax import train
 from cnnjax.errors import NonFiniteError
 from cnnjax.nn import BatchNormGrouping
 from cnnjax.parallel.strategies import device_part
-from cnnjax.study import probes, report
-from cnnjax.study.plan import MISSING, Context, Task, TrialPlan, run_record, seed_statistics, train_task
+from cnnjax.lab.bn_study import probes, report
+from cnnjax.lab.bn_study.plan import MISSING, Context, Task, TrialPlan, run_record, seed_statistics, train_task
 from cnnjax.train import population
 from cnnjax.train.preemption import Preemption
 from cnnjax.train.state import TrainState
