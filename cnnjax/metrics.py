@@ -47,7 +47,7 @@ RECORD_FOOTER = struct.Struct("<I")
 # Numbers the event files this process writes, so that two written in one directory in one second differ.
 _event_file_serial = itertools.count()
 CURVES_FILE = "curves.png"
-CURVES_SIZE_INCHES = (12.0, 3.6)
+CURVES_PANEL_INCHES = (4.0, 3.6)  # each of the three panels: width, height
 CURVES_DPI = 100
 
 
@@ -282,24 +282,40 @@ class MetricsWriter:
     self.events.close()
 
 
-def write_curves(records: Sequence[dict[str, Any]], path: str) -> None:
-  """Loss and accuracy (train and eval) and the learning rate against the step, as one PNG (atomically).
+def figure_row(columns: int, panel_inches: tuple[float, float], title: str = "") -> tuple[Any, list[Any]]:
+  """A figure of `columns` panels side by side, each `panel_inches` (width, height); (figure, axes list).
 
   Matplotlib's object interface with the Agg canvas, not pyplot: a partitioned
-  sweep trains (and draws) in several threads at once, and pyplot's global
-  state is not thread-safe.
+  sweep trains (and draws) in several threads at once, pyplot's global state is
+  not thread-safe, and figures made here need no closing.
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  figure = Figure(figsize=(panel_inches[0] * columns, panel_inches[1]))
+  FigureCanvasAgg(figure)
+  axes = figure.subplots(1, columns, squeeze=False)
+  if title:
+    figure.suptitle(title)
+  return figure, list(axes[0])
+
+
+def save_figure(figure: Any, path: str, dpi: int) -> None:
+  """Lays the figure out and writes it as PNG, atomically (a reader never sees half a file)."""
+  figure.tight_layout()
+  tmp = f"{path}.tmp.png"
+  figure.savefig(tmp, dpi=dpi)
+  os.replace(tmp, path)
+
+
+def write_curves(records: Sequence[dict[str, Any]], path: str) -> None:
+  """Loss and accuracy (train and eval) and the learning rate against the step, as one PNG (atomically)."""
 
   def series(split: str, key: str) -> tuple[list[int], list[float]]:
     points = sorted((int(r["step"]), float(r[key])) for r in records
                     if r.get("split") == split and isinstance(r.get(key), (int, float)) and math.isfinite(r[key]))
     return [p[0] for p in points], [p[1] for p in points]
 
-  figure = Figure(figsize=CURVES_SIZE_INCHES)
-  FigureCanvasAgg(figure)
-  panels = figure.subplots(1, 3)
+  figure, panels = figure_row(3, CURVES_PANEL_INCHES)
   for axes, key, title in ((panels[0], "loss", "loss"), (panels[1], "accuracy", "accuracy")):
     for split, style in (("train", "-"), ("eval", "o-")):
       steps, values = series(split, key)
@@ -313,10 +329,7 @@ def write_curves(records: Sequence[dict[str, Any]], path: str) -> None:
   panels[2].plot(steps, values)
   panels[2].set_title("learning rate")
   panels[2].set_xlabel("step")
-  figure.tight_layout()
-  tmp = f"{path}.tmp.png"
-  figure.savefig(tmp, dpi=CURVES_DPI)
-  os.replace(tmp, path)
+  save_figure(figure, path, CURVES_DPI)
 
 
 class Progress:

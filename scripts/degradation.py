@@ -37,8 +37,8 @@ def main(argv):
   for model, result in results.items():
     print(f"{model}: {result['params']:,} params, final train loss {result['final_train_loss']:.4f}, "
           f"eval accuracy {result['eval_accuracy']:.4f}, {result['wall_seconds']:.0f} s")
-  fig, axes = shift_study.figure(1, "Plain vs residual networks at depth 20 and 56 (8x8 digits)")
-  depth_study.plot_curves(results, axes)
+  fig, (axis,) = shift_study.figure(1, "Plain vs residual networks at depth 20 and 56 (8x8 digits)")
+  depth_study.plot_curves(results, axis)
   shift_study.save(fig, os.path.join(FLAGS.workdir, "degradation.png"))
   with open(os.path.join(FLAGS.workdir, "degradation.json"), "w") as f:
     json.dump(results, f, indent=2)

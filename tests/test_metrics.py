@@ -132,7 +132,7 @@ def test_curves_are_drawn_at_each_eval_and_at_the_end(tmp_path, tfds_data_dir, m
   train.run(lenet_config(eval_every_steps=2), str(workdir))
   assert drawn == [2, 4, 6]
   image = np.asarray(Image.open(workdir / "curves.png"))
-  assert image.shape[:2] == tuple(int(v * metrics.CURVES_DPI) for v in reversed(metrics.CURVES_SIZE_INCHES))
+  assert image.shape[:2] == (int(metrics.CURVES_PANEL_INCHES[1] * metrics.CURVES_DPI), int(3 * metrics.CURVES_PANEL_INCHES[0] * metrics.CURVES_DPI))
   # Lines of both splits are there (train in the first colour, eval in the second).
   assert colour_share(image, TRAIN_COLOUR) > 1e-3 and colour_share(image, EVAL_COLOUR) > 1e-3
 

@@ -221,14 +221,9 @@ def section(title: str, question: str, table_text: str, plot_file: str | None, r
 
 # -- plots ---------------------------------------------------------------------------------------
 
-def figure(columns: int, title: str) -> tuple[Any, Any]:
-  """A row of `columns` panels (matplotlib without a display); the axes as a list."""
-  import matplotlib  # pylint: disable=import-outside-toplevel  (only reports need it)
-  matplotlib.use("Agg")
-  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
-  fig, axes = pyplot.subplots(1, columns, figsize=(PANEL_INCHES[0] * columns, PANEL_INCHES[1]), squeeze=False)
-  fig.suptitle(title)
-  return fig, list(axes[0])
+def figure(columns: int, title: str) -> tuple[Any, list[Any]]:
+  """A row of `columns` panels; the axes as a list."""
+  return metrics_lib.figure_row(columns, PANEL_INCHES, title)
 
 
 def error_bars(axis: Any, xs: Sequence[float], records: Sequence[dict[str, Any]], metric: str, scale: float = 1.0,
@@ -251,10 +246,7 @@ def powers_of_two(panels: Sequence[tuple[Any, str]], xlabel: str, *, legend: boo
 
 def save(fig: Any, path: str) -> str:
   """Writes the figure as PNG; returns the file name relative to the report."""
-  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
-  fig.tight_layout()
-  fig.savefig(path, dpi=PLOT_DPI)
-  pyplot.close(fig)
+  metrics_lib.save_figure(fig, path, PLOT_DPI)
   return os.path.basename(path)
 
 

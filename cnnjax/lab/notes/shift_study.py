@@ -24,14 +24,18 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from cnnjax.lab.notes.trained import predictor, restore_run
+from cnnjax import metrics
 from cnnjax.config import base_config
 from cnnjax.data import open_dataset
-from cnnjax.errors import ConfigError
 from cnnjax.data.sources import read_records
+from cnnjax.errors import ConfigError
+from cnnjax.lab.notes.trained import predictor, restore_run
 from cnnjax.train import count_params
 from cnnjax.train import run as train_run
 
+# Plots: one panel (width, height in inches) and the resolution of the PNG.
+PANEL_INCHES = (5.5, 4.2)
+PLOT_DPI = 120
 CANVAS, UPSAMPLE = 32, 2
 SHIFTS = (0, 1, 2, 4, 6, 8)
 DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # right, left, down, up
@@ -172,18 +176,10 @@ def plot_shift_curves(results: dict[str, dict[str, Any]], accuracy_axis: Any, st
   stability_axis.legend(fontsize=8)
 
 
-def figure(columns: int, title: str) -> tuple[Any, Any]:
-  """A row of `columns` plots (matplotlib without a display)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, columns, figsize=(5.5 * columns, 4.2))
-  fig.suptitle(title)
-  return fig, axes
+def figure(columns: int, title: str) -> tuple[Any, list[Any]]:
+  """A row of `columns` panels; the axes as a list."""
+  return metrics.figure_row(columns, PANEL_INCHES, title)
 
 
 def save(fig: Any, path: str) -> None:
-  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  metrics.save_figure(fig, path, PLOT_DPI)
