@@ -121,9 +121,8 @@ def main(argv):
   else:
     with tempfile.TemporaryDirectory(prefix="cnnjax-pipeline-") as root:
       payload = measure_all(root)
-  for name, values in payload["settings"].items():
-    print(f"{name}: {values['images_per_second']:6.1f} img/s (x{values.get('over_one_thread', 1.0):.2f}), "
-          f"{values['cpu_seconds_per_image'] * 1e3:.2f} CPU ms per image")
+  from cnnjax.lab.bench import pipeline  # pylint: disable=import-outside-toplevel
+  print(pipeline.markdown_table(dict(sorted(payload["settings"].items()))))  # the table docs/performance.md quotes
   derived = payload["derived"]
   print(f"one core: {derived['images_per_second_per_core']:.0f} img/s; derived: {derived['cores_for_target']:.1f} "
         f"cores for {TARGET_IMAGES_PER_SECOND} img/s")

@@ -101,3 +101,21 @@ def measure(batches: Any, batch_size: int, *, warmup_batches: int, min_batches: 
           "timed_batches": count, "timed_seconds": wall, "first_batch_seconds": first_batch_seconds,
           "shared_memory_peak_bytes": shared_peak, "other_busy_cores": others,
           "load_average_before": load_before, "load_average_after": load_after}
+
+
+def setting_label(name: str) -> str:
+  """'0x2' -> '2 threads', '2x1' -> '2 worker processes' (WxT: W workers of T threads; W=0: in-process)."""
+  workers, threads = (int(part) for part in name.split("x"))
+  if workers == 0:
+    return f"{threads} thread{'s' if threads > 1 else ''}"
+  each = f" of {threads} threads" if threads > 1 else ""
+  return f"{workers} worker process{'es' if workers > 1 else ''}{each}"
+
+
+def markdown_table(settings: dict[str, dict[str, Any]]) -> str:
+  """The table docs/performance.md quotes from a `scripts/bench_pipeline.py` JSON's `settings`."""
+  rows = ["| setting | images/s | x one thread | CPU ms per image |", "|---|---|---|---|"]
+  for name, values in settings.items():
+    rows.append(f"| {setting_label(name)} | {values['images_per_second']:.0f} | "
+                f"{values.get('over_one_thread', 1.0):.2f} | {values['cpu_seconds_per_image'] * 1e3:.2f} |")
+  return "\n".join(rows)
