@@ -202,7 +202,7 @@ def test_a_run_with_workers_is_bit_identical_and_resumes_exactly_after_sigkill_w
 
   with_workers = tmp_path / "workers"
   done = run_cli("cnnjax.main", *RUN, "--config.data.num_workers=2", f"--workdir={with_workers}")
-  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.returncode == 0, done.stderr[:3000] + "\n...\n" + done.stderr[-3000:]
   assert "Traceback" not in done.stderr and "leaked" not in done.stderr, done.stderr[-3000:]
   assert summary(with_workers)["param_checksum"] == summary(reference)["param_checksum"]
   assert summary(with_workers)["eval_accuracy"] == summary(reference)["eval_accuracy"]
