@@ -13,10 +13,8 @@ counts are measured in interleaved rounds, so that a noisy neighbour slows all o
 the JSON records every round, the command, the commit and the machine.
 """
 
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 from absl import app, flags
@@ -35,11 +33,6 @@ flags.DEFINE_integer("warmup_steps", 3, "Untimed steps after compiling.")
 flags.DEFINE_integer("timed_steps", 10, "Timed steps per measurement (their median counts).")
 flags.DEFINE_list("models", [m[0] for m in MODELS], "Models to measure.")
 FLAGS = flags.FLAGS
-
-
-def commit() -> str:
-  result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-  return result.stdout.strip() or "unknown"
 
 
 def main(argv):
@@ -70,15 +63,11 @@ def main(argv):
                       "best_device_count": best}
     print(f"{model}: " + ", ".join(f"{n} devices x{m / medians[1]:.2f}" for n, m in medians.items())
           + f"; best {best}")
-  payload = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "commit": commit(),
-             "machine": harness.machine(), "warmup_steps": FLAGS.warmup_steps, "timed_steps": FLAGS.timed_steps,
+  payload = {**harness.provenance(),
+             "warmup_steps": FLAGS.warmup_steps, "timed_steps": FLAGS.timed_steps,
              "repeats": FLAGS.repeats, "strategy": "none on 1 device, jit on more; bn_sync=global; float32",
              "models": summary}
-  os.makedirs(os.path.dirname(FLAGS.json) or ".", exist_ok=True)
-  with open(FLAGS.json, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  print(f"wrote {FLAGS.json}")
+  harness.write_results(FLAGS.json, payload)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,8 @@ itself with the harness's allocator settings (`cnnjax.lab.bench.harness.ALLOCATO
 the benchmark's children use too.
 """
 
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +43,6 @@ flags.DEFINE_list("variants", ["plain", BASELINE, "weight_grad_matmul", "patch_l
                   "Step variants to time: plain, cpu_tuned and the leads of cnnjax.lab.bench.cpu_leads.")
 flags.DEFINE_bool("torch", True, "Time the PyTorch twin in the same rounds.")
 FLAGS = flags.FLAGS
-
-
-def commit() -> str:
-  result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-  return result.stdout.strip() or "unknown"
 
 
 def compile_variant(variant: str, workdir: str):
@@ -162,18 +155,14 @@ def main(argv):
           + "".join(f", {summary[variant][f'median_ratio_vs_{k}_per_round']:.2f} of {k} (same round)"
                     for k in torch_medians)
           + f"; max |param - cpu_tuned| after one step {differences[variant]:.1e}")
-  payload = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "commit": commit(),
-             "machine": harness.machine(), "case": CASE, "rounds": FLAGS.rounds,
+  payload = {**harness.provenance(),
+             "case": CASE, "rounds": FLAGS.rounds,
              "warmup_steps": FLAGS.warmup_steps, "timed_steps": FLAGS.timed_steps,
              "speed_over_cpu_tuned": "median over rounds of (cpu_tuned step seconds / variant step seconds)",
              "core_seconds_over_cpu_tuned": "median over rounds of (variant core-seconds / cpu_tuned core-seconds)",
              "variants": summary, "torch": {"images_per_second": torch_rounds,
                                             "median_images_per_second": torch_medians}}
-  os.makedirs(os.path.dirname(FLAGS.json) or ".", exist_ok=True)
-  with open(FLAGS.json, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  print(f"wrote {FLAGS.json}")
+  harness.write_results(FLAGS.json, payload)
 
 
 def with_allocator_env() -> None:

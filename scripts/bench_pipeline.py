@@ -18,11 +18,8 @@ machine while it ran, the command, the commit and the machine are recorded.
 
 import copy
 import dataclasses
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 
 from absl import app, flags
@@ -43,11 +40,6 @@ flags.DEFINE_float("seconds", 10.0, "Timed seconds per measurement (at least).")
 flags.DEFINE_integer("examples", 1024, "Synthetic JPEGs in the training split (they repeat, reshuffled).")
 flags.DEFINE_string("data_dir", "", "Where to write (or find) the synthetic dataset; '' : a temporary directory.")
 FLAGS = flags.FLAGS
-
-
-def commit() -> str:
-  result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-  return result.stdout.strip() or "unknown"
 
 
 def parse_setting(text: str) -> tuple[int, int]:
@@ -102,8 +94,8 @@ def measure_all(root: str) -> dict:
   for values in summary.values():
     if baseline:
       values["over_one_thread"] = values["images_per_second"] / baseline
-  return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "commit": commit(),
-          "machine": harness.machine(), "load_average_at_end": os.getloadavg(), "data": data,
+  return {**harness.provenance(),
+          "load_average_at_end": os.getloadavg(), "data": data,
           "pipeline": {"recipe": "resnet50_imagenet: TFDS JPEG decode (PIL), random_resized_crop to 224, flip, "
                                  "normalization, float32 batches", "batch": FLAGS.batch,
                        "prefetch_batches": config.data.prefetch_batches, "seconds_per_measurement": FLAGS.seconds,
@@ -121,16 +113,12 @@ def main(argv):
   else:
     with tempfile.TemporaryDirectory(prefix="cnnjax-pipeline-") as root:
       payload = measure_all(root)
-  from cnnjax.lab.bench import pipeline  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import harness, pipeline  # pylint: disable=import-outside-toplevel
   print(pipeline.markdown_table(dict(sorted(payload["settings"].items()))))  # the table docs/performance.md quotes
   derived = payload["derived"]
   print(f"one core: {derived['images_per_second_per_core']:.0f} img/s; derived: {derived['cores_for_target']:.1f} "
         f"cores for {TARGET_IMAGES_PER_SECOND} img/s")
-  os.makedirs(os.path.dirname(FLAGS.json) or ".", exist_ok=True)
-  with open(FLAGS.json, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  print(f"wrote {FLAGS.json}")
+  harness.write_results(FLAGS.json, payload)
 
 
 if __name__ == "__main__":

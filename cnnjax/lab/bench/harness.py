@@ -203,6 +203,21 @@ def pipeline_throughput(kind: str, batch: int, image_size: int, data_root: str) 
   return record["images_per_second"]
 
 
+def provenance() -> dict[str, Any]:
+  """What every results file records beside its numbers: the command, the git commit and the machine."""
+  result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+  return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+          "commit": result.stdout.strip() or "unknown", "machine": machine()}
+
+
+def write_results(path: str, payload: dict[str, Any]) -> None:
+  """Writes a benchmark's JSON results file (its directory made if needed) and says where."""
+  from cnnjax import metrics  # pylint: disable=import-outside-toplevel
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  metrics.write_json(path, payload)
+  print(f"wrote {path}")
+
+
 def machine() -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
   cpu = platform.processor() or platform.machine()
