@@ -89,10 +89,16 @@ def define_device_flags() -> None:
                        "cnnjax choose (on a CPU host, the count measured fastest for the model when "
                        "parallel.strategy=auto and parallel.num_devices=0; one otherwise). A count already in "
                        "XLA_FLAGS wins. Accelerator hosts are not affected.")
+  flags.DEFINE_bool("deterministic", True,
+                    "On a GPU, XLA's deterministic kernels (--xla_gpu_deterministic_ops), so that reruns and "
+                    "resumes are bit-identical; --nodeterministic takes the fastest kernels instead. CPUs are "
+                    "deterministic either way. A value already in XLA_FLAGS wins.")
 
 
-def configure_host_devices(simulate_devices: int, config: Any, *, sweep: bool = False) -> Any:
-  """Sets the CPU device count before JAX starts (see `cnnjax.parallel.host_devices`); returns what it is.
+def configure_host_devices(simulate_devices: int, config: Any, *, sweep: bool = False,
+                           deterministic: bool = True) -> Any:
+  """Sets the CPU device count and GPU determinism before JAX starts (see `cnnjax.parallel.host_devices`);
+  returns what they are.
   `config` (a run's; None for other tools) says whether the run leaves its devices to cnnjax, and for
   which model; a sweep spreads its trials over `SWEEP_CPU_DEVICES`."""
   from cnnjax.parallel import host_devices  # pylint: disable=import-outside-toplevel
@@ -103,7 +109,8 @@ def configure_host_devices(simulate_devices: int, config: Any, *, sweep: bool = 
     leaves, model = False, ""  # not a cnnjax config: validation names the problem once JAX is up
   try:
     return host_devices.configure(simulate_devices, leaves_devices_to_cnnjax=leaves, model=model,
-                                  automatic_count=host_devices.SWEEP_CPU_DEVICES if sweep else None)
+                                  automatic_count=host_devices.SWEEP_CPU_DEVICES if sweep else None,
+                                  deterministic_gpu=deterministic)
   except ValueError as e:
     fail(str(e))
 
@@ -167,10 +174,10 @@ def stop_at_once(message: str) -> None:
 
 
 def run_training(config: Any, workdir: str, distributed: dict[str, Any], *, fresh: bool = False,
-                 simulate_devices: int = -1) -> dict[str, Any]:
+                 simulate_devices: int = -1, deterministic: bool = True) -> dict[str, Any]:
   """Sets the CPU devices, starts jax.distributed if asked, trains, and prints the final numbers."""
   configure_logging()
-  host = configure_host_devices(simulate_devices, config)
+  host = configure_host_devices(simulate_devices, config, deterministic=deterministic)
   from cnnjax.parallel import distributed as distributed_lib  # pylint: disable=import-outside-toplevel
   from cnnjax.train import Preemption, run  # pylint: disable=import-outside-toplevel  (jax after flags)
   from cnnjax.train.rundir import check_workdir  # pylint: disable=import-outside-toplevel

@@ -25,7 +25,7 @@ cli.define_device_flags()
 def main(argv: list[str]) -> None:
   del argv
   cli.run_training(FLAGS.config, FLAGS.workdir, cli.distributed_flags(FLAGS), fresh=FLAGS.fresh,
-                   simulate_devices=FLAGS.simulate_devices)
+                   simulate_devices=FLAGS.simulate_devices, deterministic=FLAGS.deterministic)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def main(argv):
   cli.configure_logging()
   # Its experiments spread batches over up to 8 devices: asked for explicitly, so bn_sync=local means each
   # of them.
-  cli.configure_host_devices(SIMULATED_DEVICES if FLAGS.simulate_devices == -1 else FLAGS.simulate_devices, None)
+  cli.configure_host_devices(SIMULATED_DEVICES if FLAGS.simulate_devices == -1 else FLAGS.simulate_devices, None,
+                             deterministic=FLAGS.deterministic)
   from cnnjax.lab import bn_study as study  # pylint: disable=import-outside-toplevel  (JAX after XLA_FLAGS)
 
   def go():

@@ -3,6 +3,7 @@
 Command (on the GPU machine, through scripts/gpu_check.sh, which installs the
 carried wheels first):
   bash scripts/gpu_check.sh [--json=gpu_check.json] [--log=gpu_check.log] [--budget_seconds=420] [--dry_run]
+                            [--sections=throughput,gpu_tests,torch_compiled,bn_sync,simulated_tests]
 Expected: the GPU and package versions; ResNet-50 (batch 256, 224x224, bfloat16)
 and ResNet-20 (batch 512, 32x32) images per second, compile time and peak device
 memory, next to PyTorch (bf16 autocast, channels_last, eager and torch.compile)
@@ -24,10 +25,16 @@ def main() -> None:
   parser.add_argument("--budget_seconds", type=float, default=gpu_check.DEFAULT_BUDGET_SECONDS,
                       help="wall-clock budget; sections that do not fit are recorded as skipped")
   parser.add_argument("--dry_run", action="store_true", help="tiny sizes on any backend (what the CPU test runs)")
+  parser.add_argument("--sections", default=",".join(gpu_check.SECTIONS),
+                      help="comma-separated parts to run (a rerun of what failed): " + ", ".join(gpu_check.SECTIONS))
   args = parser.parse_args()
   if args.budget_seconds <= 0:
     parser.error(f"--budget_seconds={args.budget_seconds} must be positive")
-  gpu_check.run(args.json, args.log, dry_run=args.dry_run, budget_seconds=args.budget_seconds)
+  sections = tuple(name for name in args.sections.split(",") if name)
+  unknown = sorted(set(sections) - set(gpu_check.SECTIONS))
+  if unknown:
+    parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(gpu_check.SECTIONS)}")
+  gpu_check.run(args.json, args.log, dry_run=args.dry_run, budget_seconds=args.budget_seconds, sections=sections)
 
 
 if __name__ == "__main__":

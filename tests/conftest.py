@@ -13,6 +13,10 @@ import tempfile
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# As the entry points do (cnnjax.parallel.host_devices): on a GPU, the deterministic kernels that exact
+# resume relies on.
+if "xla_gpu_deterministic_ops" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_gpu_deterministic_ops=true"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests check numbers and wiring, not speed: most of their time is XLA compiling tiny steps, which
 # its optimization passes multiply. Runs compared with each other always share this setting.

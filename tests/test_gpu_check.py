@@ -12,8 +12,9 @@ import pytest
 from cnnjax.lab.bench import gpu_check
 from helpers import REPO_ROOT, SUBPROCESS_TIMEOUT
 
-THROUGHPUT_FIELDS = ("model", "batch", "image_size", "dtype", "strategy", "jax", "torch_eager", "torch_compiled",
-                     "ratio_vs_torch_eager", "ratio_vs_torch_compiled")
+THROUGHPUT_FIELDS = ("model", "batch", "image_size", "dtype", "strategy", "jax", "jax_fastest", "torch_eager",
+                     "torch_compiled", "ratio_vs_torch_eager", "fastest_ratio_vs_torch_eager",
+                     "ratio_vs_torch_compiled", "deterministic_over_fastest_step_time")
 TEST_FIELDS = ("selection", "where", "status")
 GOAL_FIELDS = ("resnet50_images_per_second", "resnet50_at_least_3000_images_per_second", "resnet50_at_least_torch",
                "resnet20_at_least_torch", "ratio_vs_faster_torch", "note")
@@ -25,7 +26,7 @@ def assert_every_field(payload):
   assert [entry["model"] for entry in payload["throughput"]] == ["resnet50", "resnet20"]
   for entry in payload["throughput"]:
     assert all(field in entry for field in THROUGHPUT_FIELDS), sorted(entry)
-    for side in ("jax", "torch_eager", "torch_compiled"):
+    for side in ("jax", "jax_fastest", "torch_eager", "torch_compiled"):
       assert "status" in entry[side]
   assert set(payload["tests"]) == {"gpu", "simulated"}
   for record in payload["tests"].values():
@@ -49,8 +50,9 @@ def test_dry_run_on_cpu_writes_every_field_and_the_log(tmp_path):
   assert payload["environment"]["status"] == "ok" and payload["environment"]["jax_backend"] == "cpu"
   assert all(payload["environment"]["imports"][m] == "ok" for m in ("grain", "tensorflow_datasets", "ml_collections"))
   for entry in payload["throughput"]:
-    for side in ("jax", "torch_eager"):
+    for side in ("jax", "jax_fastest", "torch_eager"):
       assert entry[side]["status"] == "ok" and entry[side]["images_per_second"] > 0, entry[side]
+    assert entry["deterministic_over_fastest_step_time"] > 0 and entry["fastest_ratio_vs_torch_eager"] > 0
     assert entry["jax"]["compile_seconds"] > 0 and "peak_device_memory_mb" in entry["jax"]
     assert entry["torch_eager"]["autocast_dtype"] == "bfloat16" and entry["torch_eager"]["channels_last"]
     assert entry["ratio_vs_torch_eager"] > 0
@@ -72,6 +74,17 @@ def test_a_spent_budget_still_writes_every_field_saying_why(tmp_path):
   assert payload["environment"]["status"] == "skipped: the budget ran out"
   assert payload["throughput"][0]["jax"]["status"] == "skipped: the budget ran out"
   assert payload["tests"]["gpu"]["status"] == "skipped: the budget ran out"
+
+
+def test_sections_limit_the_check_to_the_parts_asked_for(tmp_path):
+  payload = gpu_check.run(str(tmp_path / "check.json"), str(tmp_path / "check.log"), dry_run=True,
+                          budget_seconds=1, sections=("bn_sync",))
+  assert set(payload) == {"check", "environment", "bn_sync", "goals"} and payload["check"]["sections"] == ["bn_sync"]
+  with pytest.raises(ValueError, match="unknown sections"):
+    gpu_check.run(str(tmp_path / "check.json"), str(tmp_path / "check.log"), sections=("throughput", "speed"))
+  result = subprocess.run([sys.executable, "scripts/gpu_check.py", "--sections=speed"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+  assert result.returncode == 2 and "unknown speed" in result.stderr
 
 
 def test_goals_are_read_against_the_faster_pytorch():

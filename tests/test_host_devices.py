@@ -64,12 +64,29 @@ def test_cnnjax_chooses_virtual_cpu_devices_only_when_the_run_leaves_them_to_it(
                       code.format(arg=-1, leaves=True, model="resnet20")) == "2 False 2"
 
 
+def test_gpu_determinism_is_asked_for_unless_declined_and_a_value_in_xla_flags_wins():
+  code = ("from cnnjax.parallel import host_devices as h; import os; host = h.configure(1, deterministic_gpu={d}); "
+          "print(host.deterministic_gpu, os.environ.get('XLA_FLAGS', ''))")
+  assert started_with("", code.format(d=True)) == "True --xla_gpu_deterministic_ops=true"
+  assert started_with("", code.format(d=False)) == "False"
+  assert started_with("--xla_gpu_deterministic_ops=false", code.format(d=True)) == \
+      "False --xla_gpu_deterministic_ops=false"
+  assert started_with("--xla_gpu_deterministic_ops=true", code.format(d=False)) == \
+      "True --xla_gpu_deterministic_ops=true"
+  # The start-up line says which kernels a GPU run has; a CPU run says nothing of it.
+  assert host_devices.HostDevices(deterministic_gpu=True).describe("gpu").startswith("deterministic kernels")
+  assert "may differ in the last bits" in host_devices.HostDevices(deterministic_gpu=False).describe("gpu")
+  assert host_devices.HostDevices(deterministic_gpu=True).describe("cpu") == ""
+
+
 def test_a_device_count_set_after_jax_started_is_refused(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", "")
   import jax  # pylint: disable=import-outside-toplevel
-  jax.devices()
+  jax.devices()  # started with the session's flags: starting it without them would change later tests' devices
+  monkeypatch.setenv("XLA_FLAGS", "")
   with pytest.raises(ValueError, match="before JAX starts"):
     host_devices.configure(4)
+  with pytest.raises(ValueError, match="before JAX starts"):
+    host_devices.configure(1, deterministic_gpu=True)
   with pytest.raises(ValueError, match="--simulate_devices=0 must be a positive device count"):
     host_devices.configure(0)
 

@@ -72,7 +72,8 @@ def _commands(trials) -> list[str]:
     overrides = {**{k: v for k, v in shared.items() if k not in trial.overrides}, **trial.overrides}
     arguments = ["python", "-m", "cnnjax.main", f"--config={config_flags.get_config_filename(FLAGS['config'])}",
                  f"--workdir={FLAGS.workdir.rstrip('/')}/{trial.name}",
-                 *declare.command_line_overrides(overrides)]
+                 *declare.command_line_overrides(overrides),
+                 *([] if FLAGS.deterministic else ["--nodeterministic"])]
     commands.append(declare.shell_join(arguments))
   return commands
 
@@ -81,7 +82,8 @@ def main(argv: list[str]) -> None:
   del argv
   cli.configure_logging()
   # Trials are spread over devices (vectorized members, partitioned groups).
-  host = cli.configure_host_devices(FLAGS.simulate_devices, FLAGS.config, sweep=True)
+  host = cli.configure_host_devices(FLAGS.simulate_devices, FLAGS.config, sweep=True,
+                                    deterministic=FLAGS.deterministic)
 
   def go():
     trials = _selected_trials()

@@ -55,7 +55,7 @@ class Experiment:
   train_slice: data_lib.ProcessSlice
   eval_slice: data_lib.ProcessSlice
   placement: parallel.Resolved  # what `parallel.strategy` came to, and the devices present
-  host: HostDevices  # the process's CPU devices, and whether cnnjax chose their count
+  host: HostDevices  # the process's CPU devices (and whether cnnjax chose their count), GPU determinism
   bn_groups: str  # which examples BatchNorm normalizes over, in words
   # The pure steps of this run, (state, batch) -> ..., with the model, optimizer, loss settings and the
   # strategy's device axis bound: what the strategy compiles (`cnnjax.parallel.Run`).
@@ -67,7 +67,7 @@ class Experiment:
     device = self.strategy.layout.devices[0]
     devices = self.strategy.layout.num_devices
     strategy = self.strategy.name + (f" ({parallel.AUTO})" if self.placement.automatic else "")
-    host = self.host.describe() if device.platform == "cpu" else ""
+    host = self.host.describe(device.platform)
     return (f"{device.platform} ({device.device_kind}{'; ' + host if host else ''}): {devices} of "
             f"{self.placement.available} devices, {jax.process_count()} process(es) | strategy {strategy} | "
             f"bn_sync {self.config.model.bn_sync} ({self.bn_groups}) | batch {self.config.batch_size} global, "

@@ -7,7 +7,9 @@ which calls `run`. Within `budget_seconds` it measures, in this order:
 2. throughput on one GPU (`THROUGHPUT_CASES`): ResNet-50 at batch 256,
    224x224x3, bfloat16, and ResNet-20 at batch 512, 32x32x3, bfloat16: the
    cnnjax train step (strategy none; median of the timed steps after warm-up,
-   compile time, peak device memory) next to its PyTorch twin on the same GPU
+   compile time, peak device memory), with XLA's deterministic GPU kernels (what
+   a run uses by default) and with the fastest (`--nodeterministic`), next to
+   its PyTorch twin on the same GPU
    (`cnnjax.lab.bench.torch_models`: bf16 autocast, channels_last, SGD with
    momentum), eager and under torch.compile (where it works; its first step,
    compilation included, and peak memory), with the ratios and the issue's goals;
@@ -54,6 +56,7 @@ from typing import Any
 
 # The harness imports JAX and cnnjax only inside its functions: the parent process never starts JAX.
 from cnnjax.lab.bench import harness
+from cnnjax.parallel import host_devices
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 # Under 8 minutes with the wheels' installation (scripts/gpu_check.sh): the device lease's per-command
@@ -112,9 +115,12 @@ DRY_RUN = Sizes(resnet50_batch=2, resnet50_image_size=32, resnet20_batch=4, warm
                 bn_batch=8, bn_image_size=8, bn_devices=2, bn_warmup_steps=0, bn_timed_steps=1)
 
 # (section name, cap in seconds) in the order they run; the budget cuts from the end.
-SECTION_SECONDS = {"environment": 60, "jax_resnet50": 180, "torch_eager_resnet50": 90, "jax_resnet20": 120,
-                   "torch_eager_resnet20": 60, "gpu_tests": 180, "torch_compiled_resnet50": 240,
+SECTION_SECONDS = {"environment": 60, "jax_resnet50": 180, "jax_fastest_resnet50": 150, "torch_eager_resnet50": 90,
+                   "jax_resnet20": 120, "jax_fastest_resnet20": 90, "torch_eager_resnet20": 60, "gpu_tests": 180,
+                   "torch_compiled_resnet50": 240,
                    "torch_compiled_resnet20": 150, "bn_sync_simulated": 120, "simulated_tests": 240}
+# The parts a run can be limited to (--sections), in the order they run; the environment always comes first.
+SECTIONS = ("throughput", "gpu_tests", "torch_compiled", "bn_sync", "simulated_tests")
 NO_PEERS = ("one GPU has no peers: bn_sync=global and local normalize over the same examples with no collective, "
             "the same computation, so there is no cost to measure on this machine; the simulated-device measure "
             "is beside it")
@@ -194,6 +200,10 @@ def _child_record(check: Check, title: str, section: str, spec: dict[str, Any]) 
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "record.json")
     env = _child_env(**(harness.ALLOCATOR_ENV if spec["what"] == "jax" else {}))
+    if "deterministic" in spec:  # as a run sets it (cnnjax.parallel.host_devices), or the fastest kernels
+      env["XLA_FLAGS"] = " ".join(
+          [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(host_devices.DETERMINISTIC_GPU_FLAG)] +
+          [f"{host_devices.DETERMINISTIC_GPU_FLAG}={str(spec['deterministic']).lower()}"])
     result = check.run(title, [sys.executable, "-m", "cnnjax.lab.bench.gpu_check", f"--child={json.dumps(spec)}",
                                f"--out={out}"], timeout, env)
     if result["timed_out"]:
@@ -265,20 +275,30 @@ def _ratio(jax_side: dict[str, Any], torch_side: dict[str, Any]) -> float | None
 
 
 def throughput_section(check: Check, sizes: Sizes, phase: str) -> None:
-  """phase 'first': cnnjax and eager PyTorch; 'compiled': torch.compile, after the tests."""
+  """phase 'first': cnnjax (with deterministic GPU kernels, as a run has them by default, and with the
+  fastest) and eager PyTorch; 'compiled': torch.compile, after the tests."""
   entries = check.payload.setdefault("throughput", [])
   for case in throughput_cases(sizes):
     if phase == "first":
       entry = {**case, "dtype": sizes.dtype, "strategy": "none"}
       entries.append(entry)
       spec = {**case, "dtype": sizes.dtype, "warmup_steps": sizes.warmup_steps, "timed_steps": sizes.timed_steps}
-      entry["jax"] = _child_record(check, f"jax {case['model']}", f"jax_{case['model']}", {"what": "jax", **spec})
-      check.say(_describe("cnnjax", case, entry["jax"]))
+      entry["jax"] = _child_record(check, f"jax {case['model']}", f"jax_{case['model']}",
+                                   {"what": "jax", "deterministic": True, **spec})
+      check.say(_describe("cnnjax (deterministic kernels, the default)", case, entry["jax"]))
+      check.write()
+      entry["jax_fastest"] = _child_record(check, f"jax fastest {case['model']}", f"jax_fastest_{case['model']}",
+                                           {"what": "jax", "deterministic": False, **spec})
+      check.say(_describe("cnnjax --nodeterministic", case, entry["jax_fastest"]))
+      entry["deterministic_over_fastest_step_time"] = (
+          None if "median_step_seconds" not in entry["jax"] or "median_step_seconds" not in entry["jax_fastest"]
+          else entry["jax"]["median_step_seconds"] / entry["jax_fastest"]["median_step_seconds"])
       check.write()
       entry["torch_eager"] = _child_record(check, f"torch eager {case['model']}", f"torch_eager_{case['model']}",
                                            {"what": "torch", "compiled": False, **spec})
       check.say(_describe("torch eager bf16 channels_last", case, entry["torch_eager"]))
       entry["ratio_vs_torch_eager"] = _ratio(entry["jax"], entry["torch_eager"])
+      entry["fastest_ratio_vs_torch_eager"] = _ratio(entry["jax_fastest"], entry["torch_eager"])
       entry["torch_compiled"] = {"status": "not run yet"}
       entry["ratio_vs_torch_compiled"] = None
     else:
@@ -333,10 +353,11 @@ def tests_section(check: Check, sizes: Sizes, which: str) -> None:
   section = "gpu_tests" if which == "gpu" else "simulated_tests"
   selection = sizes.gpu_tests if which == "gpu" else sizes.simulated_tests
   if which == "gpu":
-    # On the GPU (outside a dry run); float32 matrix products at full precision, as on CPU.
+    # On the GPU (outside a dry run), with the CPU backend beside it for the tests that place work on the CPU
+    # explicitly; float32 matrix products at full precision, as on CPU.
     env = _child_env(XLA_PYTHON_CLIENT_PREALLOCATE="false", JAX_DEFAULT_MATMUL_PRECISION="highest",
-                     **({} if check.dry_run else {"JAX_PLATFORMS": "cuda"}))
-    where = "the host's backend (dry run)" if check.dry_run else "the GPU (JAX_PLATFORMS=cuda)"
+                     **({} if check.dry_run else {"JAX_PLATFORMS": "cuda,cpu"}))
+    where = "the host's backend (dry run)" if check.dry_run else "the GPU (JAX_PLATFORMS=cuda,cpu)"
   else:
     env = _child_env(JAX_PLATFORMS="cpu",
                      XLA_FLAGS=f"--xla_force_host_platform_device_count={SIMULATED_DEVICES}")
@@ -432,21 +453,31 @@ def goals(payload: dict[str, Any]) -> dict[str, Any]:
           "note": "the goals are for one H100: read them against environment.nvidia_smi"}
 
 
-def run(json_path: str, log_path: str, *, dry_run: bool = False,
-        budget_seconds: float = DEFAULT_BUDGET_SECONDS) -> dict[str, Any]:
-  """Runs the check (see the module docstring) and returns what it wrote to `json_path`."""
+def run(json_path: str, log_path: str, *, dry_run: bool = False, budget_seconds: float = DEFAULT_BUDGET_SECONDS,
+        sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+  """Runs the check (see the module docstring), or only `sections` of it, and returns what it wrote to
+  `json_path`."""
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown:
+    raise ValueError(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
   sizes = DRY_RUN if dry_run else FULL
   check = Check(json_path, log_path, budget_seconds, dry_run)
+  check.payload["check"]["sections"] = list(sections)
   check.payload["environment"] = _child_record(check, "environment", "environment", {"what": "environment"})
   environment = check.payload["environment"]
   check.say(f"environment: {environment.get('nvidia_smi') or 'no nvidia-smi'}; JAX {environment.get('jax_backend')} "
             f"{environment.get('jax_devices')}; {environment.get('status')}")
   check.write()
-  throughput_section(check, sizes, "first")
-  tests_section(check, sizes, "gpu")
-  throughput_section(check, sizes, "compiled")
-  bn_sync_section(check, sizes)
-  tests_section(check, sizes, "simulated")
+  if "throughput" in sections:
+    throughput_section(check, sizes, "first")
+  if "gpu_tests" in sections:
+    tests_section(check, sizes, "gpu")
+  if "throughput" in sections and "torch_compiled" in sections:
+    throughput_section(check, sizes, "compiled")
+  if "bn_sync" in sections:
+    bn_sync_section(check, sizes)
+  if "simulated_tests" in sections:
+    tests_section(check, sizes, "simulated")
   check.payload["goals"] = goals(check.payload)
   check.write()
   check.say(f"wrote {json_path} and {log_path} in {check.payload['check']['wall_seconds']:.0f} s")

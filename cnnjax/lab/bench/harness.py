@@ -247,7 +247,8 @@ def benchmark(case_list: list[Case], *, quick: bool, torch_reference: bool, warm
                                                       timed_steps=timed_steps)
       record = run_in_child(case, what="jax", warmup_steps=warmup_steps, timed_steps=timed_steps)
       if "error" not in record:
-        record["fraction_of_peak"] = record["flops_per_step"] / record["median_step_seconds"] / peak
+        record["fraction_of_peak"] = (None if record["flops_per_step"] is None else
+                                      record["flops_per_step"] / record["median_step_seconds"] / peak)
         record["pipeline_images_per_second"] = pipelines[key]
         record["pipeline_over_step"] = pipelines[key] / record["images_per_second"]
         reference = references.get(case.reference_key, {})
@@ -276,8 +277,9 @@ def describe(record: dict[str, Any]) -> str:
           f"{record['dtype']:>8}")
   if "error" in record:
     return f"{name}: failed: {record['error']}"
+  peak = record["fraction_of_peak"]
   line = (f"{name}: {record['images_per_second']:7.1f} img/s  {record['median_step_seconds'] * 1e3:8.1f} ms/step  "
-          f"compile {record['compile_seconds']:5.1f} s  {record['fraction_of_peak'] * 100:4.1f}% of peak  "
+          f"compile {record['compile_seconds']:5.1f} s  {'n/a' if peak is None else f'{peak * 100:4.1f}%'} of peak  "
           f"pipeline x{record['pipeline_over_step']:.1f}")
   if "ratio_vs_torch_eager" in record:
     line += (f"  vs torch eager {record['torch_eager_images_per_second']:.1f} img/s: "

@@ -60,8 +60,9 @@ def time_train_step(exp: Experiment, *, warmup_steps: int, timed_steps: int) -> 
           "min_step_seconds": min(durations), "max_step_seconds": max(durations)}
 
 
-def step_flops(exp: Experiment) -> float:
-  """FLOPs of one global train step, from XLA's cost analysis of the unsharded step."""
+def step_flops(exp: Experiment) -> float | None:
+  """FLOPs of one global train step, from XLA's cost analysis of the unsharded step (None where the
+  backend gives no analysis of a lowered program, as JAX's GPU backend does)."""
   # The same model seeing the whole batch: statistics groups and device axes do not change the count.
   model = exp.model.clone(norm=dataclasses.replace(exp.model.norm, grouping=BatchNormGrouping()))
   step = functools.partial(train_step, model=model, tx=exp.tx, schedule_shape=exp.schedule_shape,
@@ -75,8 +76,8 @@ def step_flops(exp: Experiment) -> float:
   # model computes rather than what a particular backend's rewrites leave.
   analysis = jax.jit(step).lower(state, batch).cost_analysis()
   if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  return float(analysis["flops"])
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
 def peak_matmul_flops_per_second() -> float:
