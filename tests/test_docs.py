@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from cnnjax.lab.bench import pipeline
+from cnnjax.lab.bench import gpu_check, pipeline
 from helpers import REPO_ROOT
 
 DOCS = os.path.join(REPO_ROOT, "docs")
@@ -47,6 +47,23 @@ def test_the_pipeline_table_and_its_derived_numbers_are_the_results_files():
   derived = payload["derived"]
   assert f"about {derived['images_per_second_per_core']:.0f} ImageNet images per" in text
   assert f"needs about {derived['cores_for_target']:.0f} host cores" in text
+
+
+def test_the_gpu_numbers_are_the_gpu_checks():
+  with open(os.path.join(RESULTS, "gpu_check_h100.json")) as f:
+    check = json.load(f)
+  with open(os.path.join(RESULTS, "gpu_check_h100_first.json")) as f:
+    first = {entry["model"]: entry for entry in json.load(f)["throughput"]}
+  performance = read(os.path.join(DOCS, "performance.md"))
+  assert gpu_check.markdown_table(check) in performance
+  assert check["tests"]["gpu"]["status"] == "ok" and f"All {check['tests']['gpu']['passed']} GPU tests" in performance
+  cost = f"{check['throughput'][0]['deterministic_over_fastest_step_time']:.2f}x"
+  assert f"they cost {cost} in step time" in performance
+  assert f"trains {cost} faster on one H100" in read(os.path.join(DOCS, "running.md"))
+  flat = " ".join(performance.split())
+  for model in ("resnet50", "resnet20"):
+    assert f"{first[model]['torch_compiled']['images_per_second']:,.0f} img/s" in flat
+    assert f"{first[model]['torch_eager']['images_per_second']:,.0f}" in flat
 
 
 def test_results_files_record_their_command_commit_and_machine():

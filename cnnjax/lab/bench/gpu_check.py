@@ -56,7 +56,6 @@ from typing import Any
 
 # The harness imports JAX and cnnjax only inside its functions: the parent process never starts JAX.
 from cnnjax.lab.bench import harness
-from cnnjax.parallel import host_devices
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 # Under 8 minutes with the wheels' installation (scripts/gpu_check.sh): the device lease's per-command
@@ -201,6 +200,7 @@ def _child_record(check: Check, title: str, section: str, spec: dict[str, Any]) 
     out = os.path.join(tmp, "record.json")
     env = _child_env(**(harness.ALLOCATOR_ENV if spec["what"] == "jax" else {}))
     if "deterministic" in spec:  # as a run sets it (cnnjax.parallel.host_devices), or the fastest kernels
+      from cnnjax.parallel import host_devices  # pylint: disable=import-outside-toplevel
       env["XLA_FLAGS"] = " ".join(
           [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(host_devices.DETERMINISTIC_GPU_FLAG)] +
           [f"{host_devices.DETERMINISTIC_GPU_FLAG}={str(spec['deterministic']).lower()}"])
@@ -451,6 +451,29 @@ def goals(payload: dict[str, Any]) -> dict[str, Any]:
           "resnet20_at_least_torch": at_least(worst_ratio.get("resnet20"), GOAL_RATIO_VS_TORCH),
           "ratio_vs_faster_torch": worst_ratio,
           "note": "the goals are for one H100: read them against environment.nvidia_smi"}
+
+
+def markdown_table(payload: dict[str, Any]) -> str:
+  """The table docs/performance.md quotes from a check's throughput section."""
+  rows = ["| model | cnnjax img/s (deterministic, the default) | cnnjax img/s (`--nodeterministic`) | "
+          "PyTorch eager img/s | x PyTorch (default / fastest) | compile s (default / fastest) | "
+          "peak MiB (default / fastest / PyTorch) |", "|---|---|---|---|---|---|---|"]
+
+  def number(record: dict[str, Any], field: str, digits: int = 0) -> str:
+    value = record.get(field)
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+  for entry in payload["throughput"]:
+    default, fastest, torch = entry["jax"], entry["jax_fastest"], entry["torch_eager"]
+    ratios = " / ".join("n/a" if r is None else f"{r:.2f}"
+                        for r in (entry["ratio_vs_torch_eager"], entry["fastest_ratio_vs_torch_eager"]))
+    rows.append(f"| {entry['model']} b{entry['batch']} {entry['image_size']}px {entry['dtype']} | "
+                f"{number(default, 'images_per_second')} | {number(fastest, 'images_per_second')} | "
+                f"{number(torch, 'images_per_second')} | {ratios} | "
+                f"{number(default, 'compile_seconds', 1)} / {number(fastest, 'compile_seconds', 1)} | "
+                f"{number(default, 'peak_device_memory_mb')} / {number(fastest, 'peak_device_memory_mb')} / "
+                f"{number(torch, 'peak_device_memory_mb')} |")
+  return "\n".join(rows)
 
 
 def run(json_path: str, log_path: str, *, dry_run: bool = False, budget_seconds: float = DEFAULT_BUDGET_SECONDS,
