@@ -7,7 +7,6 @@ the intersection over union of every class and their mean as JSON.
 Command (after training experiments/unet_shapes.py into the same workdir):
   python scripts/segmentation_scores.py --config=experiments/unet_shapes.py --workdir=/tmp/cnnjax/unet_shapes
 Expected: the numbers quoted in the experiment's docstring.
-Cost: a few seconds on 2 CPU cores (one pass over the eval split).
 """
 
 import json

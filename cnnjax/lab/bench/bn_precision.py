@@ -4,9 +4,13 @@ The measurement behind the precision table in docs/parallel.md: inputs whose eve
 has mean `ratio` times its standard deviation, normalized in train mode by
 `cnnjax.nn.BatchNorm` under each way statistics can be grouped (one group on one
 device, ghost groups within a device, a group spanning 8 devices under vmap,
-sub-groups of 2 devices), and, where PyTorch is installed, by torch's float32
-BatchNorm, each compared with the same normalization computed in float64
-(NumPy). The error is max |y - y64| / max |y64|.
+sub-groups of 2 devices), by the plain one-pass form E[x^2] - E[x]^2 in float32
+(flax's `nn.BatchNorm` with `use_fast_variance`, its default: what cnnjax computed
+before its statistics moved to moments about a shift), and, where PyTorch is
+installed, by torch's float32 BatchNorm, each compared with the same
+normalization computed in float64 (NumPy). The error is max |y - y64| / max |y64|.
+`scripts/bn_precision.py` writes the records to docs/results/notes/bn_precision.json
+and `markdown_table` renders them as docs/parallel.md quotes them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from flax import linen as nn
 
 from cnnjax.nn import BatchNorm, BatchNormGrouping
 
@@ -84,6 +89,12 @@ def cnnjax_errors(x: np.ndarray, batch_norm: Callable[..., Any] = BatchNorm) -> 
           for name, (layer, run, group) in cases.items()}
 
 
+def one_pass_error(x: np.ndarray) -> float:
+  """Relative error of the one-pass E[x^2] - E[x]^2 (flax's BatchNorm) over the whole batch, in float32."""
+  layer = nn.BatchNorm(use_running_average=False, epsilon=EPSILON, use_fast_variance=True)
+  return relative_error(_train_output(layer, x), float64_reference(x, len(x)))
+
+
 def torch_error(x: np.ndarray) -> float | None:
   """Relative error of torch's float32 train-mode BatchNorm over the whole batch; None without PyTorch."""
   if importlib.util.find_spec("torch") is None:
@@ -96,11 +107,29 @@ def torch_error(x: np.ndarray) -> float | None:
 
 def precision_table(ratios: tuple[float, ...] = RATIOS,
                     batch_norm: Callable[..., Any] = BatchNorm) -> list[dict[str, Any]]:
-  """One record per ratio: the errors of every cnnjax grouping, their maximum, and torch's."""
+  """One record per ratio: the errors of every cnnjax grouping, their maximum, the one-pass form's and torch's."""
   records = []
   for ratio in ratios:
     x = large_mean_inputs(ratio)
     errors = cnnjax_errors(x, batch_norm)
     records.append({"mean_over_std": ratio, **errors, "cnnjax_max": max(errors.values()),
-                    "torch_float32": torch_error(x)})
+                    "one_pass_float32": one_pass_error(x), "torch_float32": torch_error(x)})
   return records
+
+
+def short_exponent(value: float | None) -> str:
+  """Two significant digits with the exponent unpadded (1.9e-4, 2.7e+2); None (PyTorch not installed): n/a."""
+  if value is None:
+    return "n/a"
+  mantissa, exponent = f"{value:.1e}".split("e")
+  return f"{mantissa}e{int(exponent):+d}"
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+  """The table docs/parallel.md quotes from `precision_table`'s records (cnnjax: the worst grouping)."""
+  rows = ["| mean / std | one-pass E[x^2] - E[x]^2 (flax) | cnnjax, worst grouping | torch float32 |",
+          "|---|---|---|---|"]
+  for record in records:
+    rows.append(f"| {record['mean_over_std']:,} | {short_exponent(record['one_pass_float32'])} | "
+                f"{short_exponent(record['cnnjax_max'])} | {short_exponent(record['torch_float32'])} |")
+  return "\n".join(rows)

@@ -32,6 +32,7 @@ from cnnjax.errors import ConfigError
 from cnnjax.lab.notes.trained import predictor, restore_run
 from cnnjax.train import count_params
 from cnnjax.train import run as train_run
+from cnnjax.train.rundir import RunDir
 
 # Plots: one panel (width, height in inches) and the resolution of the PNG.
 PANEL_INCHES = (5.5, 4.2)
@@ -127,7 +128,8 @@ def run_study(variants: Sequence[Variant], workdir: str, *, steps: int = DEFAULT
               shifts: Sequence[int] = SHIFTS, seed: int = 0, tfds_data_dir: str = "") -> dict[str, dict[str, Any]]:
   """Trains every variant (resuming finished ones) and measures it on shifted test digits.
 
-  Returns label -> {params, accuracy, wall_seconds, shifts, shifted_accuracy, stability}.
+  Returns label -> {params, accuracy, wall_seconds, reused, shifts, shifted_accuracy, stability};
+  wall_seconds is the training's own, `reused` whether it finished before this call (another script's, say).
   """
   os.makedirs(workdir, exist_ok=True)
   data = centred_digits(tfds_data_dir)
@@ -140,6 +142,7 @@ def run_study(variants: Sequence[Variant], workdir: str, *, steps: int = DEFAULT
   for variant in variants:
     config = variant_config(variant, paths["train"], paths["test"], steps, seed)
     run_dir = os.path.join(workdir, variant.label)
+    reused = RunDir(run_dir).finished_summary(steps) is not None  # train_run returns such a run's summary as is
     summary = train_run(config, run_dir)
     exp, state = restore_run(config, run_dir)
     classify = _classifier(exp, state)
@@ -151,7 +154,7 @@ def run_study(variants: Sequence[Variant], workdir: str, *, steps: int = DEFAULT
       stability.append(float(np.mean([np.mean(p == centred) for p in moved])))
     results[variant.label] = {"model": variant.model, "options": dict(variant.options),
                               "params": count_params(state.params), "accuracy": summary["eval_accuracy"],
-                              "wall_seconds": summary["wall_seconds"], "shifts": list(shifts),
+                              "wall_seconds": summary["wall_seconds"], "reused": reused, "shifts": list(shifts),
                               "shifted_accuracy": accuracy, "stability": stability}
   return results
 
