@@ -10,8 +10,9 @@ Command:
   python -m cnnjax.main --config=experiments/alexnet_imagenet.py --workdir=/tmp/cnnjax/alexnet_imagenet \
       --config.parallel.strategy=jit
 Expected: about 56.5% top-1 (torchvision's AlexNet reference: 56.52%).
-Cost: 450k steps at batch 256; 61,100,840 parameters and 0.71 GMACs per 224x224 image
-(python -m cnnjax.summary alexnet --input_shape=224,224,3 --num_classes=1000). Not run here (no ImageNet).
+Size: 450k steps at batch 256; 61,100,840 parameters and 0.71 GMACs per 224x224 image
+(python -m cnnjax.summary alexnet --input_shape=224,224,3 --num_classes=1000).
+Result: not run here (no ImageNet on this machine).
 """
 
 from cnnjax.config import imagenet_config

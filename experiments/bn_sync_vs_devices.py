@@ -13,14 +13,10 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8):
     --workdir=/tmp/cnnjax/bn_study/sync_vs_devices --mode=sequential
   (full scale: --config=experiments/bn_sync_vs_devices.py:full on a host with 8 accelerators)
 As part of the study: python scripts/bn_study.py --workdir=DIR (section 1 of DIR/report.md).
-Expected (measured, small scale, 3 seeds, mean ± 95% interval): eval accuracy
-98.70-98.89% (± 0.40-0.80) for global and local sync on 1, 2, 4 and 8 devices,
-no difference beyond the seed spread; the devices' statistics diverge by exactly
-0 with global sync and by 0.0198 / 0.0316 / 0.0497 full-batch stds with local
-sync on 2 / 4 / 8 devices (first seed); ghost groups of 4: 98.70% ± 0.40,
-divergence 0.104; ghost groups of 32 (two devices): 98.89% ± 0.69, 0.0316.
-Cost: 30 runs of 200 steps and their measurements, 223 s in the study on 2 CPU
-cores that other jobs shared, with 8 simulated devices.
+Expected: global sync gives the same accuracy on 1, 2, 4 and 8 devices and devices whose
+statistics agree exactly; local sync lets them diverge more the more devices there are, with no
+accuracy difference beyond the seed spread at this scale.
+Result: docs/results/bn_study/summary.md, "Sync vs devices" (scripts/bn_study.py; the report and plots beside it).
 """
 
 import os

@@ -13,15 +13,12 @@ Command:
     --mode=sequential
   (full scale: --config=experiments/bn_vmap_leakage.py:full)
 The measurement itself runs in the study: python scripts/bn_study.py --workdir=DIR (section 3 of DIR/report.md).
-Expected (measured, small scale): mean |d loss_i / d x_j| of 0.00912 (4.5% of
-|d loss_i / d x_i|) in training mode and under vmap with the axis named;
-exactly 0 in eval mode, for GroupNorm and under vmap without an axis name. The
-mean of vmapped per-example gradients is the batched gradient to 7.5e-08 with
-the axis named, and off by 0.287 (gradient entries up to 0.154) without.
-The measurement reads the first seed's models (an invariant needs no seeds); the
-other seeds give the models' eval accuracy a spread.
-Cost: 6 runs of 200 steps and the measurement, 81 s in the study on 2 CPU cores
-that other jobs shared.
+Expected: in training mode, and under vmap with the axis named, each example's loss depends
+on the other examples' inputs; exactly 0 in eval mode, for GroupNorm and under vmap without an axis
+name. The mean of vmapped per-example gradients is the batched gradient only with the axis named.
+The measurement reads the first seed's models (an invariant needs no seeds); the other seeds give
+the models' eval accuracy a spread.
+Result: docs/results/bn_study/summary.md, "vmap leakage" (scripts/bn_study.py; the report and plots beside it).
 """
 
 import os

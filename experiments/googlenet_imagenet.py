@@ -13,8 +13,9 @@ Command:
       --config.parallel.strategy=jit
 Expected: about 70% top-1 (torchvision's GoogLeNet weights score 69.78%; they were ported, not trained
 with this recipe).
-Cost: 450k steps at batch 256; 6,624,904 parameters and 1.50 GMACs per 224x224 image
-(python -m cnnjax.summary googlenet --input_shape=224,224,3 --num_classes=1000). Not run here (no ImageNet).
+Size: 450k steps at batch 256; 6,624,904 parameters and 1.50 GMACs per 224x224 image
+(python -m cnnjax.summary googlenet --input_shape=224,224,3 --num_classes=1000).
+Result: not run here (no ImageNet on this machine).
 """
 
 from cnnjax.config import imagenet_config

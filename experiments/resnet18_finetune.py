@@ -19,10 +19,10 @@ Command (CIFAR-10 prepared once with `python -m cnnjax.prepare cifar10`):
       https://download.pytorch.org/models/resnet18-f37072fd.pth
   python -m cnnjax.main --config=experiments/resnet18_finetune.py --workdir=/tmp/cnnjax/resnet18_finetune \
       [--config.init_from=PATH] [--config.parallel.strategy=jit]
-Expected: not measured here; a pretrained start should beat ResNet-18 trained from scratch for the same
-steps (`--config.init_from=` trains from scratch for the comparison).
-Cost: 1,954 steps at batch 128 of 224x224 images, 1.8 GMACs each forward; not run here (2 CPU cores,
-no network).
+Expected: a pretrained start beats ResNet-18 trained from scratch for the same steps
+(`--config.init_from=` trains from scratch for the comparison).
+Size: 1,954 steps at batch 128 of 224x224 images, 1.8 GMACs each forward.
+Result: not run here (no network for the weights or the data on this machine).
 """
 
 from cnnjax.config import base_config

@@ -11,7 +11,8 @@ Data-parallel on all local devices:
 Offline smoke run on the embedded digits:
   ... --config.data.name=digits --config.num_train_steps=200
 Expected: 91.25% test accuracy (He et al. 2015, Table 6).
-Cost: 64k steps; not run to completion in this repository's CI machine (2 CPU cores, no network).
+Size: 64k steps at batch 128.
+Result: not run here (no accelerator on this machine to train it to completion).
 """
 
 from cnnjax.config import base_config

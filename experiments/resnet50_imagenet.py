@@ -12,7 +12,8 @@ Command:
   python -m cnnjax.main --config=experiments/resnet50_imagenet.py --workdir=/tmp/cnnjax/resnet50_imagenet \
       --config.parallel.strategy=jit
 Expected: about 76% top-1 (torchvision's ResNet-50 reference: 76.13% with this recipe).
-Cost: 450k steps at batch 256; days on 8 GPUs. Not run here (no ImageNet, no accelerator).
+Size: 450k steps at batch 256.
+Result: not run here (no ImageNet and no accelerator on this machine).
 """
 
 from cnnjax.config import imagenet_config

@@ -7,10 +7,11 @@ and 1 for padding and unknown words); each review is cut or padded to 256 tokens
 Data (needs network once): python -m cnnjax.prepare imdb_reviews
 Command:
   python -m cnnjax.main --config=experiments/text_cnn_imdb.py --workdir=/tmp/cnnjax/text_cnn_imdb
-Expected: not run here (the dataset cannot be downloaded on this machine, which has no network); the
-offline end-to-end test runs it on mock data. For scale, Keras's imdb_cnn example, a one-convolution
-network of the same family, reports about 89% test accuracy.
-Cost: 1,954 steps at batch 64 (5 epochs); not measured (no data here).
+Expected: for scale, Keras's imdb_cnn example, a one-convolution network of the same family,
+reports about 89% test accuracy.
+Size: 1,954 steps at batch 64 (5 epochs).
+Result: not run here (the dataset cannot be downloaded on this machine); the offline end-to-end test
+runs it on mock data.
 """
 
 from cnnjax.config import base_config

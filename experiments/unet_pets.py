@@ -9,9 +9,11 @@ Command:
   python -m cnnjax.main --config=experiments/unet_pets.py --workdir=/tmp/cnnjax/unet_pets
 Per-class IoU afterwards:
   python scripts/segmentation_scores.py --config=experiments/unet_pets.py --workdir=/tmp/cnnjax/unet_pets
-Expected: not run here (the dataset cannot be downloaded on this machine, which has no network); the
-offline end-to-end test runs it on mock data. Its synthetic counterpart is experiments/unet_shapes.py.
-Cost: 2,300 steps at batch 32 on 128x128 images; not measured (no data here).
+Expected: no number is claimed, as it is not run here; its synthetic counterpart is
+experiments/unet_shapes.py.
+Size: 2,300 steps at batch 32 on 128x128 images.
+Result: not run here (the dataset cannot be downloaded on this machine); the offline end-to-end test
+runs it on mock data.
 """
 
 from cnnjax.config import base_config

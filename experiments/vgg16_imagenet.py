@@ -12,8 +12,9 @@ Command:
   python -m cnnjax.main --config=experiments/vgg16_imagenet.py --workdir=/tmp/cnnjax/vgg16_imagenet \
       --config.parallel.strategy=jit
 Expected: about 71.6% top-1 (torchvision's references: VGG-16 71.59%, VGG-16-BN 73.36%).
-Cost: 450k steps at batch 256; 138,357,544 parameters and 15.5 GMACs per 224x224 image
-(python -m cnnjax.summary vgg16 --input_shape=224,224,3 --num_classes=1000). Not run here (no ImageNet).
+Size: 450k steps at batch 256; 138,357,544 parameters and 15.5 GMACs per 224x224 image
+(python -m cnnjax.summary vgg16 --input_shape=224,224,3 --num_classes=1000).
+Result: not run here (no ImageNet on this machine).
 """
 
 from cnnjax.config import imagenet_config

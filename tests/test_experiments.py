@@ -1,4 +1,5 @@
-"""End to end: every experiment file runs a few steps at tiny size through `python -m cnnjax.main`.
+"""End to end: every experiment file runs a few steps at tiny size through `python -m cnnjax.main`; its
+docstring points to its measured result, which meets the docstring's expectation.
 
 Digits experiments run as they are; TFDS experiments (CIFAR-10, ImageNet) run
 through tests/mock_tfds_main.py, which is `cnnjax.main` under
@@ -7,10 +8,12 @@ through tests/mock_tfds_main.py, which is `cnnjax.main` under
 
 import json
 import os
+import re
 
 import pytest
 
-from helpers import EXPERIMENTS, load_experiment, read_jsonl, run_cli
+from cnnjax.lab.bench import experiments
+from helpers import EXPERIMENTS, REPO_ROOT, load_experiment, read_jsonl, run_cli
 
 TINY = ["--config.num_train_steps=3", "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
         "--config.eval_every_steps=2", "--config.progress_bar=false", "--config.data.num_threads=2"]
@@ -57,7 +60,41 @@ def test_every_experiment_has_an_end_to_end_case_and_a_documented_command():
   for name in experiment_names():
     doc = load_experiment(name).__doc__ or ""
     assert f"experiments/{name}.py" in doc or "scripts/" in doc, f"{name}: docstring lacks its command"
-    assert "Expected" in doc and "Cost" in doc, f"{name}: docstring lacks expected result or cost"
+    assert "Expected" in doc and "\nResult: " in doc, f"{name}: docstring lacks its expected result or its result"
+
+
+RESULTS = os.path.join(REPO_ROOT, "docs", "results")
+# What a measurement in prose looks like: a duration or a rate. Results files hold those, not docstrings.
+MEASUREMENT = re.compile(r"\d\s*(s|ms|min|minutes|seconds|hours)\b|examples/s|img/s|\bmeasured\b")
+
+
+def test_experiment_docstrings_point_to_results_that_meet_their_expectations():
+  with open(os.path.join(RESULTS, "experiments.json")) as f:
+    recorded = json.load(f)["experiments"]
+  with open(os.path.join(RESULTS, "bn_study", "summary.md")) as f:
+    bn_summary = f.read()
+  pointed_to = set()
+  for name in experiment_names():
+    doc = load_experiment(name).__doc__
+    assert not MEASUREMENT.search(doc), f"{name}: a measurement in the docstring ({MEASUREMENT.search(doc)[0]!r})"
+    result = " ".join(doc[doc.index("\nResult: ") + 1:].split())
+    if result.startswith('Result: docs/results/experiments.json, "'):
+      assert result.startswith(f'Result: docs/results/experiments.json, "{name}"'), result
+      expected = experiments.BY_NAME[name].min_eval_accuracy
+      assert f"at least {expected * 100:g}%" in " ".join(doc.split()), f"{name}: the docstring's expectation"
+      pointed_to.add(name)
+    elif result.startswith("Result: docs/results/bn_study/summary.md, "):
+      section = re.match(r'Result: docs/results/bn_study/summary.md, "([^"]+)"', result)[1]
+      assert f"* **{section}**" in bn_summary, f"{name}: no section {section!r} in the study's summary"
+    else:
+      assert result.startswith("Result: not run here ("), f"{name}: {result}"
+  assert pointed_to == set(recorded) == set(experiments.BY_NAME)
+  for name, result in recorded.items():
+    entry = experiments.BY_NAME[name]
+    accuracies = experiments.accuracies(result)
+    assert accuracies and min(accuracies) >= entry.min_eval_accuracy, (name, accuracies)
+    if not entry.sweep:
+      assert [run["seed"] for run in result["runs"]] == list(entry.seeds), name
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -74,6 +111,9 @@ def test_experiment_end_to_end(tmp_path, tfds_data_dir, name):
               "wall_seconds", "param_checksum", "param_l2"):
     assert key in summary, key
   assert summary["step"] == 3 and 0.0 <= summary["eval_accuracy"] <= 1.0
+  # Segmentation runs report their mean IoU beside the pixel accuracy; classifiers have none.
+  segmentation = name.startswith("unet")  # the U-Nets are the segmentation experiments
+  assert ("eval_mean_iou" in summary) == segmentation and 0.0 <= summary.get("eval_mean_iou", 0.0) <= 1.0
   assert json.load(open(workdir / "config.json"))["model"]["name"] == load_experiment(name).get_config().model.name
   records = read_jsonl(workdir / "metrics.jsonl")
   assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]

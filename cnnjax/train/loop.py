@@ -224,6 +224,7 @@ class Member:
         "strategy": engine.strategy_name, "bn_sync": self.config.model.bn_sync,
         "num_devices": engine.num_devices, "num_processes": jax.process_count(),
         "global_batch": self.config.batch_size,
+        **({"eval_mean_iou": result["mean_iou"]} if "mean_iou" in result else {}),  # segmentation
     }
 
   def close(self) -> None:
