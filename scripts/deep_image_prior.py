@@ -9,7 +9,7 @@ Writes deep_image_prior.png (photos and PSNR curves) in the workdir.
 Expected: (scikit-learn's flower.jpg, 128x128, sigma 25/255, seed 0) the output's PSNR against the
 clean photo rises above the noisy photo's own, peaks part-way through the fit, then falls back
 towards it as the network starts to reproduce the noise, while its PSNR against the noisy target
-keeps rising.
+goes on rising on the whole.
 Result: docs/results/notes/deep_image_prior.json (the noisy photo's PSNR, the best output's and the
 final one's, both PSNR curves, the settings, the script's wall-clock seconds, the command, commit
 and machine).

@@ -14,10 +14,10 @@ Expected: (seed 0, 600 steps) conv stacks: circular padding at stride 1 is exact
 shift; zero padding breaks equivariance only near the border (exact away from it); stride 2 (circular
 padding) is exact for even shifts and far off for odd ones, which have no output shift to match
 (aliasing). Classifiers: every variant is about equally accurate on centred digits; with a flatten
-head accuracy collapses to chance by a 4-pixel shift, max pooling buying robustness to a pixel or two
-only; global average pooling keeps the classifier accurate far out, except that stride-2 pooling
-aliases odd shifts, and the no-pooling global net only loses digits at the largest shift, where they
-reach the zero-padded border. Parameters: no pooling + flatten 8,409,034, max pooling + flatten
+head accuracy falls towards chance (10 classes) by a 4-pixel shift, max pooling buying robustness to
+a pixel or two only; global average pooling keeps the classifier accurate far out, except that
+stride-2 pooling aliases odd shifts, and the no-pooling global net only loses digits at the largest
+shift, where they reach the zero-padded border. Parameters: no pooling + flatten 8,409,034, max pooling + flatten
 544,714, either global average head 28,618.
 Result: docs/results/notes/equivariance.json (every conv stack's error and interior error; every
 classifier's parameters, accuracy at each shift, stability and training seconds; the script's

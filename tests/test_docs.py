@@ -6,11 +6,12 @@ import re
 
 import pytest
 
-from cnnjax.lab.bench import gpu_check, pipeline
+from cnnjax.lab.bench import bn_precision, gpu_check, pipeline
 from helpers import REPO_ROOT
 
 DOCS = os.path.join(REPO_ROOT, "docs")
 RESULTS = os.path.join(DOCS, "results")
+NOTES_RESULTS = os.path.join(RESULTS, "notes")
 # A Markdown link's target, skipping web addresses.
 LINK = re.compile(r"\]\((?!https?:)([^)#\s]+)(?:#[^)]*)?\)")
 BN_STUDY_BLOCK = re.compile(r"<!-- bn_study summary:[^\n]*-->\n(.*?)<!-- end of the bn_study summary -->", re.S)
@@ -67,8 +68,95 @@ def test_the_gpu_numbers_are_the_gpu_checks():
 
 
 def test_results_files_record_their_command_commit_and_machine():
-  for name in os.listdir(RESULTS):
-    if name.endswith(".json"):
-      with open(os.path.join(RESULTS, name)) as f:
-        payload = json.load(f)
-      assert {"command", "commit", "machine"} <= set(payload), name
+  # bn_study/ holds the study's own report (scripts/bn_study.py), not a benchmark's results file.
+  for folder in (RESULTS, NOTES_RESULTS):
+    for name in os.listdir(folder):
+      if name.endswith(".json"):
+        with open(os.path.join(folder, name)) as f:
+          payload = json.load(f)
+        assert {"command", "commit", "machine"} <= set(payload), os.path.join(folder, name)
+
+
+def notes_results(script):
+  with open(os.path.join(NOTES_RESULTS, f"{script}.json")) as f:
+    return json.load(f)
+
+
+def percent(fraction):
+  return f"{fraction * 100:.1f}%"
+
+
+def at_shift(result, shift):
+  return result["shifted_accuracy"][result["shifts"].index(shift)]
+
+
+def equivariance_quotes(payload):
+  rows = payload["layers"]
+  circular = [row["error"] for row in rows if row["padding"] == "circular" and row["stride"] == 1]
+  same = [row for row in rows if row["padding"] == "same" and row["stride"] == 1]
+  strided = [row for row in rows if row["padding"] == "circular" and row["stride"] == 2]
+  # What the row says is exact must be exactly 0 in the file.
+  assert circular and max(circular) == 0.0 and max(row["interior_error"] for row in same) == 0.0
+  assert max(row["error"] for row in strided if row["shift"] % 2 == 0) == 0.0
+  odd = {f"{row['error']:.2f}" for row in strided if row["shift"] % 2}
+  assert len(odd) == 1, odd
+  errors = [row["error"] for row in same]
+  classifiers = payload["classifiers"]
+  unshifted = [at_shift(result, 0) for result in classifiers.values()]
+  return ([f"zero padding: {min(errors):.2f}-{max(errors):.2f} over the map", f"{odd.pop()} for odd ones",
+           f"({min(unshifted) * 100:.1f}-{percent(max(unshifted))} unshifted)"] +
+          [f"{label} {percent(at_shift(result, 4))}" for label, result in classifiers.items()])
+
+
+def mlp_vs_cnn_quotes(payload):
+  models = payload["models"]
+  mlp, flatten, pooled = (models[label] for label in ("MLP (128 hidden)", "max pooling + flatten",
+                                                      "max pooling + global average"))
+  assert flatten["reused"] and pooled["reused"]  # as the wall-clock column says
+  quotes = [(f"MLP {mlp['params']:,} parameters, {percent(at_shift(mlp, 0))}, {percent(at_shift(mlp, 2))} at a "
+             "2-pixel shift")]
+  for name, model in (("CNN (flatten)", flatten), ("CNN (global average)", pooled)):
+    quotes.append(f"{name} {model['params']:,}, {percent(at_shift(model, 0))}, {percent(at_shift(model, 2))}")
+  return quotes
+
+
+def degradation_quotes(payload):
+  models = payload["models"]
+  names = {"plain20": "plain-20", "plain56": "plain-56", "resnet20": "ResNet-20", "resnet56": "ResNet-56"}
+  accuracies = ", ".join(percent(models[model]["eval_accuracy"]) for model in names)
+  return [f"{name} {models[model]['final_train_loss']:.2g}" for model, name in names.items()] + [
+      f"{payload['steps']} steps", f"test accuracy {accuracies}"]
+
+
+def deep_image_prior_quotes(payload):
+  return [(f"noisy {payload['noisy_psnr']:.2f} dB; output {payload['best_psnr']:.2f} dB at iteration "
+           f"{payload['best_iteration']:,}, back to {payload['final_psnr']:.2f} dB at {payload['iterations'][-1]:,}"),
+          f"{payload['size']}x{payload['size']} photo"]
+
+
+def filter_bank_quotes(payload):
+  sharpness = payload["relative_sharpness"]
+  names = {"box_blur": "box blur", "gaussian_blur_3x3": "3x3 Gaussian", "gaussian_blur_5x5": "5x5 Gaussian",
+           "sharpen": "sharpen"}
+  return [f"x{sharpness[kernel]:.2f} {name}" for kernel, name in names.items()] + [f"`{payload['photo']}`"]
+
+
+STUDY_QUOTES = {"equivariance": equivariance_quotes, "mlp_vs_cnn": mlp_vs_cnn_quotes,
+                "degradation": degradation_quotes, "deep_image_prior": deep_image_prior_quotes,
+                "filter_bank": filter_bank_quotes}
+
+
+@pytest.mark.parametrize("script", sorted(STUDY_QUOTES))
+def test_the_studies_table_quotes_the_studies_results_files(script):
+  rows = [line for line in read(os.path.join(DOCS, "studies.md")).splitlines()
+          if line.startswith(f"| `scripts/{script}.py` |")]
+  assert len(rows) == 1, f"docs/studies.md has no single row for scripts/{script}.py"
+  payload = notes_results(script)
+  for quote in STUDY_QUOTES[script](payload) + [f"| {payload['wall_seconds']:.0f} s"]:
+    assert quote in rows[0], f"docs/studies.md's {script} row does not say {quote!r} (results/notes/{script}.json)"
+
+
+def test_the_bn_precision_table_is_the_results_files():
+  payload = notes_results("bn_precision")
+  assert bn_precision.markdown_table(payload["records"]) in read(os.path.join(DOCS, "parallel.md"))
+  assert payload["shape"] == [32, 8, 8, 16]  # "32 examples of 8x8x16", as the passage says

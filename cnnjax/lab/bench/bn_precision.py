@@ -5,10 +5,10 @@ has mean `ratio` times its standard deviation, normalized in train mode by
 `cnnjax.nn.BatchNorm` under each way statistics can be grouped (one group on one
 device, ghost groups within a device, a group spanning 8 devices under vmap,
 sub-groups of 2 devices), by the plain one-pass form E[x^2] - E[x]^2 in float32
-(flax's `nn.BatchNorm` with `use_fast_variance`, its default: what cnnjax computed
-before its statistics moved to moments about a shift), and, where PyTorch is
-installed, by torch's float32 BatchNorm, each compared with the same
-normalization computed in float64 (NumPy). The error is max |y - y64| / max |y64|.
+over the whole batch (flax's `nn.BatchNorm` with `use_fast_variance`, its
+default), and, where PyTorch is installed, by torch's float32 BatchNorm, each
+compared with the same normalization computed in float64 (NumPy). The error is
+max |y - y64| / max |y64|.
 `scripts/bn_precision.py` writes the records to docs/results/notes/bn_precision.json
 and `markdown_table` renders them as docs/parallel.md quotes them.
 """
