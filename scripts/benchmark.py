@@ -8,9 +8,11 @@ second, step time, compile time, fraction of the float32 matmul peak, the input
 pipeline's speed over the step's, and PyTorch's eager and channels_last images
 per second for the same model and batch (float32, one process, all cores) with
 the ratios; the same in the JSON
-(`cases`, one object per case). docs/performance.md shows a real run.
-Cost: --quick under 5 minutes on 2 CPU cores; the full run (224x224 ResNet-18/50,
-every strategy and dtype) about an hour there.
+(`cases`, one object per case) with the command, commit and machine.
+docs/performance.md quotes docs/results/benchmark.json, a full run
+(`--json=docs/results/benchmark.json`), as `harness.markdown_table` prints it.
+Cost: --quick a few minutes on 2 CPU cores, the full run (224x224 ResNet-18/50,
+every strategy and dtype) tens of minutes (`wall_seconds` in the JSON).
 
 Multi-device cases (pmap, shard_map, jit) run on `--simulate_devices` CPU
 devices (default 8; each case's child process starts with them, no XLA_FLAGS
@@ -21,8 +23,8 @@ platform), the PyTorch reference runs on the first GPU, and each record names
 its `backend` and `torch_device`.
 """
 
-import json
 import sys
+import time
 
 from absl import app, flags
 
@@ -56,12 +58,12 @@ def main(argv: list[str]) -> None:
   if indivisible:
     cli.fail(f"--simulate_devices={FLAGS.simulate_devices} does not divide the batch of {indivisible[0]}; choose a "
              "count that divides every case's batch (1, 2, 4, 8, 16 or 32)")
+  start = time.monotonic()
   timed = FLAGS.timed_steps or (QUICK_TIMED_STEPS if FLAGS.quick else FULL_TIMED_STEPS)
   payload = harness.benchmark(case_list, quick=FLAGS.quick, torch_reference=not FLAGS.no_torch,
                               warmup_steps=FLAGS.warmup_steps, timed_steps=timed,
                               progress=lambda line: print(line, flush=True))
-  with open(FLAGS.json, "w") as f:
-    json.dump(payload, f, indent=2)
+  harness.write_results(FLAGS.json, {**harness.provenance(), **payload, "wall_seconds": time.monotonic() - start})
   failed = [c for c in payload["cases"] if "error" in c]
   sys.exit(1 if failed else 0)
 

@@ -1,12 +1,13 @@
 """Per-class IoU of a finished segmentation run: `python scripts/segmentation_scores.py --config=FILE --workdir=DIR`.
 
 `python -m cnnjax.main` reports pixel accuracy, which the background class
-dominates; this reloads the run's last checkpoint and prints pixel accuracy,
-the intersection over union of every class and their mean as JSON.
+dominates, and the mean IoU; this reloads the run's last checkpoint and prints
+pixel accuracy, the intersection over union of every class and their mean as JSON.
 
 Command (after training experiments/unet_shapes.py into the same workdir):
   python scripts/segmentation_scores.py --config=experiments/unet_shapes.py --workdir=/tmp/cnnjax/unet_shapes
-Expected: the numbers quoted in the experiment's docstring.
+Expected: per-class IoU, their mean and the pixel accuracy of the finished run; the pixel accuracy
+and mean IoU equal the run's summary (eval_accuracy, eval_mean_iou).
 """
 
 import json

@@ -125,7 +125,7 @@ def test_segmentation_scores_agree_with_the_loop_and_the_script(tmp_path, tfds_d
   scores = segmentation_scores(*restore_run(config, str(tmp_path)))
   assert scores["pixels"] == 200 * 32 * 32
   assert scores["pixel_accuracy"] == pytest.approx(summary["eval_accuracy"], abs=1e-6)
-  assert len(scores["per_class_iou"]) == 4 and 0 <= scores["mean_iou"] <= 1
+  assert len(scores["per_class_iou"]) == 4 and scores["mean_iou"] == pytest.approx(summary["eval_mean_iou"], abs=1e-6)
   result = run_cli("", "--config=experiments/unet_shapes.py", f"--workdir={tmp_path}", "--config.model.features=(4, 8)",
                    "--config.num_train_steps=2", "--config.batch_size=8", "--config.eval_batch_size=100",
                    "--config.log_every_steps=2", "--config.checkpoint_every_steps=2", "--config.eval_every_steps=0",

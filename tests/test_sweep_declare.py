@@ -118,7 +118,7 @@ def test_sweep_experiments_declare_valid_trials(name):
   configs = [apply_overrides(base, t) for t in trials]
   assert len({t.name for t in trials}) == len(trials) >= 2
   doc = load_experiment(name).__doc__
-  assert f"python -m cnnjax.sweep --config=experiments/{name}.py" in doc and "Expected" in doc and "Cost" in doc
+  assert f"python -m cnnjax.sweep --config=experiments/{name}.py" in doc and "Expected" in doc and "Result:" in doc
   if name == "lr_sweep_digits":
     check_vectorizable(configs)  # learning rate x seed: one population
   if name == "norm_sweep_digits":

@@ -16,9 +16,9 @@ close to the group's mean (within the spread of the examples' means), outside
 the gradient (the statistics do not depend on it mathematically, only their
 rounding does), and read from data that the group's step already holds. The
 plain one-pass form E[x^2] - E[x]^2 cancels catastrophically when a channel's
-mean is large against its standard deviation (at mean/std = 1,000 a fresh
-layer's output was off by more than its own size); about c the variance stays
-within a few float32 roundings of a two-pass computation. The output keeps the
+mean is large against its standard deviation; about c the variance stays
+within a few float32 roundings of a two-pass computation (the errors of both
+against float64, by mean/std: docs/parallel.md, from scripts/bn_precision.py). The output keeps the
 form x * a + b, whose rounding error is eps x |x| / sigma, of the order of
 PyTorch float32's: computing it from x - c would be exact too, but measurably
 slows the step (docs/performance.md, "Measurements behind design choices").

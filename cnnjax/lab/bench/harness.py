@@ -272,6 +272,28 @@ def benchmark(case_list: list[Case], *, quick: bool, torch_reference: bool, warm
                         for k, v in pipelines.items()]}
 
 
+def markdown_table(payload: dict[str, Any]) -> str:
+  """The table docs/performance.md quotes from a `scripts/benchmark.py` JSON: one row per case."""
+  rows = ["| model | batch | input | strategy | dtype | img/s | ms/step | compile s | peak host GiB | of matmul peak | "
+          "pipeline / step | torch eager / channels_last img/s | vs torch eager |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for record in payload["cases"]:
+    shape = "x".join(str(d) for d in (record["image_size"], record["image_size"], record["channels"]))
+    start = f"| {record['model']} | {record['batch']} | {shape} | {record['strategy']} | {record['dtype']} |"
+    if "error" in record:
+      rows.append(f"{start} failed: {record['error'][:80]} |||||||| ")
+      continue
+    peak = record.get("fraction_of_peak")
+    torch = ("n/a" if "torch_eager_images_per_second" not in record else
+             f"{record['torch_eager_images_per_second']:,.1f} / {record['torch_channels_last_images_per_second']:,.1f}")
+    ratio = f"x{record['ratio_vs_torch_eager']:.2f}" if "ratio_vs_torch_eager" in record else "n/a"
+    rows.append(f"{start} {record['images_per_second']:,.1f} | {record['median_step_seconds'] * 1e3:,.0f} | "
+                f"{record['compile_seconds']:.1f} | {record['peak_host_memory_mb'] / 1024:.1f} | "
+                f"{'n/a' if peak is None else f'{peak:.0%}'} | x{record['pipeline_over_step']:.0f} | {torch} | "
+                f"{ratio} |")
+  return "\n".join(rows)
+
+
 def describe(record: dict[str, Any]) -> str:
   name = (f"{record['model']:>9} b{record['batch']:<3} {record['image_size']:>3}px {record['strategy']:>9} "
           f"{record['dtype']:>8}")
