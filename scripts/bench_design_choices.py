@@ -9,7 +9,7 @@ products), the median milliseconds of cnnjax's computation and of its alternativ
 compilation for the initializer), forward and backward, and the median per-round ratio of the
 alternative over cnnjax; the rows docs/performance.md quotes ("Measurements behind design choices"),
 printed for pasting.
-Cost: about 3 minutes on 2 CPU cores (most of it compiling ResNet-20's initializer with XLA's
+Cost: about 2 minutes on 2 busy CPU cores (most of it compiling ResNet-20's initializer with XLA's
 optimizations, and the select-and-scatter gradient at 112x112).
 
 Both sides of every choice are first checked to compute the same outputs (the run stops there if

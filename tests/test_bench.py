@@ -3,18 +3,22 @@
 Speed itself is never asserted here (the brief: benchmarks measure, tests check
 behaviour); these tests check that a run produces every field docs/performance.md
 promises, that the multi-device and bfloat16 paths run, and
-that the PyTorch twin, where PyTorch is installed, is the same architecture; and that the
-pipeline benchmark against worker counts (scripts/bench_pipeline.py) writes its rates.
+that the PyTorch twin, where PyTorch is installed, is the same architecture; that the
+pipeline benchmark against worker counts (scripts/bench_pipeline.py) writes its rates; and that
+the design-choice measurements (scripts/bench_design_choices.py) run and refuse to time two
+sides that compute different values.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 from cnnjax import config as config_lib
-from cnnjax.lab.bench import harness
+from cnnjax.lab.bench import design_choices, harness
 from helpers import REPO_ROOT, run_cli
 
 BENCH_PIPELINE = os.path.join(REPO_ROOT, "scripts", "bench_pipeline.py")
@@ -112,6 +116,7 @@ def run_script(script: str, *args: str):
     ("bench_parallel", ["--model=bogus", "--strategies=none"], "model.name='bogus' is unknown"),
     ("bench_sweep", ["--steps=0"], "--steps=0 must be positive"),
     ("bench_sweep", ["--simulate_devices=0"], "--simulate_devices=0 must be a positive device count"),
+    ("bench_design_choices", ["--rounds=0"], "--rounds=0, --compile_rounds=3 and --seconds_per_round=0.3 must be"),
 ])
 def test_benchmark_scripts_take_absl_flags_with_one_line_errors(tmp_path, script, args, message):
   out = tmp_path / "out.json"
@@ -146,3 +151,33 @@ def test_bench_sweep_runs_a_mode_on_the_devices_it_is_asked_for(tmp_path, tfds_d
   assert result.returncode == 0, result.stderr[-2000:]
   record = json.loads(out.read_text())
   assert (record["mode"], record["devices"], record["trials"]) == ("vectorized", 2, 8)
+
+
+def test_design_choices_measure_every_choice_at_tiny_sizes():
+  lines = []
+  payload = design_choices.run(tiny=True, rounds=2, compile_rounds=1, seconds_per_round=1e-3,
+                               progress=lines.append)
+  assert list(payload["choices"]) == list(design_choices.CHOICES) and len(lines) == len(design_choices.CHOICES)
+  for name, record in payload["choices"].items():
+    assert record["max_relative_difference"] <= record["rtol"], name
+    expected_rounds = 1 if record["unit"] == "s" else 2
+    for side in (design_choices.CNNJAX, design_choices.ALTERNATIVE):
+      variant = record["variants"][side]
+      assert len(variant["per_round"]) == expected_rounds and variant["median"] > 0, (name, side)
+    assert record["alternative_over_cnnjax"] > 0 and len(record["alternative_over_cnnjax_per_round"]) == expected_rounds
+  # The docs' rows render from any complete payload.
+  assert len(design_choices.markdown_rows(payload)) == 5 and all(design_choices.quoted_phrases(payload))
+
+
+def test_design_choices_stop_before_timing_sides_that_compute_different_values():
+  calls = []
+
+  def side(factor):
+    return design_choices.Variant(f"x{factor}", run=lambda _: calls.append(factor) or np.arange(4.0) * factor)
+
+  differing = design_choices.Comparison("made_up", "nowhere", "nothing", {}, "ms", 1e-6, side(1.0), side(1.001))
+  with pytest.raises(AssertionError, match="made_up: output 0 differs between cnnjax and the alternative"):
+    design_choices.measure(differing, rounds=3, seconds_per_round=1e-3)
+  assert calls == [1.0, 1.001]  # each side ran once, for the check, and was never timed
+  agreeing = dataclasses.replace(differing, alternative=side(1.0 + 1e-8))
+  assert design_choices.measure(agreeing, rounds=1, seconds_per_round=1e-3)["max_relative_difference"] < 1e-6

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from cnnjax.lab.bench import bn_precision, gpu_check, pipeline
+from cnnjax.lab.bench import bn_precision, design_choices, gpu_check, pipeline
 from helpers import REPO_ROOT
 
 DOCS = os.path.join(REPO_ROOT, "docs")
@@ -160,3 +160,15 @@ def test_the_bn_precision_table_is_the_results_files():
   payload = notes_results("bn_precision")
   assert bn_precision.markdown_table(payload["records"]) in read(os.path.join(DOCS, "parallel.md"))
   assert payload["shape"] == [32, 8, 8, 16]  # "32 examples of 8x8x16", as the passage says
+
+
+def test_the_design_choice_measurements_are_the_results_files():
+  with open(os.path.join(RESULTS, "design_choices.json")) as f:
+    payload = json.load(f)
+  assert set(payload["choices"]) == set(design_choices.CHOICES) and not payload["tiny"]
+  performance = read(os.path.join(DOCS, "performance.md"))
+  for row in design_choices.markdown_rows(payload):
+    assert row in performance, f"docs/performance.md's design-choice table lacks {row!r}"
+  flat = " ".join(performance.split())  # the lowering paragraph wraps its quotes over lines
+  for phrase in design_choices.quoted_phrases(payload):
+    assert phrase in flat, f"docs/performance.md's lowering paragraph does not say {phrase!r}"

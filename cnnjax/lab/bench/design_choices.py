@@ -332,49 +332,67 @@ def _dims(shape: list[int]) -> str:
 
 
 def _sides(payload: dict[str, Any], name: str) -> tuple[str, str, str]:
-  """(cnnjax, alternative, ratio) of a choice as the docs print them."""
+  """(cnnjax, alternative, ratio) of a choice as the docs print them: the medians and the median per-round ratio."""
   record = payload["choices"][name]
   return (format_value(record["variants"][CNNJAX]["median"]), format_value(record["variants"][ALTERNATIVE]["median"]),
           f"x{record['alternative_over_cnnjax']:.1f}")
 
 
+def _small_conv_layer(payload: dict[str, Any]) -> str:
+  shapes = payload["choices"]["small_conv"]["shapes"]
+  kernel, batch = shapes["kernel"], shapes["input"][0]
+  return f"one {_dims(kernel[:2])}, {kernel[-1]}-channel layer on {batch} maps of {_dims(shapes['input'][1:3])}"
+
+
+def _one_by_one_layer(payload: dict[str, Any]) -> str:
+  shapes = payload["choices"]["one_by_one_conv"]["shapes"]
+  return f"batch {shapes['input'][0]}, {_dims(shapes['input'][1:])} -> {shapes['kernel'][-1]}"
+
+
+def _pool_sizes(payload: dict[str, Any]) -> tuple[str, str, int]:
+  """The two pooling inputs without their batch, and the batch."""
+  small, large = (payload["choices"][name]["shapes"]["input"] for name in ("max_pool_32", "max_pool_112"))
+  return _dims(small[1:]), _dims(large[1:]), small[0]
+
+
 def markdown_rows(payload: dict[str, Any]) -> list[str]:
   """The rows of docs/performance.md's "Measurements behind design choices" table that quote the results file."""
-  choices = payload["choices"]
-  bn, bn_alt, bn_ratio = _sides(payload, "batchnorm_relu")
-  init, init_alt, init_ratio = _sides(payload, "init_compile")
-  pool32, pool32_alt, pool32_ratio = _sides(payload, "max_pool_32")
-  pool112, pool112_alt, pool112_ratio = _sides(payload, "max_pool_112")
-  small, small_alt, small_ratio = _sides(payload, "small_conv")
-  one, one_alt, one_ratio = _sides(payload, "one_by_one_conv")
-  pool_batch = choices["max_pool_32"]["shapes"]["input"][0]
-  small_input = choices["small_conv"]["shapes"]["input"]
-  one_input, one_kernel = choices["one_by_one_conv"]["shapes"]["input"], choices["one_by_one_conv"]["shapes"]["kernel"]
-  return [
-      f"| BatchNorm as `x * a + b` (`cnnjax/nn/norm.py`) | BatchNorm + ReLU forward and backward on "
-      f"{_dims(choices['batchnorm_relu']['shapes']['input'])}: {bn} ms, against {bn_alt} ms for "
-      f"`(x - mean) / sigma * scale + bias` ({bn_ratio}) |",
-      f"| initializers compiled without XLA's optimizations (`cnnjax/train/state.py`) | ResNet-20's initializer "
-      f"compiles in {init} s, against {init_alt} s with them ({init_ratio}) |",
-      f"| max and min pooling's own derivative (`cnnjax/nn/lowering.py`) | 3x3, stride-2 max pooling forward and "
-      f"backward, batch {pool_batch}: {pool32} ms at 32x32x64 and {pool112} ms at 112x112x64, against {pool32_alt} "
-      f"and {pool112_alt} ms with select-and-scatter ({pool32_ratio}, {pool112_ratio}) |",
-      f"| convolutions on maps smaller than the kernel as one patch matrix product (`cnnjax/nn/lowering.py`) | "
-      f"a 3x3, {small_input[-1]}-channel convolution on {small_input[0]} maps of {_dims(small_input[1:3])}, forward "
-      f"and backward: {small} ms, against {small_alt} ms for XLA's ({small_ratio}) |",
-      f"| unpadded 1x1 convolutions as a matrix product (`cnnjax/nn/lowering.py`) | a 1x1 convolution of ResNet-50 "
-      f"at 224x224 (batch {one_input[0]}, {_dims(one_input[1:])} -> {one_kernel[-1]}), forward and backward: "
-      f"{one} ms, against {one_alt} ms for XLA's ({one_ratio}) |"]
+  bn = _sides(payload, "batchnorm_relu")
+  init = _sides(payload, "init_compile")
+  pool_small, pool_large = _sides(payload, "max_pool_32"), _sides(payload, "max_pool_112")
+  small_size, large_size, pool_batch = _pool_sizes(payload)
+  small_conv, one_by_one = _sides(payload, "small_conv"), _sides(payload, "one_by_one_conv")
+  bn_input = _dims(payload["choices"]["batchnorm_relu"]["shapes"]["input"])
+  model = payload["choices"]["init_compile"]["shapes"]["model"]
+  rows = [
+      ("BatchNorm as `x * a + b` (`cnnjax/nn/norm.py`)",
+       f"BatchNorm + ReLU forward and backward on {bn_input}: {bn[0]} ms, against {bn[1]} ms for "
+       f"`(x - mean) / sigma * scale + bias` ({bn[2]})"),
+      ("initializers compiled without XLA's optimizations (`cnnjax/train/state.py`)",
+       f"`{model}`'s initialization compile time {init[1]} s -> {init[0]} s ({init[2]})"),
+      ("max and min pooling's own derivative (`cnnjax/nn/lowering.py`)",
+       f"3x3, stride-2 max pooling forward and backward, batch {pool_batch}: {pool_small[0]} ms at {small_size} "
+       f"and {pool_large[0]} ms at {large_size}, against {pool_small[1]} and {pool_large[1]} ms with "
+       f"select-and-scatter ({pool_small[2]}, {pool_large[2]})"),
+      ("convolutions on maps with fewer pixels than the kernel has taps as one patch matrix product "
+       "(`cnnjax/nn/lowering.py`)",
+       f"{_small_conv_layer(payload)}, forward and backward: {small_conv[0]} ms, against {small_conv[1]} ms "
+       f"for XLA's convolution ({small_conv[2]})"),
+      ("unpadded 1x1 convolutions as a matrix product over channels (`cnnjax/nn/lowering.py`)",
+       f"one of ResNet-50's 1x1 layers at 224x224 ({_one_by_one_layer(payload)}), forward and backward: "
+       f"{one_by_one[0]} ms, against {one_by_one[1]} ms for XLA's convolution ({one_by_one[2]})")]
+  return [f"| {choice} | {measured} |" for choice, measured in rows]
 
 
 def quoted_phrases(payload: dict[str, Any]) -> list[str]:
-  """What the lowering paragraph of docs/performance.md quotes from the results file (in one line each)."""
-  _, small_alt, _ = _sides(payload, "small_conv")
-  small, _, _ = _sides(payload, "small_conv")
-  pool32, pool32_alt, _ = _sides(payload, "max_pool_32")
-  pool112, pool112_alt, _ = _sides(payload, "max_pool_112")
-  one, one_alt, one_ratio = _sides(payload, "one_by_one_conv")
-  return [f"({small_alt} ms for one 3x3, 512-channel layer on 32 maps of 2x2, forward and backward)",
-          f"one patch matrix product ({small} ms)",
-          f"{pool32_alt} -> {pool32} ms at 32x32x64, {pool112_alt} -> {pool112} ms at 112x112x64",
-          f"{one_ratio} as fast", f"{one_alt} -> {one} ms"]
+  """What the lowering paragraph of docs/performance.md quotes from the results file, each on one line."""
+  small_conv = _sides(payload, "small_conv")
+  pool_small, pool_large = _sides(payload, "max_pool_32"), _sides(payload, "max_pool_112")
+  small_size, large_size, pool_batch = _pool_sizes(payload)
+  one_by_one = _sides(payload, "one_by_one_conv")
+  return [f"({small_conv[1]} ms for {_small_conv_layer(payload)}, forward and backward)",
+          f"one patch matrix product ({small_conv[0]} ms)",
+          f"{pool_small[1]} -> {pool_small[0]} ms at {small_size}, {pool_large[1]} -> {pool_large[0]} ms at "
+          f"{large_size}, batch {pool_batch}, forward included",
+          f"{_one_by_one_layer(payload)}, forward and backward: {one_by_one[1]} -> {one_by_one[0]} ms, "
+          f"{one_by_one[2]}"]
