@@ -6,21 +6,20 @@ has two lowerings here, computing the same function and the same derivatives:
 * `plain`: `jax.lax.conv_general_dilated` and `jax.lax.reduce_window` with
   JAX's own derivatives, the forms that cuDNN, XLA GPU and XLA TPU have their
   convolution and pooling kernels for;
-* `cpu_tuned`: three rewrites measured on XLA CPU (how much each gains is in
-  docs/performance.md):
+* `cpu_tuned`: three rewrites measured on XLA CPU (how much each gains:
+  docs/results/design_choices.json, from scripts/bench_design_choices.py, quoted
+  in docs/performance.md):
   - a convolution on maps with fewer pixels than its kernel has taps (a 3x3
     convolution on the 2x2 maps at the end of ResNet-18 at 64x64, U-Net's
     bottleneck on 32x32 inputs) is the matrix product of the input's patches
     with the kernel: XLA's algebraic simplifier swaps such a convolution's
     operands (the kernel becomes the image), and XLA CPU runs the swapped form
-    through a slow generic loop, about a hundred times slower than the matrix
-    product;
+    through a slow generic loop, far slower than the matrix product;
   - an unpadded 1x1 convolution (ResNet-50's bottlenecks, projection shortcuts)
     is a matrix product over channels: XLA CPU computes its weight gradient as
-    a convolution about twice as slowly as the matrix product's;
+    a convolution more slowly than the matrix product's;
   - max and min pooling carry their own derivative (`extremum_pool`): XLA CPU
-    runs the generic gradient (select-and-scatter) at about a tenth of a
-    forward pass's speed.
+    runs the generic gradient (select-and-scatter) slowly.
 
 `model.lowering` chooses (`LOWERINGS`): 'plain' and 'cpu_tuned' force one, for
 comparison; 'auto' (the default) takes `cpu_tuned` on CPU and `plain` on every

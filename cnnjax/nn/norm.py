@@ -192,8 +192,8 @@ class BatchNorm(nn.Module):
         self.sow(BATCH_MOMENTS, "mean", mean)
         self.sow(BATCH_MOMENTS, "var", var)
       # y = x * a + b with a = scale / sigma and b = bias - mean * a: one multiply-add per element, and
-      # a form whose derivative XLA fuses far better than (x - mean) / sigma * scale + bias or
-      # (x - c) * a + b (docs/performance.md). Its rounding error, eps x |x| / sigma, is of the order of
+      # a form whose derivative XLA fuses better than (x - mean) / sigma * scale + bias or
+      # (x - c) * a + b (docs/results/design_choices.json, quoted in docs/performance.md). Its rounding error, eps x |x| / sigma, is of the order of
       # PyTorch float32's (docs/parallel.md, the precision table).
       multiplier = inv_sigma * scale
       offset = bias - mean * multiplier
