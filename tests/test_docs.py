@@ -172,3 +172,21 @@ def test_the_design_choice_measurements_are_the_results_files():
   flat = " ".join(performance.split())  # the lowering paragraph wraps its quotes over lines
   for phrase in design_choices.quoted_phrases(payload):
     assert phrase in flat, f"docs/performance.md's lowering paragraph does not say {phrase!r}"
+
+
+def test_the_benchmark_tables_are_the_benchmarks_results_files():
+  from cnnjax.lab.bench import harness  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(RESULTS, "benchmark.json")) as f:
+    full = json.load(f)
+  with open(os.path.join(RESULTS, "benchmark_quick.json")) as f:
+    quick = {c["model"]: c for c in json.load(f)["cases"] if c["strategy"] == "none" and c["dtype"] == "float32"}
+  text = read(os.path.join(DOCS, "performance.md"))
+  flat = " ".join(text.split())
+  assert harness.markdown_table(full) in text
+  assert harness.default_against_one_device_table(full, "resnet20", "jit") in text
+  assert f"float32 matmul peak {full['peak_matmul_flops_per_second'] / 1e9:.0f} GFLOP/s" in flat
+  for model in ("resnet18", "resnet50"):
+    assert f"x{quick[model]['ratio_vs_torch_eager']:.2f}" in flat and f"{quick[model]['images_per_second']:.0f}" in flat
+  for model, name in (("resnet20", "ResNet-20"), ("resnet18", "ResNet-18"), ("resnet50", "ResNet-50")):
+    times = [c["compile_seconds"] for c in full["cases"] if c["model"] == model]
+    assert f"{min(times):.1f}-{max(times):.1f} s for {name}" in flat

@@ -294,6 +294,23 @@ def markdown_table(payload: dict[str, Any]) -> str:
   return "\n".join(rows)
 
 
+def default_against_one_device_table(payload: dict[str, Any], model: str, default_strategy: str) -> str:
+  """The table of a model's step on one device against cnnjax's default on a CPU host (`default_strategy` on the
+  benchmark's simulated devices), each dtype with PyTorch eager and channels_last timed in the same run."""
+  rows = ["| dtype | one device img/s | default img/s | PyTorch eager / channels_last img/s | one device / eager | "
+          "default / eager | default / channels_last |", "|---|---|---|---|---|---|---|"]
+  by_case = {(r["strategy"], r["dtype"]): r for r in payload["cases"] if r["model"] == model and "error" not in r}
+  for dtype in sorted({dtype for _, dtype in by_case}, key=lambda d: d != "float32"):
+    one, default = by_case.get(("none", dtype)), by_case.get((default_strategy, dtype))
+    if one is None or default is None or "torch_eager_images_per_second" not in one:
+      continue
+    eager, channels_last = one["torch_eager_images_per_second"], one["torch_channels_last_images_per_second"]
+    rows.append(f"| {dtype} | {one['images_per_second']:,.1f} | {default['images_per_second']:,.1f} | "
+                f"{eager:,.1f} / {channels_last:,.1f} | x{one['images_per_second'] / eager:.2f} | "
+                f"x{default['images_per_second'] / eager:.2f} | x{default['images_per_second'] / channels_last:.2f} |")
+  return "\n".join(rows)
+
+
 def describe(record: dict[str, Any]) -> str:
   name = (f"{record['model']:>9} b{record['batch']:<3} {record['image_size']:>3}px {record['strategy']:>9} "
           f"{record['dtype']:>8}")
