@@ -16,14 +16,13 @@ it runs with glibc's allocator told to keep freed memory (re-executing itself
 with `cnnjax.lab.bench.harness.ALLOCATOR_ENV` set).
 """
 
-import json
 import os
-import platform
 import sys
 
 from absl import app, flags
 
 from cnnjax import cli
+from cnnjax.lab.bench import harness
 from cnnjax.lab.bench.harness import ALLOCATOR_ENV, SIMULATED_DEVICES, STRATEGIES
 
 flags.DEFINE_string("json", None, "Where to write the results.")
@@ -53,9 +52,10 @@ def main(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **ALLOCATOR_ENV})
   cli.configure_host_devices(FLAGS.simulate_devices, None)
 
-  import jax  # pylint: disable=import-outside-toplevel  (after XLA_FLAGS)
-  from cnnjax import config as config_lib, train
-  from cnnjax.lab.bench import timing  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel  (JAX after XLA_FLAGS)
+  from cnnjax import config as config_lib
+  from cnnjax import train
+  from cnnjax.lab.bench import timing
 
   results = []
   for strategy in strategies:
@@ -81,12 +81,8 @@ def main(argv: list[str]) -> None:
     times = {r["bn_sync"]: r["median_step_seconds"] for r in results if r["strategy"] == strategy}
     sync_cost[strategy] = times["global"] / times["local"]
     print(f"{strategy:>9}: global / local BatchNorm step time = {sync_cost[strategy]:.3f}")
-  payload = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                         "backend": jax.default_backend(), "python": sys.version.split()[0],
-                         "jax": jax.__version__, "simulated_devices": FLAGS.simulate_devices},
-             "cases": results, "global_over_local_step_time": sync_cost}
-  with open(FLAGS.json, "w") as f:
-    json.dump(payload, f, indent=2)
+  harness.write_results(FLAGS.json, {**harness.provenance(), "simulated_devices": FLAGS.simulate_devices,
+                                     "cases": results, "global_over_local_step_time": sync_cost})
 
 
 if __name__ == "__main__":

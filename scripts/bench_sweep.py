@@ -22,7 +22,6 @@ speed-up from more hardware.
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import tempfile
 from absl import app, flags
 
 from cnnjax import cli
+from cnnjax.lab.bench import harness
 
 # (mode, parallel.strategy of each trial): the cases, in the order they are run and shown.
 CASES = (("sequential", "jit"), ("sequential", "none"), ("partitioned", "jit"), ("vectorized", "jit"))
@@ -48,7 +48,7 @@ FLAGS = flags.FLAGS
 def run_case(mode: str, strategy: str, steps: int, workdir: str) -> dict:
   """Runs one sweep in this process (a child of main) and returns its timing."""
   import jax  # pylint: disable=import-outside-toplevel  (after XLA_FLAGS)
-  from cnnjax import cli  # pylint: disable=import-outside-toplevel
+
   from cnnjax.sweep import declare, run_sweep  # pylint: disable=import-outside-toplevel
 
   cli.configure_logging()
@@ -102,13 +102,8 @@ def main(argv: list[str]) -> None:
     record["speedup_over_sequential_jit"] = baseline / record["wall_seconds"]
     print(f"{record['mode']:>11} ({record['strategy']:>4}): {record['speedup_over_sequential_jit']:.2f}x "
           "the sequential (jit) sweep")
-  import jax  # pylint: disable=import-outside-toplevel
-  payload = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                         "backend": jax.default_backend(), "python": sys.version.split()[0],
-                         "jax": jax.__version__, "simulated_devices": FLAGS.simulate_devices},
-             "experiment": EXPERIMENT, "cases": results}
-  with open(FLAGS.json, "w") as f:
-    json.dump(payload, f, indent=2)
+  harness.write_results(FLAGS.json, {**harness.provenance(), "simulated_devices": FLAGS.simulate_devices,
+                                     "experiment": EXPERIMENT, "steps": FLAGS.steps, "cases": results})
 
 
 if __name__ == "__main__":

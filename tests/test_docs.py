@@ -190,3 +190,35 @@ def test_the_benchmark_tables_are_the_benchmarks_results_files():
   for model, name in (("resnet20", "ResNet-20"), ("resnet18", "ResNet-18"), ("resnet50", "ResNet-50")):
     times = [c["compile_seconds"] for c in full["cases"] if c["model"] == model]
     assert f"{min(times):.1f}-{max(times):.1f} s for {name}" in flat
+
+
+def test_the_newer_jax_data_point_is_its_results_file():
+  with open(os.path.join(RESULTS, "benchmark_quick_jax012.json")) as f:
+    payload = json.load(f)
+  cases = {(c["model"], c["strategy"], c["dtype"]): c for c in payload["cases"]}
+  flat = " ".join(read(os.path.join(DOCS, "performance.md")).split())
+  one, jit = cases[("resnet20", "none", "float32")], cases[("resnet20", "jit", "float32")]
+  assert (f"Python {payload['machine']['python']} with jax {payload['machine']['jax']}" in flat and
+          f"x{one['ratio_vs_torch_eager']:.2f} of PyTorch eager on one device and "
+          f"x{jit['ratio_vs_torch_eager']:.2f} under `jit`" in flat)
+
+
+def test_the_bn_sync_cost_is_its_results_file():
+  with open(os.path.join(RESULTS, "bn_sync_cost.json")) as f:
+    ratios = json.load(f)["global_over_local_step_time"]
+  flat = " ".join(read(os.path.join(DOCS, "performance.md")).split())
+  assert (f"local statistics at {ratios['pmap']:.2f} (pmap), {ratios['shard_map']:.2f} (shard_map) and "
+          f"{ratios['jit']:.2f} (jit)") in flat
+
+
+def test_the_sweep_mode_table_is_its_results_file():
+  from cnnjax.lab.bench import harness  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(RESULTS, "sweep_modes.json")) as f:
+    payload = json.load(f)
+  cases = {(c["mode"], c["strategy"]): c for c in payload["cases"]}
+  text = read(os.path.join(DOCS, "sweeps.md"))
+  flat = " ".join(text.split())
+  assert harness.sweep_modes_table(payload) in text
+  assert (f"({cases[('vectorized', 'jit')]['compile_seconds_total']:.1f} s against "
+          f"{cases[('sequential', 'jit')]['compile_seconds_total']:.1f} s)") in flat
+  assert f"({cases[('partitioned', 'jit')]['compile_seconds_total']:.0f} s of compilation summed)" in flat

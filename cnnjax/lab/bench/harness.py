@@ -311,6 +311,20 @@ def default_against_one_device_table(payload: dict[str, Any], model: str, defaul
   return "\n".join(rows)
 
 
+def sweep_modes_table(payload: dict[str, Any]) -> str:
+  """The table docs/sweeps.md quotes from a `scripts/bench_sweep.py` JSON: one row per mode."""
+  devices = payload["simulated_devices"]
+  where = {("sequential", "jit"): f"`jit` over all {devices} devices, one trial at a time",
+           ("sequential", "none"): "`none` (one device), one trial at a time",
+           ("partitioned", "jit"): f"{devices} groups of 1 device, {devices} trials at once",
+           ("vectorized", "jit"): f"one population of {devices}, one member per device"}
+  rows = ["| mode | trials run on | wall | examples/s (all trials) | vs sequential |", "|---|---|---|---|---|"]
+  for case in payload["cases"]:
+    rows.append(f"| {case['mode']} | {where[(case['mode'], case['strategy'])]} | {case['wall_seconds']:.1f} s | "
+                f"{case['examples_per_second']:,.0f} | {case['speedup_over_sequential_jit']:.2f}x |")
+  return "\n".join(rows)
+
+
 def describe(record: dict[str, Any]) -> str:
   name = (f"{record['model']:>9} b{record['batch']:<3} {record['image_size']:>3}px {record['strategy']:>9} "
           f"{record['dtype']:>8}")
