@@ -119,3 +119,20 @@ def test_experiment_end_to_end(tmp_path, tfds_data_dir, name):
   assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
   assert [r["step"] for r in records if r["split"] == "eval"] == [2, 3]
   assert {"2", "3"} <= set(os.listdir(workdir / "checkpoints"))
+
+
+@pytest.mark.slow
+def test_run_experiments_records_each_seeds_summary_and_keeps_earlier_records(tmp_path):
+  path = tmp_path / "experiments.json"
+  path.write_text(json.dumps({"experiments": {"lenet5_digits": {"kept": True}}}))
+  payload = experiments.run(str(path), ("bn_base",))
+  assert json.loads(path.read_text()) == payload and payload["experiments"]["lenet5_digits"] == {"kept": True}
+  assert {"command", "commit", "machine"} <= set(payload)
+  result = payload["experiments"]["bn_base"]
+  assert result["command"] == ("python -m cnnjax.main --config=experiments/bn_base.py "
+                               "--workdir=/tmp/cnnjax/bn_base --config.progress_bar=false")
+  assert [run["seed"] for run in result["runs"]] == list(experiments.BY_NAME["bn_base"].seeds)
+  for run in result["runs"]:
+    assert 0.0 <= run["eval_accuracy"] <= 1.0 and run["step"] > 0 and run["command_seconds"] > 0
+  with pytest.raises(ValueError, match="unknown experiments"):
+    experiments.run(str(path), ("bn_bass",))
