@@ -103,6 +103,7 @@ class Sizes:
   bn_devices: int = SIMULATED_DEVICES
   bn_warmup_steps: int = 3
   bn_timed_steps: int = 10
+  test_workers: int = TEST_WORKERS
 
 
 FULL = Sizes()
@@ -111,7 +112,8 @@ DRY_RUN = Sizes(resnet50_batch=2, resnet50_image_size=32, resnet20_batch=4, warm
                 gpu_tests=("tests/test_lowering.py::test_auto_takes_the_cpu_rewrites_on_cpu_only",),
                 gpu_tests_filter="",
                 simulated_tests=("tests/test_parallel.py::test_each_device_and_step_draws_its_own_reproducible_key",),
-                bn_batch=8, bn_image_size=8, bn_devices=2, bn_warmup_steps=0, bn_timed_steps=1)
+                bn_batch=8, bn_image_size=8, bn_devices=2, bn_warmup_steps=0, bn_timed_steps=1,
+                test_workers=0)  # one test each: pytest-xdist's workers would cost more than they save
 
 # (section name, cap in seconds) in the order they run; the budget cuts from the end.
 SECTION_SECONDS = {"environment": 60, "jax_resnet50": 180, "jax_fastest_resnet50": 150, "torch_eager_resnet50": 90,
@@ -372,7 +374,7 @@ def tests_section(check: Check, sizes: Sizes, which: str) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     junit = os.path.join(tmp, "junit.xml")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-               "-n", str(TEST_WORKERS), *selection]
+               "-n", str(sizes.test_workers), *selection]
     if record["filter"]:
       command += ["-k", record["filter"]]
     result = check.run(f"tests ({which})", command, timeout, env)
