@@ -7,6 +7,7 @@ network: TFDS datasets other than the embedded digits are mocked with
 """
 
 import os
+import signal
 import sys
 import tempfile
 
@@ -21,6 +22,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests check numbers and wiring, not speed: most of their time is XLA compiling tiny steps, which
 # its optimization passes multiply. Runs compared with each other always share this setting.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+# Tests send SIGINT to the runs they start, and cnnjax keeps a SIGINT ignored at start ignored (not aimed at
+# it). A shell's background job starts with SIGINT ignored; a handler here instead means the runs started
+# from this process begin with the default disposition, however pytest itself was launched.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 # A private TFDS directory: the digits are written there once per test session.
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="cnnjax-tfds-")
 

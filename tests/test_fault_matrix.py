@@ -58,11 +58,8 @@ def assert_one_line_error(result, message: str) -> None:
 
 
 def start(args, *, module="cnnjax.main", env=None):
-  # The runs these tests signal start with SIGINT's default disposition whatever launched pytest: a shell's
-  # background job inherits SIGINT ignored, and cnnjax keeps a SIGINT ignored at start ignored.
   return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
 
 
 def wait_until(condition, process, what: str) -> None:
