@@ -31,9 +31,10 @@ def main() -> None:
   if args.budget_seconds <= 0:
     parser.error(f"--budget_seconds={args.budget_seconds} must be positive")
   sections = tuple(name for name in args.sections.split(",") if name)
-  unknown = sorted(set(sections) - set(gpu_check.SECTIONS))
-  if unknown:
-    parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(gpu_check.SECTIONS)}")
+  try:
+    gpu_check.check_sections(sections)
+  except ValueError as e:
+    parser.error(f"--sections: {e}")
   gpu_check.run(args.json, args.log, dry_run=args.dry_run, budget_seconds=args.budget_seconds, sections=sections)
 
 

@@ -21,7 +21,7 @@ and its resume) can differ in the last bits. cnnjax promises that a resumed run
 is bit-identical to an uninterrupted one, so the entry points ask for XLA's
 deterministic GPU kernels (`--xla_gpu_deterministic_ops=true`) unless told
 `--nodeterministic`; what that costs is measured by the GPU check
-(`scripts/gpu_check.sh`, docs/results/gpu_check.json). CPUs are deterministic
+(`scripts/gpu_check.sh`, docs/results/gpu_check_h100.json). CPUs are deterministic
 either way. A value already in `XLA_FLAGS` wins here too.
 
 Both must be set before JAX initializes its backends (importing JAX does

@@ -478,13 +478,18 @@ def markdown_table(payload: dict[str, Any]) -> str:
   return "\n".join(rows)
 
 
+def check_sections(sections: tuple[str, ...]) -> None:
+  """Raises ValueError naming the sections that `SECTIONS` lacks."""
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown:
+    raise ValueError(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+
+
 def run(json_path: str, log_path: str, *, dry_run: bool = False, budget_seconds: float = DEFAULT_BUDGET_SECONDS,
         sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
   """Runs the check (see the module docstring), or only `sections` of it, and returns what it wrote to
   `json_path`."""
-  unknown = sorted(set(sections) - set(SECTIONS))
-  if unknown:
-    raise ValueError(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+  check_sections(sections)
   sizes = DRY_RUN if dry_run else FULL
   check = Check(json_path, log_path, budget_seconds, dry_run)
   check.payload["check"]["sections"] = list(sections)
