@@ -7,7 +7,9 @@ run, the summary's eval numbers, the steps and examples per second, and the
 command's wall-clock seconds; per sweep, every trial's row of results.csv and
 the best one. The experiment docstrings point to this file for their measured
 results, and `tests/test_experiments.py` checks each recorded result against
-the expectation its docstring states (`min_eval_accuracy`).
+the expectation its docstring states (`min_eval_accuracy`). Each experiment's
+record names the commit it was measured at; the file's command, commit and
+machine are those of the invocation that last wrote it.
 
 Experiments that need data this machine cannot download (ImageNet, CIFAR-10,
 IMDB, Oxford pets) are not recorded; the BatchNorm study's are recorded by
@@ -128,14 +130,16 @@ def run(json_path: str, names: tuple[str, ...] = tuple(BY_NAME)) -> dict[str, An
   if os.path.exists(json_path):
     with open(json_path) as f:
       payload = json.load(f)
+  provenance = harness.provenance()
   with tempfile.TemporaryDirectory() as root:
     # A private TFDS directory: the embedded and synthetic datasets are written there, not into ~.
     env = {**os.environ, "TFDS_DATA_DIR": os.path.join(root, "tfds"), "PYTHONUNBUFFERED": "1"}
     for name in names:
       print(f"running {name}", flush=True)
-      payload["experiments"][name] = record(BY_NAME[name], root, env)
+      # Each record keeps the commit it was measured at: a later invocation may rerun only some.
+      payload["experiments"][name] = {**record(BY_NAME[name], root, env), "commit": provenance["commit"]}
       print(f"  {json.dumps(payload['experiments'][name])[:400]}", flush=True)
-  payload.update(harness.provenance())
+  payload.update(provenance)
   payload["experiments"] = dict(sorted(payload["experiments"].items()))
   harness.write_results(json_path, payload)
   return payload
