@@ -170,10 +170,12 @@ def run_torch_reference(case: Case, *, warmup_steps: int, timed_steps: int) -> d
 
 def run_in_child(case: Case, *, what: str, warmup_steps: int, timed_steps: int) -> dict[str, Any]:
   """Runs `case` ('jax' step or 'torch' reference) in a fresh Python process; returns its record."""
+  from cnnjax.parallel import host_devices  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "case.json")
+    # As a run starts (cnnjax.parallel.host_devices): on a GPU, the deterministic kernels it has by default.
     env = {**os.environ, **ALLOCATOR_ENV,
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={case.devices}"}
+           "XLA_FLAGS": f"{host_devices.DEVICE_COUNT_FLAG}={case.devices} {host_devices.DETERMINISTIC_GPU_FLAG}=true"}
     command = [sys.executable, "-m", "cnnjax.lab.bench.harness", f"--case={json.dumps(dataclasses.asdict(case))}",
                f"--what={what}", f"--out={out}", f"--warmup_steps={warmup_steps}", f"--timed_steps={timed_steps}"]
     result = subprocess.run(command, check=False, env=env, capture_output=True, text=True,
