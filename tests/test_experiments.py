@@ -90,6 +90,7 @@ def test_experiment_docstrings_point_to_results_that_meet_their_expectations():
       assert result.startswith("Result: not run here ("), f"{name}: {result}"
   assert pointed_to == set(recorded) == set(experiments.BY_NAME)
   for name, result in recorded.items():
+    assert len(result["commit"]) == 40, name  # the commit each experiment was measured at
     entry = experiments.BY_NAME[name]
     accuracies = experiments.accuracies(result)
     assert accuracies and min(accuracies) >= entry.min_eval_accuracy, (name, accuracies)
@@ -129,6 +130,7 @@ def test_run_experiments_records_each_seeds_summary_and_keeps_earlier_records(tm
   assert json.loads(path.read_text()) == payload and payload["experiments"]["lenet5_digits"] == {"kept": True}
   assert {"command", "commit", "machine"} <= set(payload)
   result = payload["experiments"]["bn_base"]
+  assert result["commit"] == payload["commit"]
   assert result["command"] == ("python -m cnnjax.main --config=experiments/bn_base.py "
                                "--workdir=/tmp/cnnjax/bn_base --config.progress_bar=false")
   assert [run["seed"] for run in result["runs"]] == list(experiments.BY_NAME["bn_base"].seeds)
