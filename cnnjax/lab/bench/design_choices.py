@@ -210,31 +210,30 @@ CHOICES = ("batchnorm_relu", "init_compile", "max_pool_32", "max_pool_112", "sma
 SMALL_CONV, ONE_BY_ONE_CONV = "3x3 convolution on 2x2 maps", "unpadded 1x1 convolution"
 
 
+# Each choice's builder and its arguments: the shapes docs/performance.md quotes, then tiny ones for tests.
+# The stem pooling of ResNet-18/50 (3x3, stride 2, padded by 1) at the benchmark's batch of 32, on the stem's
+# output at 64x64 inputs (32x32x64) and at 224x224 (112x112x64); the last stage's 3x3, 512-channel convolution
+# of ResNet-18/50 at 64x64 inputs (2x2 maps), at the same batch; the first 1x1 convolution of the later blocks
+# of ResNet-50's first stage at 224x224 (56x56x256 -> 64), at batch 8 to keep the run short.
+_BUILDERS: dict[str, tuple[Callable[..., Comparison], tuple[Any, ...], tuple[Any, ...]]] = {
+    "batchnorm_relu": (batchnorm_relu, ((128, 32, 32, 16),), ((4, 8, 8, 4),)),
+    "init_compile": (init_compile, ("resnet20", (32, 32, 3), 10), ("mlp", (8, 8, 1), 10)),
+    "max_pool_32": (max_pool, ("max_pool_32", (32, 32, 32, 64), 3, 2, 1), ("max_pool_32", (2, 8, 8, 4), 3, 2, 1)),
+    "max_pool_112": (max_pool, ("max_pool_112", (32, 112, 112, 64), 3, 2, 1),
+                     ("max_pool_112", (2, 12, 12, 4), 3, 2, 1)),
+    "small_conv": (convolution, ("small_conv", SMALL_CONV, (32, 2, 2, 512), (3, 3, 512, 512), 1),
+                   ("small_conv", SMALL_CONV, (2, 2, 2, 8), (3, 3, 8, 8), 1)),
+    "one_by_one_conv": (convolution, ("one_by_one_conv", ONE_BY_ONE_CONV, (8, 56, 56, 256), (1, 1, 256, 64), 0),
+                        ("one_by_one_conv", ONE_BY_ONE_CONV, (2, 8, 8, 8), (1, 1, 8, 4), 0)),
+}
+
+
 def comparison(name: str, tiny: bool = False) -> Comparison:
   """One of `CHOICES` in the shapes docs/performance.md quotes; `tiny` shrinks it for tests."""
-  if tiny:
-    builders = {"batchnorm_relu": lambda: batchnorm_relu((4, 8, 8, 4)),
-                "init_compile": lambda: init_compile("mlp", (8, 8, 1), 10),
-                "max_pool_32": lambda: max_pool("max_pool_32", (2, 8, 8, 4), 3, 2, 1),
-                "max_pool_112": lambda: max_pool("max_pool_112", (2, 12, 12, 4), 3, 2, 1),
-                "small_conv": lambda: convolution("small_conv", SMALL_CONV, (2, 2, 2, 8), (3, 3, 8, 8), 1),
-                "one_by_one_conv": lambda: convolution("one_by_one_conv", ONE_BY_ONE_CONV, (2, 8, 8, 8),
-                                                       (1, 1, 8, 4), 0)}
-  else:
-    # The stem pooling of ResNet-18/50 (3x3, stride 2, padded by 1) at the benchmark's batch of 32, on the
-    # stem's output at 64x64 inputs (32x32x64) and at 224x224 (112x112x64); the last stage's 3x3, 512-channel
-    # convolution of ResNet-18/50 at 64x64 inputs (2x2 maps), at the same batch; the first 1x1 convolution of
-    # the later blocks of ResNet-50's first stage at 224x224 (56x56x256 -> 64), at batch 8 to keep the run short.
-    builders = {"batchnorm_relu": lambda: batchnorm_relu((128, 32, 32, 16)),
-                "init_compile": lambda: init_compile("resnet20", (32, 32, 3), 10),
-                "max_pool_32": lambda: max_pool("max_pool_32", (32, 32, 32, 64), 3, 2, 1),
-                "max_pool_112": lambda: max_pool("max_pool_112", (32, 112, 112, 64), 3, 2, 1),
-                "small_conv": lambda: convolution("small_conv", SMALL_CONV, (32, 2, 2, 512), (3, 3, 512, 512), 1),
-                "one_by_one_conv": lambda: convolution("one_by_one_conv", ONE_BY_ONE_CONV, (8, 56, 56, 256),
-                                                       (1, 1, 256, 64), 0)}
-  if name not in builders:
+  if name not in _BUILDERS:
     raise KeyError(f"unknown design choice {name!r}; choose one of {', '.join(CHOICES)}")
-  return builders[name]()
+  build, full_args, tiny_args = _BUILDERS[name]
+  return build(*(tiny_args if tiny else full_args))
 
 
 def check_same(name: str, cnnjax_values: Any, alternative_values: Any, rtol: float) -> float:
