@@ -28,18 +28,19 @@ The digits need none of these: they come from scikit-learn (`cnnjax.data.digits`
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
+import json
 import os
-import pickle
 import re
-from typing import Any, Iterator
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cnnjax.data import digits
-from cnnjax.data.sources import OWN_DATASETS
+from cnnjax.data import digits, readers
+from cnnjax.data.sources import OWN_DATASETS, check_tfds_data_dir
 from cnnjax.errors import DataError
 
 PREPARABLE = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet2012", "oxford_iiit_pet",
@@ -49,7 +50,11 @@ FROM_FILES = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 # The original MNIST-format file names (the same for Fashion-MNIST).
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-IDX_IMAGE_HEADER_BYTES, IDX_LABEL_HEADER_BYTES = 16, 8
+# An idx header: a magic number (uint8 data, number of axes), then one size per axis, each a big-endian uint32.
+IDX_WORD_BYTES = 4
+IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
+IDX_IMAGE_AXES, IDX_LABEL_AXES = 3, 1
+IDX_IMAGE_SIZE, IDX_NUM_CLASSES = (28, 28), 10  # MNIST's and Fashion-MNIST's
 CIFAR_IMAGE_BYTES = 32 * 32 * 3
 CIFAR_IMAGE_SHAPE = (3, 32, 32)  # how a CIFAR record stores an image: channel planes
 # The python (pickle) versions: their directory, meta file, and which pickled label list fills which TFDS
@@ -61,14 +66,16 @@ CIFAR_PYTHON = {
                      labels={"label": (b"fine_labels", b"fine_label_names"),
                              "coarse_label": (b"coarse_labels", b"coarse_label_names")}),
 }
-# The only globals a CIFAR pickle refers to: NumPy's array reconstruction (module renamed in NumPy 2).
-CIFAR_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                        ("numpy", "ndarray"), ("numpy", "dtype")}
+REDOWNLOAD = "download the dataset again from its authors"
 # Image files an image folder may hold (torchvision's list); other files are ignored, as torchvision does.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # An image folder's sub-directories and the TFDS splits they become.
 IMAGE_FOLDER_SPLITS = {"train": "train", "test": "test", "val": "validation", "validation": "validation"}
 IMAGE_FOLDER_VERSION = "1.0.0"
+BAD_IMAGE_ADVICE = "remove or replace it"
+# What a prepared dataset was prepared from, beside its files (in the version directory).
+SOURCE_FILE = "cnnjax_source.json"
+NETWORK_SOURCE = {"source_dir": "", "files": 0, "fingerprint": "network"}
 # What a dataset prepared from an image folder may be called: a TFDS name of its own.
 DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -86,122 +93,188 @@ def _open_maybe_gzip(path: str):
   return opener(candidate, "rb")
 
 
-def read_idx(images_path: str, labels_path: str) -> tuple[np.ndarray, np.ndarray]:
-  """Reads an MNIST-format (idx) image file and label file into (N, H, W, 1) uint8 and (N,) int64."""
-  with _open_maybe_gzip(images_path) as f:
-    header = np.frombuffer(f.read(IDX_IMAGE_HEADER_BYTES), ">u4")
-    count, rows, cols = (int(v) for v in header[1:4])
-    images = np.frombuffer(f.read(count * rows * cols), np.uint8).reshape(count, rows, cols, 1)
-  with _open_maybe_gzip(labels_path) as f:
-    f.read(IDX_LABEL_HEADER_BYTES)
-    labels = np.frombuffer(f.read(count), np.uint8).astype(np.int64)
-  return images, labels
+def _idx_header(f, magic: int, dims: int) -> tuple[int, ...]:
+  """The sizes of an idx file's header (count first), checked to be `magic`'s: uint8 data of `dims` axes."""
+  header = np.frombuffer(readers.read_exactly(f, (1 + dims) * IDX_WORD_BYTES, "the header"), ">u4")
+  if int(header[0]) != magic:
+    raise readers.BadFile(f"it is not an idx file of {dims}-axis uint8 data (magic number {int(header[0])}, "
+                          f"expected {magic})")
+  return tuple(int(n) for n in header[1:])
 
 
-def read_cifar_binary(path: str, num_labels: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields (labels, image HWC uint8) from a CIFAR binary batch: label bytes then 3x32x32 planes."""
-  record = num_labels + CIFAR_IMAGE_BYTES
-  data = np.fromfile(path, np.uint8)
-  if data.size % record:
-    raise DataError(f"{path} is {data.size} bytes, not a whole number of {record}-byte CIFAR records")
-  for row in data.reshape(-1, record):
-    yield row[:num_labels].astype(np.int64), row[num_labels:].reshape(3, 32, 32).transpose(1, 2, 0)
+def read_idx(images_path: str, labels_path: str, image_size: tuple[int, int] = IDX_IMAGE_SIZE,
+             num_classes: int = IDX_NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+  """Reads an MNIST-format (idx) image file and label file into (N, H, W, 1) uint8 and (N,) int64, checked:
+  magic numbers, image size, as many labels as images, every byte the headers claim and no more, labels
+  in [0, num_classes). DataError naming the file otherwise."""
+  with readers.refusing(images_path, DataError, REDOWNLOAD), _open_maybe_gzip(images_path) as f:
+    count, rows, cols = _idx_header(f, IDX_IMAGES_MAGIC, IDX_IMAGE_AXES)
+    if (rows, cols) != tuple(image_size):
+      raise readers.BadFile(f"its images are {rows}x{cols}, where this dataset's are "
+                            f"{image_size[0]}x{image_size[1]}")
+    images = readers.array_from_bytes(readers.read_exactly(f, count * rows * cols, f"{count} images"),
+                                      np.uint8, (count, rows, cols, 1))
+    readers.check_at_end(f, f"{count} images")
+    readers.check_examples(count, "it")
+  with readers.refusing(labels_path, DataError, REDOWNLOAD), _open_maybe_gzip(labels_path) as f:
+    (label_count,) = _idx_header(f, IDX_LABELS_MAGIC, IDX_LABEL_AXES)
+    if label_count != count:
+      raise readers.BadFile(f"it holds {label_count} labels for the {count} images of {images_path}")
+    labels = readers.array_from_bytes(readers.read_exactly(f, count, f"{count} labels"), np.uint8, (count,))
+    readers.check_at_end(f, f"{count} labels")
+    readers.check_labels(labels, num_classes, "it")
+  return images, labels.astype(np.int64)
 
 
-class _CifarUnpickler(pickle.Unpickler):
-  """Unpickles a CIFAR python batch: dicts, lists, byte strings and numbers, and NumPy arrays, nothing else.
-
-  A pickle names the functions it calls when loaded (`find_class`); any but
-  NumPy's array reconstruction is refused, so a tampered file cannot run code.
-  """
-
-  def find_class(self, module: str, name: str) -> Any:
-    if (module, name) in CIFAR_PICKLE_GLOBALS:
-      return super().find_class(module, name)
-    raise pickle.UnpicklingError(f"it asks to load {module}.{name}")
+def read_cifar_binary(path: str, label_classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(labels (N, len(label_classes)) int64, images (N, 32, 32, 3) uint8) of a CIFAR binary batch: per
+  record, one byte per label feature, then 3x32x32 planes. Labels are checked against each feature's
+  number of classes; DataError naming the file otherwise."""
+  record = len(label_classes) + CIFAR_IMAGE_BYTES
+  with readers.refusing(path, DataError, REDOWNLOAD):
+    size = os.path.getsize(path)
+    if size % record:
+      raise readers.BadFile(f"it is {size} bytes, not a whole number of {record}-byte CIFAR records")
+    with open(path, "rb") as f:
+      data = readers.array_from_bytes(readers.read_exactly(f, size, "its records"), np.uint8,
+                                      (size // record, record))
+    labels = data[:, :len(label_classes)].astype(np.int64)
+    for column, num_classes in enumerate(label_classes):
+      readers.check_labels(labels[:, column], num_classes, "it")
+  images = data[:, len(label_classes):].reshape((-1,) + CIFAR_IMAGE_SHAPE).transpose(0, 2, 3, 1)
+  return labels, np.ascontiguousarray(images)
 
 
 def read_cifar_pickle(path: str) -> dict[bytes, Any]:
-  """The dict of a CIFAR python batch or meta file, read with `_CifarUnpickler`; DataError when the file is
-  not one (including a pickle that would run code)."""
+  """The dict of a CIFAR python batch or meta file, read by `readers.load_pickle` (which builds its arrays
+  itself and runs nothing); DataError when the file is not one."""
+  if not os.path.exists(path):
+    raise DataError(f"{path} is missing; --source_dir must hold the dataset's original files")
   try:
-    with open(path, "rb") as f:
-      # encoding='bytes': the files were written by Python 2, whose str are bytes.
-      payload = _CifarUnpickler(f, encoding="bytes").load()
-  except FileNotFoundError:
-    raise DataError(f"{path} is missing; --source_dir must hold the dataset's original files") from None
+    payload = readers.load_pickle(path)
   except Exception as e:  # pylint: disable=broad-except  (any failure to unpickle means a bad file)
-    raise DataError(f"{path} is not a CIFAR python batch ({' '.join(str(e).split())[:160]}); refused without "
-                    "running it: download the dataset again from its authors") from None
+    why = str(e) if isinstance(e, readers.BadFile) else readers.short(e)
+    raise DataError(f"{path} is not a CIFAR python batch ({why}); refused without running it: "
+                    f"{REDOWNLOAD}") from None
   if not isinstance(payload, dict) or not all(isinstance(key, bytes) for key in payload):
-    raise DataError(f"{path} holds a {type(payload).__name__}, not the dict of a CIFAR python batch; download the "
-                    "dataset again")
+    raise DataError(f"{path} holds a {type(payload).__name__}, not the dict of a CIFAR python batch; "
+                    f"{REDOWNLOAD}")
   return payload
 
 
-def _cifar_python_batch(path: str, label_keys: dict[str, bytes]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """(images (N, 32, 32, 3) uint8, {TFDS label feature: labels}) of one CIFAR python batch, checked."""
+def _labels_list(values: Any, count: int, num_classes: int) -> np.ndarray:
+  """A pickled label list (or 1-D integer array) of `count` labels in [0, num_classes), as int64."""
+  if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "iu":
+    values = values.tolist()
+  if not isinstance(values, list) or len(values) != count or not all(
+      isinstance(v, int) and not isinstance(v, bool) for v in values):
+    raise readers.BadFile(f"its labels are not a list of {count} integers")
+  outside = [v for v in values if not 0 <= v < num_classes]
+  if outside:
+    raise readers.BadFile(f"it holds {len(outside)} label(s) outside [0, {num_classes}) (e.g. {outside[0]})")
+  return np.asarray(values, np.int64)
+
+
+def _cifar_python_batch(path: str, label_keys: dict[str, tuple[bytes, int]]
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """(images (N, 32, 32, 3) uint8, {TFDS label feature: labels}) of one CIFAR python batch, checked;
+  `label_keys` gives each feature's key in the pickle and its number of classes."""
   batch = read_cifar_pickle(path)
   data = batch.get(b"data")
-  if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != CIFAR_IMAGE_BYTES:
-    raise DataError(f"{path}: b'data' is not a uint8 array of shape (N, {CIFAR_IMAGE_BYTES}); download the "
-                    "dataset again")
-  labels = {}
-  for feature, key in label_keys.items():
-    values = batch.get(key)
-    if not isinstance(values, list) or len(values) != len(data) or not all(isinstance(v, int) for v in values):
-      raise DataError(f"{path}: {key!r} is not a list of {len(data)} integer labels; download the dataset again")
-    labels[feature] = np.asarray(values, np.int64)
-  return data.reshape((-1,) + CIFAR_IMAGE_SHAPE).transpose(0, 2, 3, 1), labels
+  with readers.refusing(path, DataError, REDOWNLOAD):
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
+        or data.shape[1] != CIFAR_IMAGE_BYTES):
+      raise readers.BadFile(f"b'data' is not a uint8 array of shape (N, {CIFAR_IMAGE_BYTES})")
+    labels = {feature: _labels_list(batch.get(key), len(data), num_classes)
+              for feature, (key, num_classes) in label_keys.items()}
+  return np.ascontiguousarray(data.reshape((-1,) + CIFAR_IMAGE_SHAPE).transpose(0, 2, 3, 1)), labels
 
 
-class _IdxFromFiles:
-  """Mixin for the MNIST-family builders: read the idx files from a local directory."""
+def _class_names(path: str, names: Any, num_classes: int) -> list[str]:
+  """Class names read from a dataset's meta file: as many as it has classes, as text."""
+  if isinstance(names, list) and all(isinstance(n, bytes) for n in names):
+    names = [n.decode("utf-8") for n in names]
+  if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) and n for n in names):
+    raise readers.BadFile(f"it does not name the {num_classes} classes of the dataset")
+  return names
+
+
+def _split_arrays(builder: Any, generators: dict[str, tuple[str, np.ndarray, dict[str, np.ndarray]]]) -> dict:
+  """TFDS split generators over arrays read (and checked) whole before anything is written."""
+  for split, (_, images, _) in generators.items():
+    if not len(images):
+      raise DataError(f"the {split} split of {builder.name} in --source_dir={builder.source_dir} holds no "
+                      f"examples; {REDOWNLOAD}")
+  return {split: builder.generate_from_arrays(prefix, images, labels)
+          for split, (prefix, images, labels) in generators.items()}
+
+
+class _FromFiles:
+  """What the builders reading local original files share: the directory, and generating from arrays."""
 
   def __init__(self, *, source_dir: str, **kwargs: Any):
-    self._source_dir = source_dir
+    self.source_dir = source_dir
     super().__init__(**kwargs)
+
+  def generate_from_arrays(self, split_prefix: str, images: np.ndarray, labels: dict[str, np.ndarray]):
+    for index, image in enumerate(images):
+      record = {feature: int(values[index]) for feature, values in labels.items()}
+      if split_prefix:
+        record["id"] = f"{split_prefix}{index:05d}"
+      record["image"] = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+      yield index, record
+
+  def _num_classes(self, feature: str) -> int:
+    return self.info.features[feature].num_classes
+
+
+class _IdxFromFiles(_FromFiles):
+  """Mixin for the MNIST-family builders: read the idx files from a local directory."""
 
   def check_source(self) -> None:
     """DataError unless every original file is there (checked before TFDS starts writing)."""
-    for names in IDX_FILES.values():
-      for name in names:
-        _existing_maybe_gzip(os.path.join(self._source_dir, name))
+    self.source_files()
+
+  def source_files(self) -> list[str]:
+    return [_existing_maybe_gzip(os.path.join(self.source_dir, name))[0]
+            for names in IDX_FILES.values() for name in names]
 
   def _split_generators(self, dl_manager):
     del dl_manager  # The files are local.
-    return {split: self._generate_examples(*(os.path.join(self._source_dir, name) for name in names))
-            for split, names in IDX_FILES.items()}
+    image_size = tuple(self.info.features["image"].shape[:2])
+    arrays = {}
+    for split, names in IDX_FILES.items():
+      images, labels = read_idx(*(os.path.join(self.source_dir, name) for name in names), image_size=image_size,
+                                num_classes=self._num_classes("label"))
+      arrays[split] = ("", images, {"label": labels})
+    return _split_arrays(self, arrays)
 
-  def _generate_examples(self, images_path, labels_path):  # pylint: disable=arguments-differ
-    images, labels = read_idx(images_path, labels_path)
-    for index, (image, label) in enumerate(zip(images, labels)):
-      yield index, {"image": Image.fromarray(image[..., 0]), "label": int(label)}
 
-
-class _CifarFromFiles:
+class _CifarFromFiles(_FromFiles):
   """Mixin for the CIFAR builders: read the binary batches, or the python (pickle) ones, from a local
-  directory (or its `cifar-10-batches-bin/`, `cifar-10-batches-py/`, ... sub-directory)."""
-
-  def __init__(self, *, source_dir: str, **kwargs: Any):
-    self._source_dir = source_dir
-    super().__init__(**kwargs)
+  directory (or its `cifar-10-batches-bin/`, `cifar-10-batches-py/`, ... sub-directory). Every file is read
+  and checked before anything is written."""
 
   def check_source(self) -> None:
     """DataError unless --source_dir holds either version (checked before TFDS starts writing)."""
     self._cifar_layout()
 
+  def source_files(self) -> list[str]:
+    directory, _ = self._cifar_layout()
+    return sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                  if os.path.isfile(os.path.join(directory, name)))
+
   def _cifar_layout(self) -> tuple[str, str]:
     """(directory, 'binary' or 'python') of the original files under --source_dir."""
     info, python = self._cifar_info, CIFAR_PYTHON[self.name]
     first_python = os.path.splitext(info.train_files[0])[0]
-    for directory in (os.path.join(self._source_dir, info.prefix), os.path.join(self._source_dir, python["directory"]),
-                      self._source_dir):
+    for directory in (os.path.join(self.source_dir, info.prefix), os.path.join(self.source_dir, python["directory"]),
+                      self.source_dir):
       if os.path.exists(os.path.join(directory, info.train_files[0])):
         return directory, "binary"
       if os.path.exists(os.path.join(directory, first_python)):
         return directory, "python"
-    raise DataError(f"{self._source_dir} holds neither {self.name}'s binary version "
+    raise DataError(f"{self.source_dir} holds neither {self.name}'s binary version "
                     f"({os.path.join(info.prefix, info.train_files[0])}) nor its python version ({python['directory']}/{first_python}); "
                     "--source_dir must hold the dataset's original files")
 
@@ -211,53 +284,43 @@ class _CifarFromFiles:
     directory, version = self._cifar_layout()
     splits = (("train", "train_", info.train_files), ("test", "test_", info.test_files))
     if version == "python":
-      return self._python_splits(directory, splits)
+      return _split_arrays(self, self._python_splits(directory, splits))
     for key, names_file in zip(info.label_keys, info.label_files):
       path = os.path.join(directory, names_file)
       if os.path.exists(path):
-        with open(path) as f:
-          self.info.features[key].names = [name for name in f.read().split("\n") if name]
-    return {split: self._generate_examples(prefix, [os.path.join(directory, f) for f in files])
-            for split, prefix, files in splits}
+        with readers.refusing(path, DataError, REDOWNLOAD), open(path, encoding="utf-8") as f:
+          names = [name for name in f.read().split("\n") if name]
+          self.info.features[key].names = _class_names(path, names, self._num_classes(key))
+    label_classes = [self._num_classes(key) for key in info.label_keys]
+    arrays = {}
+    for split, prefix, files in splits:
+      paths = [os.path.join(directory, f) for f in files]
+      missing = [path for path in paths if not os.path.exists(path)]
+      if missing:
+        raise DataError(f"{missing[0]} is missing; --source_dir must hold the dataset's binary version")
+      batches = [read_cifar_binary(path, label_classes) for path in paths]
+      labels = np.concatenate([b[0] for b in batches])
+      arrays[split] = (prefix, np.concatenate([b[1] for b in batches]),
+                       {key: labels[:, column] for column, key in enumerate(info.label_keys)})
+    return _split_arrays(self, arrays)
 
   def _python_splits(self, directory: str, splits) -> dict[str, Any]:
-    """Reads (and checks) every pickle before anything is written, then generates from the arrays."""
+    """Reads (and checks) every pickle: {split: (id prefix, images, {feature: labels})}."""
     python = CIFAR_PYTHON[self.name]
-    label_keys = {feature: keys[0] for feature, keys in python["labels"].items()}
+    label_keys = {feature: (keys[0], self._num_classes(feature)) for feature, keys in python["labels"].items()}
     meta_path = os.path.join(directory, python["meta"])
     if os.path.exists(meta_path):
       meta = read_cifar_pickle(meta_path)
-      for feature, (_, names_key) in python["labels"].items():
-        names = meta.get(names_key)
-        if isinstance(names, list) and all(isinstance(n, bytes) for n in names):
-          self.info.features[feature].names = [n.decode() for n in names]
-    generators = {}
+      with readers.refusing(meta_path, DataError, REDOWNLOAD):
+        for feature, (_, names_key) in python["labels"].items():
+          self.info.features[feature].names = _class_names(meta_path, meta.get(names_key),
+                                                           self._num_classes(feature))
+    arrays = {}
     for split, prefix, files in splits:
       batches = [_cifar_python_batch(os.path.join(directory, os.path.splitext(f)[0]), label_keys) for f in files]
-      images = np.concatenate([b[0] for b in batches])
-      labels = {feature: np.concatenate([b[1][feature] for b in batches]) for feature in label_keys}
-      generators[split] = self._generate_from_arrays(prefix, images, labels)
-    return generators
-
-  def _generate_from_arrays(self, split_prefix, images, labels):
-    for index, image in enumerate(images):
-      record = {feature: int(values[index]) for feature, values in labels.items()}
-      record["id"] = f"{split_prefix}{index:05d}"
-      record["image"] = Image.fromarray(image)
-      yield index, record
-
-  def _generate_examples(self, split_prefix, filepaths):  # pylint: disable=arguments-differ
-    label_keys = self._cifar_info.label_keys
-    index = 0
-    for path in filepaths:
-      if not os.path.exists(path):
-        raise DataError(f"{path} is missing; --source_dir must hold the dataset's binary version")
-      for labels, image in read_cifar_binary(path, len(label_keys)):
-        record = {key: int(value) for key, value in zip(label_keys, labels)}
-        record["id"] = f"{split_prefix}{index:05d}"
-        record["image"] = Image.fromarray(image)
-        yield index, record
-        index += 1
+      arrays[split] = (prefix, np.concatenate([b[0] for b in batches]),
+                       {feature: np.concatenate([b[1][feature] for b in batches]) for feature in label_keys})
+    return arrays
 
 
 class ImageFolderLayout:
@@ -266,29 +329,29 @@ class ImageFolderLayout:
 
   def __init__(self, root: str):
     self.root = root
-    train_dir = os.path.join(root, "train")
+    with readers.refusing(root, DataError, "make the folder and its files readable"):
+      self._scan()
+
+  def _scan(self) -> None:
+    train_dir = os.path.join(self.root, "train")
     self.classes = sorted(name for name in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, name)))
     if not self.classes:
       raise DataError(f"{train_dir} has no class folders; an image folder holds train/<class>/*.png|jpg")
     self.splits: dict[str, list[tuple[str, int]]] = {}
     for folder, split in IMAGE_FOLDER_SPLITS.items():
-      directory = os.path.join(root, folder)
+      directory = os.path.join(self.root, folder)
       if not os.path.isdir(directory):
         continue
       if split in self.splits:
-        raise DataError(f"{root} has both val/ and validation/; keep one")
+        raise DataError(f"{self.root} has both val/ and validation/; keep one")
       self.splits[split] = self._files(directory)
     sizes, modes = set(), set()
     for files in self.splits.values():
       for path, _ in files:
-        try:
-          with Image.open(path) as image:
-            sizes.add(image.size)
-            modes.add(image.mode)
-        except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds for a bad file)
-          raise DataError(f"{path} is not a readable image ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
-                          "; remove or replace it") from None
-    self.channels = 1 if modes <= {"L", "1", "I;16", "I", "F"} else 3
+        with readers.refusing(path, DataError, BAD_IMAGE_ADVICE, "image"), Image.open(path) as image:
+          sizes.add(image.size)
+          modes.add(image.mode)
+    self.channels = readers.image_channels(modes)
     (width, height), = sizes if len(sizes) == 1 else ((None, None),)
     self.shape = (height, width, self.channels)
 
@@ -301,17 +364,36 @@ class ImageFolderLayout:
       if name not in self.classes:
         raise DataError(f"{class_dir}: class {name!r} has no folder in {os.path.join(self.root, 'train')}; "
                         "every class needs training images")
-      images = [os.path.join(class_dir, f) for f in sorted(os.listdir(class_dir))
-                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(class_dir, f))]
+      images = []
+      for entry in sorted(os.listdir(class_dir)):
+        path = os.path.join(class_dir, entry)
+        if not entry.lower().endswith(IMAGE_EXTENSIONS) or os.path.isdir(path):
+          continue
+        if not os.path.isfile(path):
+          # A link to nothing (or a device, a pipe): skipping it would silently leave an image out.
+          raise DataError(f"{path} is not a readable file (a broken symbolic link?); restore its target or "
+                          "remove it")
+        images.append(path)
       if not images and directory.endswith("train"):
         raise DataError(f"{class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder")
       files.extend((path, self.classes.index(name)) for path in images)
     return files
 
+  @property
+  def files(self) -> list[str]:
+    """Every image path, split by split."""
+    return [path for files in self.splits.values() for path, _ in files]
+
   def read(self, path: str) -> Image.Image:
-    """The image at `path` in the dataset's mode (RGB, or L for grayscale datasets)."""
-    with Image.open(path) as image:
-      return image.convert("L" if self.channels == 1 else "RGB")
+    """The image at `path` in the dataset's mode (RGB, or L for grayscale datasets), decoded whole and
+    converted by `readers.image_array` (16-bit images scaled, not clipped); DataError for a file that
+    does not decode (truncated, damaged)."""
+    with readers.refusing(path, DataError, BAD_IMAGE_ADVICE, "image"), Image.open(path) as image:
+      pixels = readers.image_array(image, self.channels)
+      if (None not in self.shape[:2]) and pixels.shape[:2] != self.shape[:2]:
+        raise readers.BadFile(f"it is {pixels.shape[1]}x{pixels.shape[0]}, not the "
+                              f"{self.shape[1]}x{self.shape[0]} it was when the folder was scanned")
+    return Image.fromarray(pixels[..., 0] if self.channels == 1 else pixels)
 
 
 def is_image_folder(directory: str) -> bool:
@@ -361,9 +443,91 @@ def _tfds_knows(name: str) -> bool:
     return False
 
 
+def check_data_dir(data_dir: str) -> None:
+  """DataError unless `data_dir` is (or can become) a directory this process may write."""
+  check_tfds_data_dir(data_dir)
+  existing = os.path.abspath(data_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise DataError(f"the TFDS data directory {data_dir} cannot be written ({existing} is read-only for this "
+                    "user); pass --data_dir (or set $TFDS_DATA_DIR) to a writable directory")
+
+
+def source_record(source_dir: str, files: Sequence[str]) -> dict[str, Any]:
+  """What a dataset was prepared from: the source directory, and a fingerprint of the files read (their
+  paths, sizes and modification times: what changes when a file is replaced or edited, without reading
+  every byte again)."""
+  root = os.path.abspath(source_dir)
+  entries = []
+  for path in sorted(files):
+    stat = os.stat(path)
+    entries.append([os.path.relpath(os.path.abspath(path), root), stat.st_size, stat.st_mtime_ns])
+  digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+  return {"source_dir": root, "files": len(entries), "fingerprint": digest}
+
+
+def _describe(record: dict[str, Any] | None) -> str:
+  if not record:
+    return "a source it did not record (an earlier cnnjax, or the network)"
+  if not record.get("source_dir"):
+    return "the network"
+  return f"{record['source_dir']} ({record.get('files')} files)"
+
+
+def _recorded_source(builder: Any) -> dict[str, Any] | None:
+  path = os.path.join(builder.data_dir, SOURCE_FILE)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    return record if isinstance(record, dict) else None
+  except (OSError, ValueError):
+    return None
+
+
+def _is_prepared(builder: Any) -> bool:
+  try:
+    return builder.is_prepared()
+  except Exception as e:  # pylint: disable=broad-except  (damaged metadata fails in many ways)
+    raise DataError(f"{builder.name} in {builder.data_dir} is damaged ({readers.short(e)}); move that directory "
+                    "aside and prepare it again") from None
+
+
+def _prepare_recording_source(builder: Any, record: dict[str, Any], **kwargs: Any) -> str:
+  """Prepares with `builder` unless it is already prepared from the same source, and records the source.
+
+  A dataset prepared from another source, or from this one before its files
+  changed, is refused in one line rather than silently kept (TFDS would skip a
+  prepared dataset) or silently replaced (which would lose it).
+  """
+  if _is_prepared(builder):
+    existing = _recorded_source(builder)
+    # A dataset prepared without a record by TFDS itself came from the network.
+    if existing == record or (existing is None and record == NETWORK_SOURCE):
+      return builder.data_dir
+    changed = bool(existing) and existing.get("source_dir") == record["source_dir"]
+    now = (f"{record['source_dir']} has changed since ({record['files']} files now)" if changed else
+           f"preparing it from {_describe(record)} would replace it")
+    raise DataError(f"{builder.name} is already prepared in {builder.data_dir} from {_describe(existing)}; {now}: "
+                    "move that directory aside (nothing is deleted for you) and rerun, or prepare under another "
+                    "name")
+  builder.download_and_prepare(**kwargs)
+  path = os.path.join(builder.data_dir, SOURCE_FILE)
+  with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  os.replace(f"{path}.{os.getpid()}.tmp", path)
+  return builder.data_dir
+
+
 def prepare(name: str, *, data_dir: str, source_dir: str = "", manual_dir: str = "") -> str:
-  """Prepares `name` in `data_dir`; returns the directory written."""
+  """Prepares `name` in `data_dir` and records its source there (`SOURCE_FILE`); returns the directory
+  written. Refuses, in one line, a dataset already prepared from another source or from files that have
+  changed since."""
+  check_data_dir(data_dir)
   if name == "digits":
+    if source_dir:
+      raise DataError("the digits come with scikit-learn and read no files: drop --source_dir (or, for a folder "
+                      "of digit images, prepare it under a name of its own)")
     digits.prepare(data_dir)
     return os.path.join(data_dir, "digits")
   if source_dir:
@@ -372,17 +536,18 @@ def prepare(name: str, *, data_dir: str, source_dir: str = "", manual_dir: str =
     if name in FROM_FILES:
       builder = _from_files_builder(name)(source_dir=source_dir, data_dir=data_dir, file_format="array_record")
       builder.check_source()
+      files = builder.source_files()
     elif is_image_folder(source_dir):
       if not DATASET_NAME.match(name) or name in OWN_DATASETS or _tfds_knows(name):
         raise DataError(f"name the image folder's dataset otherwise than {name!r}: a new lower-case name "
                         "(letters, digits, _) that is neither a TFDS dataset nor one of cnnjax's")
-      builder = _image_folder_builder(name, ImageFolderLayout(source_dir))(data_dir=data_dir,
-                                                                           file_format="array_record")
+      layout = ImageFolderLayout(source_dir)
+      builder = _image_folder_builder(name, layout)(data_dir=data_dir, file_format="array_record")
+      files = layout.files
     else:
       raise DataError(f"--source_dir={source_dir} has no train/ folder, so it is not an image folder "
                       f"(DIR/train/<class>/*.png|jpg); original files are read for {', '.join(FROM_FILES)} only")
-    builder.download_and_prepare()
-    return builder.data_dir
+    return _prepare_recording_source(builder, source_record(source_dir, files))
   if name not in PREPARABLE and not _tfds_knows(name):
     raise DataError(f"TFDS knows no dataset {name!r}; give a TFDS name (e.g. {', '.join(PREPARABLE[1:4])}, "
                     "svhn_cropped), or --source_dir with an image folder (DIR/train/<class>/*.png|jpg)")
@@ -394,5 +559,4 @@ def prepare(name: str, *, data_dir: str, source_dir: str = "", manual_dir: str =
         f"`pip install -e '.[prepare]'` in this checkout{offline}")
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
   builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(download_config=download_config)
-  return builder.data_dir
+  return _prepare_recording_source(builder, NETWORK_SOURCE, download_config=download_config)
