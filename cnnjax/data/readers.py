@@ -344,3 +344,19 @@ def image_array(image: Any, channels: int) -> np.ndarray:
     raise BadFile(f"PIL cannot convert its mode {mode} to {target} ({e}); save it as RGB or grayscale") from None
   pixels = np.asarray(converted, dtype=np.uint8)
   return pixels[..., None] if channels == 1 else pixels
+
+
+class BoundedReader:
+  """A binary file whose `read(n)` never asks for more than remains in it, for an unpickler reading a file
+  in place: a length in the pickle then cannot make the file object allocate that much first."""
+
+  def __init__(self, f: BinaryIO):
+    self._file = f
+    self._size = os.fstat(f.fileno()).st_size
+
+  def read(self, size: int = -1) -> bytes:
+    remaining = max(0, self._size - self._file.tell())
+    return self._file.read(remaining if size is None or size < 0 else min(size, remaining))
+
+  def readline(self, size: int = -1) -> bytes:
+    return self._file.readline(size)

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
+import math
 import os
 import pickle
 import re
@@ -61,9 +63,9 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 from flax import linen as nn
-from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_safetensors
 
+from cnnjax.data import readers
 from cnnjax.errors import CheckpointError, ConfigError
 from cnnjax.models.googlenet import TORCHVISION_BN_EPSILON
 
@@ -95,6 +97,12 @@ STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "Half
 LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 LEGACY_SIZE_BYTES = 8  # each legacy storage starts with its element count as an int64
 BFLOAT16_SHIFT = 16  # a bfloat16 is the high half of a float32
+# The most a zip member can inflate to (deflate's ceiling is about 1032:1; torch.save stores members
+# uncompressed): a member declaring more than the archive's size times this is refused unread.
+MAX_INFLATION = 1032
+# BatchNorm's running variance: never negative in a file that is intact.
+RUNNING_VARIANCE_SUFFIX = ".running_var"
+REDOWNLOAD = "download torchvision's file again"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,15 +124,32 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
                           f"PyTorch state dict ({', '.join(PICKLE_SUFFIXES)})")
   if not state_dict or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state_dict.items()):
     raise CheckpointError(f"{path} is not a state dict of named tensors; save the model's state_dict() itself")
+  check_tensors(path, state_dict)
   return state_dict
 
 
+def check_tensors(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
+  """CheckpointError naming the file and the tensor unless every tensor holds numbers, every float is
+  finite and every BatchNorm running variance is >= 0: a damaged file must not train to NaN or be taken
+  for a learning-rate problem."""
+  for key, array in state_dict.items():
+    if array.dtype.kind not in readers.NUMERIC_KINDS:
+      raise CheckpointError(f"{path}: tensor {key} has dtype {array.dtype}, not numbers; {REDOWNLOAD}")
+    if array.dtype.kind == "f":
+      bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+      if bad:
+        raise CheckpointError(f"{path}: tensor {key} holds {bad} non-finite value(s) (NaN or infinity) of "
+                              f"{array.size}; the file is damaged: {REDOWNLOAD}")
+    if key.endswith(RUNNING_VARIANCE_SUFFIX) and array.size and array.min() < 0:
+      raise CheckpointError(f"{path}: tensor {key} holds a negative BatchNorm running variance "
+                            f"({float(array.min()):g}), which no trained network has; the file is damaged: "
+                            f"{REDOWNLOAD}")
+
+
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  try:
+  # The safetensors library checks the header's offsets against the file's size before mapping it.
+  with readers.refusing(path, CheckpointError, "download or convert it again", "safetensors file"):
     return dict(load_safetensors(path))
-  except (SafetensorError, ValueError, TypeError) as e:
-    raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
-                          "download or convert it again") from None
 
 
 def _read_pickle(path: str) -> dict[str, np.ndarray]:
@@ -138,15 +163,20 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{path} holds more than tensors and was refused unread "
                           f"(torch.load with weights_only=True: {_first_line(e)}); it may have been "
                           "tampered with: download torchvision's file again") from None
-  except (RuntimeError, OSError, EOFError, ValueError) as e:
+  except Exception as e:  # pylint: disable=broad-except  (any failure to parse the file means a bad file)
     raise CheckpointError(f"{path} is not a readable PyTorch file ({_first_line(e)}); download it again") from None
   if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
     raise CheckpointError(f"{path} is not a state dict of named tensors; save the model's state_dict() itself")
-  return {key: _torch_to_numpy(value, torch) for key, value in loaded.items()}
+  return {key: _torch_to_numpy(path, key, value, torch) for key, value in loaded.items()}
 
 
-def _torch_to_numpy(tensor: Any, torch: Any) -> np.ndarray:
+def _torch_to_numpy(path: str, key: str, tensor: Any, torch: Any) -> np.ndarray:
   tensor = tensor.detach().cpu()
+  # A view may claim more elements than its storage holds (stride 0); copying it would allocate them all.
+  if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+    raise CheckpointError(f"{path}: tensor {key} views {tensor.numel()} elements of a storage of "
+                          f"{tensor.untyped_storage().nbytes()} bytes (overlapping strides), which no saved "
+                          f"parameter does; {REDOWNLOAD}")
   if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
     tensor = tensor.float()
   return tensor.numpy()
@@ -240,10 +270,19 @@ def read_pickle_without_torch(path: str) -> dict[str, np.ndarray]:
   except pickle.UnpicklingError as e:
     raise CheckpointError(f"{path} was refused unread: {_first_line(e)}; it may have been tampered with: "
                           "download torchvision's file again") from None
-  except (OSError, zipfile.BadZipFile, KeyError, EOFError, ValueError, struct.error, TypeError, AttributeError,
-          IndexError) as e:
+  except Exception as e:  # pylint: disable=broad-except  (any failure to parse the file means a bad file)
     raise CheckpointError(f"{path} is not a readable PyTorch state dict ({_first_line(e)}); "
                           "download it again") from None
+
+
+def _read_member(archive: zipfile.ZipFile, name: str) -> bytes:
+  """A member of the archive, its declared size checked against what the archive can hold first."""
+  info = archive.getinfo(name)
+  archive_bytes = os.fstat(archive.fp.fileno()).st_size
+  limit = archive_bytes if info.compress_type == zipfile.ZIP_STORED else archive_bytes * MAX_INFLATION
+  if info.file_size > limit or info.compress_size > archive_bytes:
+    raise ValueError(f"{name} claims {info.file_size} bytes, more than the archive can hold")
+  return archive.read(name)
 
 
 def _read_zip_state_dict(archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
@@ -253,27 +292,27 @@ def _read_zip_state_dict(archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
   prefix = pickles[0][:-len("data.pkl")]
   # Files from PyTorch before 1.9 have no byte-order record; they were written little-endian.
   has_byteorder = prefix + "byteorder" in archive.namelist()
-  byteorder = archive.read(prefix + "byteorder").decode().strip() if has_byteorder else "little"
+  byteorder = _read_member(archive, prefix + "byteorder").decode().strip() if has_byteorder else "little"
   if byteorder not in ("little", "big"):
     raise ValueError(f"unknown byte order {byteorder!r}")
-  with archive.open(pickles[0]) as f:
-    loaded = _StateDictUnpickler(f).load()
+  loaded = _StateDictUnpickler(io.BytesIO(_read_member(archive, pickles[0]))).load()
   storages = {}
   for ref in _storage_refs(loaded):
     if ref.key not in storages:
-      storages[ref.key] = _storage_array(archive.read(f"{prefix}data/{ref.key}"), ref.dtype, byteorder)
+      storages[ref.key] = _storage_array(_read_member(archive, f"{prefix}data/{ref.key}"), ref.dtype, byteorder)
   return _materialize(loaded, storages)
 
 
 def _read_legacy_state_dict(f) -> dict[str, np.ndarray]:
-  header = _StateDictUnpickler(f)
+  bounded = readers.BoundedReader(f)
+  header = _StateDictUnpickler(bounded)
   if header.load() != LEGACY_MAGIC:
     raise ValueError("neither a zip archive nor PyTorch's legacy format")
   header.load()  # protocol version
-  system = _StateDictUnpickler(f).load()
+  system = _StateDictUnpickler(bounded).load()
   little_endian = bool(system.get("little_endian", True)) if isinstance(system, dict) else True
-  loaded = _StateDictUnpickler(f).load()
-  keys = _StateDictUnpickler(f).load()
+  loaded = _StateDictUnpickler(bounded).load()
+  keys = _StateDictUnpickler(bounded).load()
   if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
     raise ValueError("malformed storage list")
   dtypes = {ref.key: ref.dtype for ref in _storage_refs(loaded)}
@@ -311,10 +350,15 @@ def _materialize(loaded: Mapping[str, _TensorRef], storages: Mapping[str, np.nda
     storage = storages[tensor.storage.key]
     if len(tensor.size) != len(tensor.stride) or tensor.offset < 0 or min(tensor.stride, default=0) < 0:
       raise ValueError(f"tensor {name} has an invalid layout")
-    # The last element the view reads (none for an empty tensor) must lie inside the storage.
+    # The last element the view reads (none for an empty tensor) must lie inside the storage, and the
+    # view may not hold more elements than the storage does from its offset (overlapping strides, such as
+    # stride 0, would make a few bytes of file a copy of any size).
     last = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
     if all(tensor.size) and last >= storage.size:
       raise ValueError(f"tensor {name} reaches past its storage")
+    if math.prod(tensor.size) > max(0, storage.size - tensor.offset):
+      raise ValueError(f"tensor {name} views {math.prod(tensor.size)} elements of a storage of {storage.size} "
+                       "(overlapping strides), which no saved parameter does")
     view = np.lib.stride_tricks.as_strided(storage[tensor.offset:], tensor.size,
                                            [s * storage.itemsize for s in tensor.stride], writeable=False)
     arrays[name] = np.array(view, dtype=storage.dtype.newbyteorder("="))
@@ -414,6 +458,17 @@ PARAM_LEAVES = {"kernel": "weight", "bias": "bias", "scale": "weight"}
 STAT_LEAVES = {"mean": "running_mean", "var": "running_var"}
 
 
+def torchvision_shape(leaf: str, cnnjax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape torchvision stores for a cnnjax leaf of `cnnjax_shape`: kernels HWIO -> OIHW, linear
+  in x out -> out x in; everything else as it is."""
+  if leaf == "kernel" and len(cnnjax_shape) == 4:
+    height, width, inputs, outputs = cnnjax_shape
+    return (outputs, inputs, height, width)
+  if leaf == "kernel" and len(cnnjax_shape) == 2:
+    return tuple(reversed(cnnjax_shape))
+  return cnnjax_shape
+
+
 def _to_cnnjax_layout(array: np.ndarray, leaf: str, module_path: tuple[str, ...], name: str,
                       expected_shape: tuple[int, ...]) -> np.ndarray:
   """A torchvision tensor in cnnjax's layout (for kernels), or as it is."""
@@ -476,7 +531,8 @@ def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray], template
         hint = (" (another number of classes: start a new classifier with replace_classifier=True, "
                 f"config key {REPLACE_CLASSIFIER_KEY})" if module_path == (CLASSIFIERS[name],) else "")
         raise CheckpointError(f"{key} has shape {tuple(state_dict[key].shape)} where {name}'s {'/'.join(path)} "
-                              f"needs {tuple(value.shape)} in torchvision's layout{hint}")
+                              f"needs {torchvision_shape(leaf, tuple(value.shape))} in torchvision's layout "
+                              f"({tuple(value.shape)} in cnnjax's){hint}")
       converted[path] = jnp.asarray(array, dtype=value.dtype)
     result[collection] = converted
   unused = sorted(key for key in state_dict if key not in used and not IGNORED_KEYS.search(key))
