@@ -10,6 +10,7 @@ to import rather than being skipped.
 
 import os
 import pickle
+import re
 import zipfile
 
 import jax
@@ -207,6 +208,51 @@ def test_a_new_classifier_replaces_the_files_only_when_asked(resnet18_state_dict
                                 resnet18_state_dict["conv1.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(variables["batch_stats"]["stage4_block2"]["norm2"]["var"],
                                 resnet18_state_dict["layer4.1.bn2.running_var"])
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("nan_in_a_convolution", r"tensor layer1\.0\.conv1\.weight holds 1 non-finite value\(s\)"),
+    ("negative_variance", r"tensor layer2\.1\.bn2\.running_var holds a negative BatchNorm running variance"),
+])
+def test_damaged_weights_are_refused_naming_the_file_and_the_tensor(tmp_path, resnet18_state_dict, damage, message,
+                                                                     monkeypatch):
+  state_dict = {key: value.copy() for key, value in resnet18_state_dict.items()}
+  if damage == "nan_in_a_convolution":
+    state_dict["layer1.0.conv1.weight"][0, 0, 0, 0] = np.nan
+  else:
+    state_dict["layer2.1.bn2.running_var"][3] = -0.5
+  paths = write_formats(state_dict, tmp_path)
+  for path in paths.values():
+    with pytest.raises(CheckpointError, match=message) as caught:
+      tvi.read_state_dict(path)
+    assert str(caught.value).startswith(path) and "download torchvision's file again" in str(caught.value)
+  monkeypatch.setitem(__import__("sys").modules, "torch", None)  # the reader without torch
+  with pytest.raises(CheckpointError, match=message):
+    tvi.read_state_dict(paths["legacy"])
+
+
+def test_a_view_of_more_elements_than_its_storage_is_refused_before_allocating(tmp_path, monkeypatch):
+  # Four floats on disk viewed as 10^10 of them (stride 0): copying the view would take 37 GiB.
+  huge = torch.zeros(4).as_strided((100_000, 100_000), (0, 0))
+  path = str(tmp_path / "stride0.pth")
+  torch.save({"conv1.weight": huge}, path)
+  assert os.path.getsize(path) < 4096
+  with pytest.raises(CheckpointError, match="overlapping strides"):
+    tvi.read_state_dict(path)
+  with pytest.raises(CheckpointError, match="overlapping strides"):
+    tvi.read_pickle_without_torch(path)
+  monkeypatch.setitem(__import__("sys").modules, "torch", None)
+  with pytest.raises(CheckpointError, match="overlapping strides"):
+    tvi.read_state_dict(path)
+
+
+def test_shape_errors_print_torchvisions_layout(resnet18_state_dict):
+  state_dict = dict(resnet18_state_dict, **{"conv1.weight": np.zeros((32, 3, 7, 7), np.float32)})
+  template = abstract_template(cnnjax_model("resnet18", num_classes=1000), DEFAULT_INPUT_SIZE)
+  with pytest.raises(CheckpointError, match=re.escape("conv1.weight has shape (32, 3, 7, 7) where resnet18's "
+                                                      "stem_conv/kernel needs (64, 3, 7, 7) in torchvision's layout "
+                                                      "((7, 7, 3, 64) in cnnjax's)")):
+    tvi.convert_state_dict("resnet18", state_dict, template)
 
 
 def test_another_architectures_file_is_refused(resnet18_state_dict):

@@ -98,7 +98,9 @@ def main(argv: list[str]) -> None:
     if FLAGS.summarize_only and not os.path.isdir(FLAGS.workdir):
       raise ConfigError(f"--workdir={FLAGS.workdir} holds no sweep to summarize (it does not exist); give the "
                         "sweep's directory")
-    if not FLAGS.summarize_only:
+    if FLAGS.summarize_only:
+      results.check_trial_dirs(FLAGS.config, trials, FLAGS.workdir)
+    else:
       with Preemption().handling() as preemption:
         report = run_sweep(FLAGS.config, trials, FLAGS.workdir, mode=FLAGS.mode,
                            devices_per_trial=FLAGS.devices_per_trial, population_size=FLAGS.population_size,

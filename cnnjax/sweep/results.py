@@ -25,8 +25,10 @@ import re
 import statistics
 from typing import Any, Sequence
 
-from cnnjax.errors import ConfigError
-from cnnjax.sweep.declare import Trial
+import ml_collections
+
+from cnnjax.errors import CheckpointError, ConfigError
+from cnnjax.sweep.declare import Trial, apply_overrides
 from cnnjax.train.rundir import DIVERGED, FAILED, FINISHED, INCOMPLETE, NOT_STARTED, RunDir
 
 CSV_FILE = "results.csv"
@@ -52,7 +54,7 @@ TRIAL_DOT_ALPHA = 0.35
 CONFIDENCE_QUANTILE = 0.975  # two-sided 95% intervals: Student's t at 0.975
 MISSING = "missing"  # a finished trial's metric that its summary lacks
 __all__ = ["DIVERGED", "FAILED", "FINISHED", "INCOMPLETE", "MISSING", "NOT_STARTED", "Row", "best_row",
-           "read_rows", "write_results"]
+           "check_trial_dirs", "read_rows", "write_results"]
 
 
 @dataclasses.dataclass
@@ -84,6 +86,19 @@ def read_row(trial: Trial, trial_dir: str) -> Row:
   elif status == FAILED:
     reason = (rundir.failure() or {}).get("reason", "")
   return Row(trial, status, rundir.summary() if status == FINISHED else None, reason)
+
+
+def check_trial_dirs(base_config: ml_collections.ConfigDict, trials: Sequence[Trial], workdir: str) -> None:
+  """CheckpointError naming the first trial whose directory holds a run of another config (another trial's
+  run copied there, or the sweep's config changed since): a summary would list it as this trial's result.
+  The same check a sweep makes before training, so that `--summarize_only` trusts no more than a sweep."""
+  for trial in trials:
+    trial_dir = os.path.join(workdir, trial.name)
+    differences = RunDir(trial_dir, is_writer=False).config_differences(apply_overrides(base_config, trial))
+    if differences:
+      raise CheckpointError(f"trial {trial.name!r}: {trial_dir} holds a run of another config ({differences}), "
+                            "which a summary would list as this trial's result; move that directory aside (or "
+                            "summarize with the config it was trained with) and rerun")
 
 
 def read_rows(trials: Sequence[Trial], workdir: str) -> list[Row]:
