@@ -3,8 +3,8 @@ of range, empty batches, lying headers, every PIL image mode, truncated images, 
 from another source, and a fuzz test of every reader (seeded mutations of valid files: each must be read
 or refused with one line, never crash, trace back or hang)."""
 
-import gzip
 import io
+import json
 import os
 import pickle
 import time
@@ -400,3 +400,36 @@ def test_fuzzed_files_are_read_or_refused_in_one_line(tmp_path, fmt):
       outcomes["refused"] += 1
     assert time.monotonic() - start < SECONDS_PER_CASE, (fmt, index)
   assert outcomes["refused"] > 0, outcomes
+
+
+# ---------------------------------------------------------------------------------------------------
+# npz files and the statistics cache.
+
+
+def test_an_npz_whose_header_claims_more_than_it_holds_is_refused_before_allocating(tmp_path):
+  header = io.BytesIO()
+  # 30 GB of images claimed, 12 bytes given.
+  np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                "shape": (1_000_000, 100, 100, 3)})
+  path = tmp_path / "lies.npz"
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("image.npy", header.getvalue() + bytes(12))
+    label = io.BytesIO()
+    np.save(label, np.zeros(1, np.int64))
+    archive.writestr("label.npy", label.getvalue())
+  with pytest.raises(DataError, match=r"lies.npz is damaged .*claims shape \(1000000, 100, 100, 3\)"):
+    open_dataset("npz", train_path=str(path), eval_path=str(path))
+
+
+@pytest.mark.parametrize("damage", [{"std": [0.0, 0.2, 0.2]}, {"mean": [float("nan"), 0.5, 0.5]},
+                                    {"mean": [0.5], "std": [0.2]}, {"std": ["x", 0.2, 0.2]}])
+def test_a_damaged_statistics_cache_is_computed_again(tmp_path, caplog, damage):
+  from cnnjax.data import sources  # pylint: disable=import-outside-toplevel
+  images = np.random.default_rng(11).integers(0, 256, (4, 3, 3, 3)).astype(np.uint8)
+  source = sources.ArraySource(images, np.zeros(4, np.int64))
+  entry = {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], "examples": 4, **damage}
+  (tmp_path / sources.STATS_FILE).write_text(json.dumps({"train": entry}))
+  with caplog.at_level("WARNING", logger="cnnjax"):
+    mean, std = sources.cached_stats(str(tmp_path), "train", source)
+  np.testing.assert_allclose(std, (images / 255.0).reshape(-1, 3).std(0), rtol=1e-6)
+  assert "are damaged" in caplog.text and len(mean) == 3

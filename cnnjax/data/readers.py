@@ -33,6 +33,7 @@ import math
 import os
 import pickle
 import re
+import zipfile
 from typing import Any, BinaryIO, Iterator
 
 import numpy as np
@@ -54,6 +55,9 @@ MAX_PICKLE_BYTES = 1 << 30
 PICKLE_NESTING = 4
 # Encodings under which Python 3's protocol 2 stores bytes via _codecs.encode.
 LATIN1 = ("latin1", "latin-1")
+# The most a zip member can inflate to: deflate's ceiling is about 1032:1 (torch.save and np.savez store
+# members uncompressed); a member declaring more than its archive's size times this is refused unread.
+MAX_INFLATION = 1032
 # 16-bit samples in 0..65535 become 8-bit ones by this factor (65535 / 255): scaled, not clipped.
 SIXTEEN_TO_EIGHT_BITS = 257.0
 EIGHT_BIT_MAX = 255
@@ -150,6 +154,30 @@ def check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
 def check_examples(count: int, what: str) -> None:
   if count == 0:
     raise BadFile(f"{what} holds no examples")
+
+
+def check_member_size(archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
+  """The member's entry, once its declared sizes are ones the archive can hold (BadFile otherwise)."""
+  info = archive.getinfo(name)
+  archive_bytes = os.fstat(archive.fp.fileno()).st_size
+  limit = archive_bytes if info.compress_type == zipfile.ZIP_STORED else archive_bytes * MAX_INFLATION
+  if info.file_size > limit or info.compress_size > archive_bytes:
+    raise BadFile(f"its member {name} claims {info.file_size} bytes, more than the archive can hold")
+  return info
+
+
+def check_npy_member(archive: zipfile.ZipFile, name: str) -> None:
+  """BadFile unless the .npy member `name` holds a numeric array whose header claims no more bytes than
+  the member has: NumPy allocates what the header claims before reading."""
+  info = check_member_size(archive, name)
+  with archive.open(info) as f:
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                   np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(f)
+  dtype = numeric_dtype(dtype)
+  if math.prod(shape) * dtype.itemsize > info.file_size:
+    raise BadFile(f"its array {name} claims shape {shape} of {dtype}, more than the {info.file_size} bytes it has")
 
 
 # ---------------------------------------------------------------------------------------------------

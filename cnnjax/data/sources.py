@@ -23,13 +23,14 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import re
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from cnnjax.data import shapes, text
+from cnnjax.data import readers, shapes, text
 from cnnjax.errors import ConfigError, DataError
 
 # Per-channel mean and standard deviation of the training images, in [0, 1] units.
@@ -392,7 +393,11 @@ def cached_stats(directory: str, split: str,
         cache = json.load(f)
       entry = cache[split]
       if entry["examples"] == len(source):
-        return tuple(entry["mean"]), tuple(entry["std"])
+        stats = _valid_stats(entry["mean"], entry["std"], np.shape(source[0]["image"])[-1])
+        if stats is not None:
+          return stats
+        logger.warning("the normalization statistics cached in %s for %r are damaged (not a finite value per "
+                       "channel, or a std that is not positive); computing them again", path, split)
     except (OSError, ValueError, KeyError, TypeError):
       cache = cache if isinstance(cache, dict) else {}
   mean, std = _estimate_stats(source)
@@ -406,6 +411,18 @@ def cached_stats(directory: str, split: str,
     logger.warning("could not cache the normalization statistics in %s (%s); they are computed on every start",
                    path, e.strerror)
   return mean, std
+
+
+def _valid_stats(mean: Any, std: Any, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  """(mean, std) read from a cache when they can be: a finite number per channel each, every std positive."""
+  if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == channels):
+    return None
+  values = mean + std
+  if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+    return None
+  if min(std) <= 0:
+    return None
+  return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def _open_tfds(name, data_dir, train_split, eval_split, mean, std) -> Dataset:
@@ -517,6 +534,8 @@ def _load_npz(path: str, role: str) -> tuple[np.ndarray, np.ndarray]:
       raise DataError(f"{path} lacks array(s) {missing} (has {sorted(arrays.files)}); "
                       "save it with np.savez(path, image=..., label=...)")
     try:
+      for key in ("image", "label"):
+        readers.check_npy_member(arrays.zip, f"{key}.npy")
       images, labels = arrays["image"], arrays["label"]
     except Exception as e:  # pylint: disable=broad-except  (a truncated or damaged member)
       raise DataError(f"{path} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:120]}); write it "

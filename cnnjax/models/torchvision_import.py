@@ -97,9 +97,6 @@ STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "Half
 LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 LEGACY_SIZE_BYTES = 8  # each legacy storage starts with its element count as an int64
 BFLOAT16_SHIFT = 16  # a bfloat16 is the high half of a float32
-# The most a zip member can inflate to (deflate's ceiling is about 1032:1; torch.save stores members
-# uncompressed): a member declaring more than the archive's size times this is refused unread.
-MAX_INFLATION = 1032
 # BatchNorm's running variance: never negative in a file that is intact.
 RUNNING_VARIANCE_SUFFIX = ".running_var"
 REDOWNLOAD = "download torchvision's file again"
@@ -277,11 +274,10 @@ def read_pickle_without_torch(path: str) -> dict[str, np.ndarray]:
 
 def _read_member(archive: zipfile.ZipFile, name: str) -> bytes:
   """A member of the archive, its declared size checked against what the archive can hold first."""
-  info = archive.getinfo(name)
-  archive_bytes = os.fstat(archive.fp.fileno()).st_size
-  limit = archive_bytes if info.compress_type == zipfile.ZIP_STORED else archive_bytes * MAX_INFLATION
-  if info.file_size > limit or info.compress_size > archive_bytes:
-    raise ValueError(f"{name} claims {info.file_size} bytes, more than the archive can hold")
+  try:
+    readers.check_member_size(archive, name)
+  except readers.BadFile as e:
+    raise ValueError(str(e)) from None
   return archive.read(name)
 
 
