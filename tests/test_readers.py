@@ -433,3 +433,25 @@ def test_a_damaged_statistics_cache_is_computed_again(tmp_path, caplog, damage):
     mean, std = sources.cached_stats(str(tmp_path), "train", source)
   np.testing.assert_allclose(std, (images / 255.0).reshape(-1, 3).std(0), rtol=1e-6)
   assert "are damaged" in caplog.text and len(mean) == 3
+
+
+def test_an_interrupted_preparation_leaves_nothing_and_a_rerun_prepares(tmp_path, monkeypatch):
+  source = tmp_path / "images"
+  write_image_folder(source, ["cat", "dog"])
+  data_dir = tmp_path / "tfds"
+  read = prepare_lib.ImageFolderLayout.read
+  calls = []
+
+  def interrupted(self, path):
+    calls.append(path)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return read(self, path)
+
+  monkeypatch.setattr(prepare_lib.ImageFolderLayout, "read", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    prepare("my_images", data_dir=str(data_dir), source_dir=str(source))
+  assert not [p for p in data_dir.rglob("*") if p.is_file()], list(data_dir.rglob("*"))
+  monkeypatch.setattr(prepare_lib.ImageFolderLayout, "read", read)
+  prepare("my_images", data_dir=str(data_dir), source_dir=str(source))
+  assert len(open_dataset("my_images", tfds_data_dir=str(data_dir)).train) == 6

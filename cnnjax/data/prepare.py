@@ -11,8 +11,10 @@ the builder's features, ArrayRecord files) that training reads without TensorFlo
   network): MNIST and Fashion-MNIST idx files, CIFAR-10 and CIFAR-100 in their
   binary or python (pickle) versions. The TFDS builder classes are reused for
   their metadata and features; only reading the files is replaced by NumPy and
-  encoding by PIL, so no TensorFlow is needed. The pickles are read by
-  `read_cifar_pickle`, which admits only what they hold.
+  encoding by PIL, so no TensorFlow is needed. Every file is read whole and
+  checked (`cnnjax.data.readers`: numeric arrays built from the bytes, sizes,
+  labels in range, non-empty splits) before anything is written; the pickles
+  are read by `readers.load_pickle`, which admits only what they hold.
 * From a folder of images in torchvision's ImageFolder layout (`--source_dir`
   with any other name): `DIR/train/<class>/*.png|jpg|...`, and `DIR/test/<class>/`
   and/or `DIR/val/<class>/` (the `test` and `validation` splits); classes are the
@@ -20,7 +22,13 @@ the builder's features, ArrayRecord files) that training reads without TensorFlo
   numbers them. The layout is what names the format: `--source_dir` with a name
   of the list above reads that dataset's original files, with any other name an
   image folder. Images are decoded with PIL and stored as PNG (lossless), all in
-  RGB, or in grayscale when every image is.
+  RGB, or in grayscale when every image is, converted from any mode keeping
+  their contrast (`readers.image_array`); one that does not decode stops the
+  preparation, and TFDS removes what it had written.
+
+Each prepared dataset records its source in `SOURCE_FILE`; preparing the name
+again from another source, or from files that changed, is refused in one line
+rather than silently keeping (or replacing) the prepared one.
 
 The digits need none of these: they come from scikit-learn (`cnnjax.data.digits`).
 """

@@ -14,7 +14,14 @@ file of the same state dict. Reading one never runs code from it:
   unpickler, which admits only what a state dict holds (an ordered dict of
   tensors in float, integer or bool storages) and builds NumPy arrays itself.
   Anything else (a global such as `os.system`, a code object, an object other
-  than a tensor) is refused with a `CheckpointError`.
+  than a tensor) is refused with a `CheckpointError`. Sizes are checked before
+  anything is allocated: zip members and legacy storages against the file's
+  size, and no tensor may view more elements than its storage holds (stride 0).
+
+Every tensor read is checked (`check_tensors`): numbers only, finite, and
+BatchNorm running variances >= 0, the error naming the file and the tensor, so
+that a damaged file is not trained to NaN. Any failure to parse a file is one
+`CheckpointError` line.
 
 What the conversion does:
 
