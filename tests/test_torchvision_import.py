@@ -328,3 +328,13 @@ def test_a_run_starts_from_init_from_once_and_resumes_from_its_own_checkpoints(t
     config.init_from = str(tmp_path / "missing.pth")
   with pytest.raises(ConfigError, match="init_from=.* is not a file"):
     train.build(config)
+
+
+def test_bfloat16_safetensors_read_as_float32(tmp_path):
+  from safetensors.torch import save_file as save_torch_file  # pylint: disable=import-outside-toplevel
+  tensor = torch.linspace(-1, 1, 5, dtype=torch.bfloat16)
+  path = str(tmp_path / "half.safetensors")
+  save_torch_file({"fc.bias": tensor}, path)
+  loaded = tvi.read_state_dict(path)
+  assert loaded["fc.bias"].dtype == np.float32
+  np.testing.assert_array_equal(loaded["fc.bias"], tensor.float().numpy())

@@ -48,7 +48,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cnnjax.data import digits, readers
-from cnnjax.data.sources import OWN_DATASETS, check_tfds_data_dir
+from cnnjax.data.sources import OWN_DATASETS
 from cnnjax.errors import DataError
 
 PREPARABLE = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet2012", "oxford_iiit_pet",
@@ -370,7 +370,7 @@ class ImageFolderLayout:
       if not os.path.isdir(class_dir):
         continue
       if name not in self.classes:
-        raise DataError(f"{class_dir}: class {name!r} has no folder in {os.path.join(self.root, 'train')}; "
+        raise DataError(f"{readers.printable(class_dir)}: class {name!r} has no folder in {os.path.join(self.root, 'train')}; "
                         "every class needs training images")
       images = []
       for entry in sorted(os.listdir(class_dir)):
@@ -379,11 +379,11 @@ class ImageFolderLayout:
           continue
         if not os.path.isfile(path):
           # A link to nothing (or a device, a pipe): skipping it would silently leave an image out.
-          raise DataError(f"{path} is not a readable file (a broken symbolic link?); restore its target or "
-                          "remove it")
+          raise DataError(f"{readers.printable(path)} is not a readable file (a broken symbolic link?); restore "
+                          "its target or remove it")
         images.append(path)
       if not images and directory.endswith("train"):
-        raise DataError(f"{class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder")
+        raise DataError(f"{readers.printable(class_dir)} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder")
       files.extend((path, self.classes.index(name)) for path in images)
     return files
 
@@ -453,10 +453,12 @@ def _tfds_knows(name: str) -> bool:
 
 def check_data_dir(data_dir: str) -> None:
   """DataError unless `data_dir` is (or can become) a directory this process may write."""
-  check_tfds_data_dir(data_dir)
   existing = os.path.abspath(data_dir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise DataError(f"the TFDS data directory {data_dir} is (or lies under) the file {existing}; pass --data_dir "
+                    "(or set $TFDS_DATA_DIR) to a directory")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise DataError(f"the TFDS data directory {data_dir} cannot be written ({existing} is read-only for this "
                     "user); pass --data_dir (or set $TFDS_DATA_DIR) to a writable directory")

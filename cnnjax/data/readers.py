@@ -71,6 +71,12 @@ class BadFile(ValueError):
   """What is wrong with a file, in words that follow its path: '<path> <message>'."""
 
 
+def printable(text: str) -> str:
+  """`text` with control characters (a terminal's escape codes in a file name) shown escaped, so that an
+  error line stays one plain line."""
+  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def short(error: BaseException) -> str:
   """An exception as a short phrase: its type and its message's first 160 characters, on one line."""
   text = " ".join(str(error).split())[:160]
@@ -91,11 +97,11 @@ def refusing(path: str, error_type: type[CnnjaxError], advice: str, what: str = 
   except CnnjaxError:
     raise
   except BadFile as e:
-    raise error_type(f"{path}: {e}; {advice}") from None
+    raise error_type(f"{printable(path)}: {e}; {advice}") from None
   except Exception as e:  # pylint: disable=broad-except  (any failure to parse outside bytes is a bad file)
     # Libraries often repeat the path in their message; once is enough.
-    raise error_type(f"{path} is not a readable {what} ({short(e).replace(repr(path), 'it').replace(path, 'it')}); "
-                     f"{advice}") from None
+    why = printable(short(e).replace(repr(path), "it").replace(path, "it"))
+    raise error_type(f"{printable(path)} is not a readable {what} ({why}); {advice}") from None
 
 
 def numeric_dtype(dtype: Any) -> np.dtype:
@@ -331,8 +337,7 @@ def load_pickle(path: str) -> Any:
     # From memory: a length in the pickle then never makes the file object allocate that much.
     return _arrays_in(_DataUnpickler(io.BytesIO(data), encoding="bytes").load())
   except pickle.UnpicklingError as e:
-    raise BadFile(f"it is not a pickle of data ({' '.join(str(e).split())[:160]}); refused without running it"
-                  ) from None
+    raise BadFile(" ".join(str(e).split())[:160]) from None
 
 
 # ---------------------------------------------------------------------------------------------------

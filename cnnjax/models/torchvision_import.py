@@ -104,6 +104,8 @@ STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "Half
 LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 LEGACY_SIZE_BYTES = 8  # each legacy storage starts with its element count as an int64
 BFLOAT16_SHIFT = 16  # a bfloat16 is the high half of a float32
+# Float types of fewer bits than float16 that safetensors files may hold (ml_dtypes' names).
+LOW_PRECISION_FLOATS = ("bfloat16", "float8", "float6", "float4")
 # BatchNorm's running variance: never negative in a file that is intact.
 RUNNING_VARIANCE_SUFFIX = ".running_var"
 REDOWNLOAD = "download torchvision's file again"
@@ -153,7 +155,11 @@ def check_tensors(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   # The safetensors library checks the header's offsets against the file's size before mapping it.
   with readers.refusing(path, CheckpointError, "download or convert it again", "safetensors file"):
-    return dict(load_safetensors(path))
+    arrays = dict(load_safetensors(path))
+  # bfloat16 and the float8 kinds arrive as ml_dtypes types, which NumPy does not count as numbers; float32
+  # holds each of them exactly, as the .pth readers give bfloat16.
+  return {key: value.astype(np.float32) if value.dtype.name.startswith(LOW_PRECISION_FLOATS) else value
+          for key, value in arrays.items()}
 
 
 def _read_pickle(path: str) -> dict[str, np.ndarray]:
