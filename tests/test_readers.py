@@ -3,6 +3,7 @@ of range, empty batches, lying headers, every PIL image mode, truncated images, 
 from another source, and a fuzz test of every reader (seeded mutations of valid files: each must be read
 or refused with one line, never crash, trace back or hang)."""
 
+import gzip
 import io
 import json
 import os
@@ -455,3 +456,34 @@ def test_an_interrupted_preparation_leaves_nothing_and_a_rerun_prepares(tmp_path
   monkeypatch.setattr(prepare_lib.ImageFolderLayout, "read", read)
   prepare("my_images", data_dir=str(data_dir), source_dir=str(source))
   assert len(open_dataset("my_images", tfds_data_dir=str(data_dir)).train) == 6
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("pixel_256", r"pixels are not all integers in 0..255"), ("label_10", r"label\(s\) outside \[0, 10\)"),
+    ("short_row", "is not a readable CSV file"), ("missing_rows", "not 20 rows of 784 pixels and a label"),
+])
+def test_a_damaged_mnist_sample_is_a_one_line_error_not_wrapped_values(tmp_path, monkeypatch, damage, message):
+  from cnnjax.data import mnist_sample  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(mnist_sample, "NUM_EXAMPLES", 20)  # a short file reads in milliseconds
+  rows = np.zeros((mnist_sample.NUM_EXAMPLES, mnist_sample.PIXELS + 1), np.int64)
+  rows[:, -1] = np.arange(len(rows)) % 10
+  lines = [",".join(map(str, row)) for row in rows]
+  if damage == "pixel_256":
+    lines[7] = "256" + lines[7][1:]
+  elif damage == "label_10":
+    lines[9] = lines[9][:-1] + "10"
+  elif damage == "short_row":
+    lines[3] = "0,1"
+  else:
+    lines = lines[:10]
+  path = tmp_path / "mnist_5k.csv.gz"
+  with gzip.open(path, "wt") as f:
+    f.write("\n".join(lines) + "\n")
+  monkeypatch.setattr(mnist_sample, "csv_path", lambda: str(path))
+  mnist_sample.load_split.cache_clear()
+  try:
+    with pytest.raises(DataError, match=message) as caught:
+      mnist_sample.load_split("train")
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+  finally:
+    mnist_sample.load_split.cache_clear()

