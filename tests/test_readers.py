@@ -106,6 +106,27 @@ def test_flags_and_layout_are_never_taken_from_a_pickled_dtype(tmp_path):
   np.testing.assert_array_equal(readers.load_pickle(str(path))[b"data"], array)
 
 
+MEMO_BOMB = b"\x80\x02Nr\xff\xff\xff\x0f."  # None, stored at memo index 2^28 - 1: 4 GB and 9 s unchecked
+
+
+@pytest.mark.parametrize("reader", ["cifar", "pth_zip", "pth_legacy"])
+def test_a_pickle_that_claims_a_huge_memo_is_refused_at_once(tmp_path, reader):
+  path = tmp_path / ("batch" if reader == "cifar" else "weights.pth")
+  if reader == "pth_zip":
+    with zipfile.ZipFile(path, "w") as archive:
+      archive.writestr("weights/data.pkl", MEMO_BOMB)
+  else:
+    path.write_bytes(MEMO_BOMB)
+  start = time.monotonic()
+  if reader == "cifar":
+    with pytest.raises(DataError, match="stores at memo index 268435455 but makes only 1 entries"):
+      prepare_lib.read_cifar_pickle(str(path))
+  else:
+    with pytest.raises(CheckpointError, match="stores at memo index 268435455 but makes only 1 entries"):
+      tvi.read_pickle_without_torch(str(path))
+  assert time.monotonic() - start < 1.0
+
+
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_cifar_pickles_resaved_by_python3_in_any_protocol_prepare(tmp_path, protocol):
   written = write_cifar_python(tmp_path / "src", protocol=protocol)
@@ -306,7 +327,8 @@ def test_unusable_data_directories_and_a_digits_source_dir_are_one_line_errors(t
 INJECTED_OPCODES = (b"cos\nsystem\n", b"c__builtin__\neval\n", b"\x8c\x05posix\x8c\x06system\x93", b"R", b"b",
                     b"\x82\x01", b"P0\n", b"Q", b"B\xff\xff\xff\x7f", b"\x8e\xff\xff\xff\xff\xff\xff\xff\x7f",
                     b"\x96\xff\xff\xff\xff\x00\x00\x00\x00", b"\x97", b"\x95\xff\xff\xff\xff\xff\xff\x00\x00",
-                    b"(", b".", b"0", b"I99999999999999999999999\n", b"\x81", b"\x92", b"}", b"s", b"t")
+                    b"(", b".", b"0", b"I99999999999999999999999\n", b"\x81", b"\x92", b"}", b"s", b"t",
+                    b"r\xff\xff\xff\x0f", b"p268435455\n")
 CRAFTED_DTYPES = (b"V8", b"O8", b"U1", b"M8", b"S1", b"c8", b"f8", b"i8", b"b1", b"u2", b"O\x00", b"V1")
 
 

@@ -32,6 +32,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import re
 import zipfile
 from typing import Any, BinaryIO, Iterator
@@ -53,6 +54,8 @@ MAX_PICKLE_BYTES = 1 << 30
 # How far into nested dicts and lists a pickle's arrays are looked for (a CIFAR batch: a dict of arrays
 # and lists).
 PICKLE_NESTING = 4
+# Opcodes that store into a pickle's memo (the last one at the next free index).
+MEMO_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
 # Encodings under which Python 3's protocol 2 stores bytes via _codecs.encode.
 LATIN1 = ("latin1", "latin-1")
 # The most a zip member can inflate to: deflate's ceiling is about 1032:1 (torch.save and np.savez store
@@ -304,6 +307,19 @@ class _DataUnpickler(pickle.Unpickler):
     raise pickle.UnpicklingError(f"it asks to load {module}.{name}")
 
 
+def check_pickle_memo(stream: Any) -> None:
+  """Reads one pickle's opcodes from `stream` (without running any) and raises BadFile when it stores into
+  its memo at an index beyond the entries it makes. CPython's unpickler grows its memo to any index it is
+  given: 11 bytes of pickle would claim gigabytes. A pickler numbers its entries 0, 1, 2, ... in order."""
+  stores, highest = 0, -1
+  for opcode, argument, _ in pickletools.genops(stream):
+    if opcode.name in MEMO_OPCODES:
+      stores += 1
+      highest = max(highest, int(argument) if argument is not None else stores - 1)
+  if highest >= stores:
+    raise BadFile(f"its pickle stores at memo index {highest} but makes only {stores} entries")
+
+
 def _arrays_in(value: Any, depth: int = 0) -> Any:
   """`value` with the arrays the pickle built in place of their stand-ins (dicts and lists, a few levels)."""
   if isinstance(value, _Array):
@@ -334,6 +350,7 @@ def load_pickle(path: str) -> Any:
   with open(path, "rb") as f:
     data = f.read(MAX_PICKLE_BYTES + 1)
   try:
+    check_pickle_memo(io.BytesIO(data))
     # From memory: a length in the pickle then never makes the file object allocate that much.
     return _arrays_in(_DataUnpickler(io.BytesIO(data), encoding="bytes").load())
   except pickle.UnpicklingError as e:

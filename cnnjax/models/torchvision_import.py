@@ -304,7 +304,7 @@ def _read_zip_state_dict(archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
   byteorder = _read_member(archive, prefix + "byteorder").decode().strip() if has_byteorder else "little"
   if byteorder not in ("little", "big"):
     raise ValueError(f"unknown byte order {byteorder!r}")
-  loaded = _StateDictUnpickler(io.BytesIO(_read_member(archive, pickles[0]))).load()
+  loaded = _load_checked(io.BytesIO(_read_member(archive, pickles[0])))
   storages = {}
   for ref in _storage_refs(loaded):
     if ref.key not in storages:
@@ -312,16 +312,28 @@ def _read_zip_state_dict(archive: zipfile.ZipFile) -> dict[str, np.ndarray]:
   return _materialize(loaded, storages)
 
 
+def _load_checked(f) -> Any:
+  """One pickle from `f` (seekable) by `_StateDictUnpickler`, its opcodes checked first: see
+  `readers.check_pickle_memo`."""
+  start = f.tell()
+  # A file on disk is read through a BoundedReader, in memory as it is (neither allocates a claimed length).
+  reader = f if isinstance(f, io.BytesIO) else readers.BoundedReader(f)
+  try:
+    readers.check_pickle_memo(reader)
+  except readers.BadFile as e:
+    raise ValueError(str(e)) from None
+  f.seek(start)
+  return _StateDictUnpickler(reader).load()
+
+
 def _read_legacy_state_dict(f) -> dict[str, np.ndarray]:
-  bounded = readers.BoundedReader(f)
-  header = _StateDictUnpickler(bounded)
-  if header.load() != LEGACY_MAGIC:
+  if _load_checked(f) != LEGACY_MAGIC:
     raise ValueError("neither a zip archive nor PyTorch's legacy format")
-  header.load()  # protocol version
-  system = _StateDictUnpickler(bounded).load()
+  _load_checked(f)  # protocol version
+  system = _load_checked(f)
   little_endian = bool(system.get("little_endian", True)) if isinstance(system, dict) else True
-  loaded = _StateDictUnpickler(bounded).load()
-  keys = _StateDictUnpickler(bounded).load()
+  loaded = _load_checked(f)
+  keys = _load_checked(f)
   if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
     raise ValueError("malformed storage list")
   dtypes = {ref.key: ref.dtype for ref in _storage_refs(loaded)}
