@@ -376,11 +376,13 @@ def valid_files(tmp_path) -> dict[str, tuple[bytes, str, bytes | None]]:
           "jpeg": (jpeg.getvalue(), "0.jpg", None),
           "pth_zip": ((tmp_path / "zip.pth").read_bytes(), "weights.pth", None),
           "pth_legacy": ((tmp_path / "legacy.pth").read_bytes(), "legacy.pth", b"FloatStorage"),
+          "pth_with_torch": ((tmp_path / "legacy.pth").read_bytes(), "legacy.pth", b"FloatStorage"),
           "safetensors": ((tmp_path / "w.safetensors").read_bytes(), "w.safetensors", b"F32")}
 
 
 def read_as(fmt: str, path: str) -> None:
-  """Reads `path` with the reader of `fmt`, as preparation or `init_from` would."""
+  """Reads `path` with the reader of `fmt`, as preparation or `init_from` would (`.pth` files with torch's
+  restricted `torch.load` for pth_with_torch and safetensors' own reader, by `read_state_dict`)."""
   if fmt == "cifar_python":
     prepare_lib._cifar_python_batch(path, {"label": (b"labels", 10)})  # pylint: disable=protected-access
   elif fmt == "cifar_binary":
@@ -395,14 +397,14 @@ def read_as(fmt: str, path: str) -> None:
     for files in layout.splits.values():
       for image_path, _ in files:
         layout.read(image_path)
-  elif fmt.startswith("pth"):
+  elif fmt in ("pth_zip", "pth_legacy"):
     tvi.check_tensors(path, tvi.read_pickle_without_torch(path))
   else:
     tvi.read_state_dict(path)
 
 
 @pytest.mark.parametrize("fmt", ["cifar_python", "cifar_binary", "mnist_idx", "png", "jpeg", "pth_zip", "pth_legacy",
-                                 "safetensors"])
+                                 "pth_with_torch", "safetensors"])
 def test_fuzzed_files_are_read_or_refused_in_one_line(tmp_path, fmt):
   data, name, dtype_field = valid_files(tmp_path)[fmt]
   rng = np.random.default_rng(sum(fmt.encode()))

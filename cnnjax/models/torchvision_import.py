@@ -62,6 +62,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from typing import Any, Mapping
 
@@ -168,7 +169,11 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
   except ImportError:
     return read_pickle_without_torch(path)
   try:
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+      # A damaged file makes torch warn (an odd pickle protocol) before it fails or reads; the failure is
+      # reported in one line, and a file that reads is checked tensor by tensor below.
+      warnings.simplefilter("ignore", UserWarning)
+      loaded = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise CheckpointError(f"{path} holds more than tensors and was refused unread "
                           f"(torch.load with weights_only=True: {_first_line(e)}); it may have been "
