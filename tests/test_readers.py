@@ -8,6 +8,9 @@ import io
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
 import time
 import zipfile
 
@@ -22,7 +25,7 @@ from cnnjax.data import prepare as prepare_lib
 from cnnjax.data.prepare import prepare
 from cnnjax.errors import CheckpointError, CnnjaxError, DataError
 from cnnjax.models import torchvision_import as tvi
-from helpers import run_cli
+from helpers import REPO_ROOT, run_cli
 from test_prepare import cifar_python_batch, write_cifar, write_image_folder, write_pickle
 
 CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -511,3 +514,23 @@ def test_a_damaged_mnist_sample_is_a_one_line_error_not_wrapped_values(tmp_path,
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
   finally:
     mnist_sample.load_split.cache_clear()
+
+
+def test_ctrl_c_while_preparing_is_one_line_that_speaks_of_preparing(tmp_path):
+  source = tmp_path / "images"
+  write_image_folder(source, ["cat", "dog"])
+  result = run_cli("cnnjax.prepare", "my_images", f"--source_dir={source}", f"--data_dir={tmp_path / 'tfds'}",
+                   wrapper=os.path.join(REPO_ROOT, "tests", "interrupted_prepare_main.py"), timeout=120)
+  assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [
+      "stopped by SIGINT while preparing my_images; nothing half-written is kept, rerun the same command to "
+      "prepare it"], result.stderr[-2000:]
+  assert nothing_prepared(tmp_path / "tfds", "my_images")
+
+
+def test_writing_the_digits_leaves_no_progress_bar_debris_in_a_log(tmp_path):
+  result = subprocess.run([sys.executable, "-c", "import sys; from cnnjax.data import digits; "
+                           "digits.prepare(sys.argv[1])", str(tmp_path / "tfds")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "\r" not in result.stderr + result.stdout and "examples/s" not in result.stderr, result.stderr[-2000:]

@@ -14,6 +14,7 @@ training and 360 test images.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -80,6 +81,9 @@ def prepare(data_dir: str | None) -> None:
                     "and rerun to write them again, or set data.tfds_data_dir") from None
   if prepared:
     return
+  if not sys.stderr.isatty():
+    # The first run writes the digits: its log (a file, a pipe) gets no progress-bar debris.
+    tfds.display_progress_bar(False)
   try:
     builder.download_and_prepare()
   except Exception as error:  # pylint: disable=broad-except
