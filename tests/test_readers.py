@@ -309,17 +309,18 @@ def write_mnist_dir(tmp_path, name):
   return directory
 
 
-def test_unusable_data_directories_and_a_digits_source_dir_are_one_line_errors(tmp_path):
+def test_unusable_data_directories_and_a_digits_source_dir_are_one_line_errors(tmp_path, monkeypatch):
   (tmp_path / "a_file").write_text("not a directory")
   with pytest.raises(DataError, match="is \\(or lies under\\) the file"):
     prepare("my_images", data_dir=str(tmp_path / "a_file" / "tfds"), source_dir=str(tmp_path))
   with pytest.raises(DataError, match="the digits come with scikit-learn and read no files"):
     prepare("digits", data_dir=str(tmp_path / "tfds"), source_dir=str(tmp_path))
-  if os.geteuid() != 0:  # root writes anywhere
-    read_only = tmp_path / "read_only"
-    read_only.mkdir(mode=0o555)
-    with pytest.raises(DataError, match="cannot be written"):
-      prepare("my_images", data_dir=str(read_only / "tfds"), source_dir=str(tmp_path))
+  read_only = tmp_path / "read_only"
+  read_only.mkdir(mode=0o555)
+  if os.geteuid() == 0:  # root may write anywhere: let the check see the directory as another user does
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(read_only)))
+  with pytest.raises(DataError, match="cannot be written .* is read-only for this user"):
+    prepare("my_images", data_dir=str(read_only / "tfds"), source_dir=str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -534,3 +535,12 @@ def test_writing_the_digits_leaves_no_progress_bar_debris_in_a_log(tmp_path):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "\r" not in result.stderr + result.stdout and "examples/s" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["a\nb", os.fsdecode(b"\xff\xfe")])
+def test_class_folders_named_with_control_characters_or_undecodable_bytes_are_refused(tmp_path, name):
+  source = tmp_path / "images"
+  write_image_folder(source, [name, "c"])
+  with pytest.raises(DataError, match="a class folder's name must be printable UTF-8 text") as caught:
+    prepare("my_images", data_dir=str(tmp_path / "tfds"), source_dir=str(source))
+  assert readers.printable(str(caught.value)) == str(caught.value)

@@ -345,6 +345,13 @@ class ImageFolderLayout:
     self.classes = sorted(name for name in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, name)))
     if not self.classes:
       raise DataError(f"{train_dir} has no class folders; an image folder holds train/<class>/*.png|jpg")
+    for name in self.classes:
+      # Class names are stored as UTF-8 text, one per line: a name that cannot be (a file system's
+      # undecodable bytes, which Python holds as unprintable surrogates; a newline) would fail half-way or
+      # shift every later name.
+      if readers.printable(name) != name:
+        raise DataError(f"{readers.printable(os.path.join(train_dir, name))}: a class folder's name must be "
+                        "printable UTF-8 text (no control characters or undecodable bytes); rename it")
     self.splits: dict[str, list[tuple[str, int]]] = {}
     for folder, split in IMAGE_FOLDER_SPLITS.items():
       directory = os.path.join(self.root, folder)
