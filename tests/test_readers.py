@@ -375,13 +375,15 @@ def valid_files(tmp_path) -> dict[str, tuple[bytes, str, bytes | None]]:
   for name, kwargs in (("zip.pth", {}), ("legacy.pth", {"_use_new_zipfile_serialization": False})):
     torch.save(tensors, tmp_path / name, **kwargs)
   save_file({k: v.contiguous().numpy() for k, v in tensors.items()}, str(tmp_path / "w.safetensors"))
+  np.savez(tmp_path / "arrays.npz", image=images[:, :4, :4], label=np.array([1, 2]))
   return {"cifar_python": (cifar, "data_batch_1", b"u1"), "cifar_binary": (binary, "data_batch_1.bin", None),
           "mnist_idx": (idx, "train-images-idx3-ubyte", None), "png": (png.getvalue(), "0.png", None),
           "jpeg": (jpeg.getvalue(), "0.jpg", None),
           "pth_zip": ((tmp_path / "zip.pth").read_bytes(), "weights.pth", None),
           "pth_legacy": ((tmp_path / "legacy.pth").read_bytes(), "legacy.pth", b"FloatStorage"),
           "pth_with_torch": ((tmp_path / "legacy.pth").read_bytes(), "legacy.pth", b"FloatStorage"),
-          "safetensors": ((tmp_path / "w.safetensors").read_bytes(), "w.safetensors", b"F32")}
+          "safetensors": ((tmp_path / "w.safetensors").read_bytes(), "w.safetensors", b"F32"),
+          "npz": ((tmp_path / "arrays.npz").read_bytes(), "arrays.npz", b"|u1")}
 
 
 def read_as(fmt: str, path: str) -> None:
@@ -401,6 +403,8 @@ def read_as(fmt: str, path: str) -> None:
     for files in layout.splits.values():
       for image_path, _ in files:
         layout.read(image_path)
+  elif fmt == "npz":
+    open_dataset("npz", train_path=path, eval_path=path)
   elif fmt in ("pth_zip", "pth_legacy"):
     tvi.check_tensors(path, tvi.read_pickle_without_torch(path))
   else:
@@ -408,7 +412,7 @@ def read_as(fmt: str, path: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["cifar_python", "cifar_binary", "mnist_idx", "png", "jpeg", "pth_zip", "pth_legacy",
-                                 "pth_with_torch", "safetensors"])
+                                 "pth_with_torch", "safetensors", "npz"])
 def test_fuzzed_files_are_read_or_refused_in_one_line(tmp_path, fmt):
   data, name, dtype_field = valid_files(tmp_path)[fmt]
   rng = np.random.default_rng(sum(fmt.encode()))
