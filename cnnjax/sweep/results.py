@@ -29,7 +29,7 @@ import ml_collections
 
 from cnnjax.errors import CheckpointError, ConfigError
 from cnnjax.sweep.declare import Trial, apply_overrides
-from cnnjax.train.rundir import DIVERGED, FAILED, FINISHED, INCOMPLETE, NOT_STARTED, RunDir
+from cnnjax.train.rundir import CONFIG_FILE, DIVERGED, FAILED, FINISHED, INCOMPLETE, NOT_STARTED, SUMMARY_FILE, RunDir
 
 CSV_FILE = "results.csv"
 MARKDOWN_FILE = "results.md"
@@ -90,10 +90,17 @@ def read_row(trial: Trial, trial_dir: str) -> Row:
 
 def check_trial_dirs(base_config: ml_collections.ConfigDict, trials: Sequence[Trial], workdir: str) -> None:
   """CheckpointError naming the first trial whose directory holds a run of another config (another trial's
-  run copied there, or the sweep's config changed since): a summary would list it as this trial's result.
-  The same check a sweep makes before training, so that `--summarize_only` trusts no more than a sweep."""
+  run copied there, or the sweep's config changed since), or a summary without the config.json that says
+  whose run it is: a summary would list it as this trial's result. The sweep makes the same checks before
+  training (and counts no summary without its config.json as finished), so that `--summarize_only` trusts
+  no more than a sweep."""
   for trial in trials:
     trial_dir = os.path.join(workdir, trial.name)
+    if os.path.exists(os.path.join(trial_dir, SUMMARY_FILE)) and not os.path.exists(os.path.join(trial_dir,
+                                                                                                 CONFIG_FILE)):
+      raise CheckpointError(f"trial {trial.name!r}: {trial_dir} holds a {SUMMARY_FILE} without the {CONFIG_FILE} "
+                            "that says whose run it is; rerun the sweep (it resumes the trial from checkpoints "
+                            "whose fingerprints it checks) or move that directory aside")
     differences = RunDir(trial_dir, is_writer=False).config_differences(apply_overrides(base_config, trial))
     if differences:
       raise CheckpointError(f"trial {trial.name!r}: {trial_dir} holds a run of another config ({differences}), "
