@@ -21,6 +21,7 @@ import math
 import ml_collections
 
 from cnnjax.data import DATASET_NAMES, is_dataset_name
+from cnnjax.data.resident import PLACEMENTS
 from cnnjax.errors import ConfigError
 from cnnjax.models import MODELS
 from cnnjax.nn import BN_SYNC_MODES, LOWERINGS, NORM_KINDS, RUNNING_VARIANCE_CONVENTIONS
@@ -32,6 +33,11 @@ MODEL_COMMON_KEYS = ("name", "norm", "bn_sync", "bn_group_size", "bn_momentum", 
                      "bn_running_variance", "renorm_rmax", "renorm_dmax", "renorm_warmup_steps",
                      "renorm_rmax_steps", "renorm_dmax_steps", "group_norm_groups", "dtype", "lowering")
 DTYPES = ("float32", "bfloat16")
+
+
+# The default budget for splits resident on each device: every dataset cnnjax names up to CIFAR-100
+# (150 MB of uint8 images) with its eval split fits, and it is a small share of an accelerator's memory.
+DEVICE_DATA_MEGABYTES = 1024
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -98,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.num_workers = 0
   config.data.cache_megabytes = 1024  # decode fixed-size image datasets into RAM once when they fit; 0: never
   config.data.prefetch_batches = 8
+  # Where the splits live (cnnjax.data.resident): auto (on the devices when the preprocessing can run there
+  # and the splits fit device_megabytes on every device, else on the host) / host / device.
+  config.data.placement = "auto"
+  config.data.device_megabytes = DEVICE_DATA_MEGABYTES
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "sgd"  # sgd / adamw
@@ -116,6 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.parallel = ml_collections.ConfigDict()
   config.parallel.strategy = "auto"  # auto (none on one device, else jit on all) / none / pmap / shard_map / jit
   config.parallel.num_devices = 0  # 0: all devices
+  # Train steps per dispatch with a split on the devices (one lax.scan); 0 chooses: the largest divisor of
+  # the logging, eval and checkpoint intervals up to cnnjax.train.loop.MAX_AUTO_STEPS_PER_DISPATCH. Host batches: always 1.
+  config.parallel.steps_per_dispatch = 0
   return config
 
 
@@ -162,7 +175,8 @@ def imagenet_config(model: str, *, learning_rate: float, decay_epochs: tuple[int
 # and how fast outputs are written, not what is computed. Any other change means a different run.
 RESUME_SAFE_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                     "progress_bar", "data.num_threads", "data.num_workers", "data.prefetch_batches",
-                    "data.tfds_data_dir", "data.cache_megabytes",
+                    "data.tfds_data_dir", "data.cache_megabytes", "data.placement", "data.device_megabytes",
+                    "parallel.steps_per_dispatch",
                     "parallel.strategy", "parallel.num_devices", "model.lowering", "profile_steps")
 
 
@@ -367,6 +381,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.data.num_workers >= 0,
            f"data.num_workers={config.data.num_workers} must be >= 0 (0: no worker processes, threads only)")
   _require(config.data.prefetch_batches > 0, f"data.prefetch_batches={config.data.prefetch_batches} must be positive")
+  _choice(config.data.placement, PLACEMENTS, "data.placement")
+  _require(config.data.device_megabytes >= 0, f"data.device_megabytes={config.data.device_megabytes} must be >= 0")
+  _require(config.parallel.steps_per_dispatch >= 0,
+           f"parallel.steps_per_dispatch={config.parallel.steps_per_dispatch} must be >= 0 (0: chosen from the "
+           "logging, eval and checkpoint intervals)")
   _require(config.data.num_classes >= 0, f"data.num_classes={config.data.num_classes} must be >= 0")
   _require(config.data.vocab_size > 2, f"data.vocab_size={config.data.vocab_size} must exceed 2 (padding and unknown)")
   _require(config.data.max_length > 0, f"data.max_length={config.data.max_length} must be positive")

@@ -45,11 +45,11 @@ def install_step_fault(point: str, step: int) -> None:
   for engine in (engines.SingleEngine, engines.PopulationEngine):
     original_compile = engine.compile_train_step
 
-    def compile_train_step(self, state, batch, original_compile=original_compile):
-      compiled = original_compile(self, state, batch)
+    def compile_train_step(self, step_fn, state, batch, data, original_compile=original_compile):
+      compiled = original_compile(self, step_fn, state, batch, data)
 
       def step_fn(s, b):
-        done = steps_done(s)
+        done = steps_done(s["state"])
         if point == "between_steps" and done == step:
           die()
         outputs = compiled(s, b)

@@ -141,7 +141,8 @@ def test_mock_tfds_source_flows_through_the_pipeline():
     preprocess = Preprocess(image_size=0, mean=dataset.mean, std=dataset.std,
                             augment=Augment(crop_padding=4, flip=True))
     batch = train_dataset(dataset.train, preprocess, seed=0, batch=ProcessSlice(4), num_steps=3)[1]
-  assert batch["input"].shape == (4, 32, 32, 3) and batch["input"].dtype == np.float32
+  assert batch["input"].shape == (4, 32, 32, 3) and batch["input"].dtype == np.uint8
+  assert batch["draws"].shape == (4, 4) and batch["draws"].dtype == np.float32
   assert batch["label"].dtype == np.int32
 
 
@@ -183,10 +184,11 @@ def test_augmentation_is_deterministic_per_example_and_seed():
   whole = train_dataset(source, preprocess, seed=3, batch=ProcessSlice(8), num_steps=2)[1]
   halves = [train_dataset(source, preprocess, seed=3, batch=ProcessSlice(8, p, 2), num_steps=2)[1]
             for p in range(2)]
-  np.testing.assert_array_equal(whole["input"], np.concatenate([h["input"] for h in halves]))
-  other = train_dataset(source, identity_preprocess(augment=preprocess.augment, seed=4), seed=3,
-                        batch=ProcessSlice(8), num_steps=2)[1]
-  assert not np.array_equal(whole["input"], other["input"])
+  finished = preprocess.finish(whole)[0]
+  np.testing.assert_array_equal(finished, np.concatenate([preprocess.finish(h)[0] for h in halves]))
+  other_preprocess = identity_preprocess(augment=preprocess.augment, seed=4)
+  other = train_dataset(source, other_preprocess, seed=3, batch=ProcessSlice(8), num_steps=2)[1]
+  assert not np.array_equal(finished, other_preprocess.finish(other)[0])
 
 
 def test_resize_preserves_constants_and_upsamples_digits_to_lenet_size():

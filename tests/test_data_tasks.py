@@ -44,12 +44,13 @@ def test_masks_follow_their_images_through_augmentation():
   source = shapes.SegmentationArraySource(images, masks)
   exact = identity_preprocess(augment=Augment(crop_padding=4, flip=True), task="segmentation", mask_fill=0)
   batch = train_dataset(source, exact, seed=0, batch=ProcessSlice(16), num_steps=1)[0]
-  assert batch["label"].shape == (16, 32, 32) and batch["label"].dtype == np.int32
-  np.testing.assert_array_equal(np.round(batch["input"][..., 0] / 60).astype(np.int32), batch["label"])
-  assert not np.array_equal(batch["label"], masks[batch["index"]])  # something moved
+  inputs, labels = exact.finish(batch)
+  assert labels.shape == (16, 32, 32) and labels.dtype == np.int32
+  np.testing.assert_array_equal(np.round(inputs[..., 0] / 60).astype(np.int32), labels)
+  assert not np.array_equal(labels, masks[batch["index"]])  # something moved
   rotated = identity_preprocess(augment=Augment(rotation_degrees=30), task="segmentation", mask_fill=0)
-  batch = train_dataset(source, rotated, seed=0, batch=ProcessSlice(16), num_steps=1)[0]
-  agreement = np.mean(np.round(batch["input"][..., 0] / 60).astype(np.int32) == batch["label"])
+  inputs, labels = rotated.finish(train_dataset(source, rotated, seed=0, batch=ProcessSlice(16), num_steps=1)[0])
+  agreement = np.mean(np.round(inputs[..., 0] / 60).astype(np.int32) == labels)
   assert agreement > 0.95  # bilinear images and nearest masks differ only along edges
 
 

@@ -111,7 +111,7 @@ def hand_reference(group: int, norm: str = "batch"):
   losses = []
   for _ in range(exp.total_steps):
     batch = next(batches)
-    state, loss = step(state, batch["input"], batch["label"])
+    state, loss = step(state, exp.model_inputs(batch), batch["label"])
     losses.append(float(loss))
   return jax.device_get(state), losses
 

@@ -26,7 +26,7 @@ FAULT_MAIN = os.path.join(os.path.dirname(__file__), "fault_main.py")
 # The notes' CNN with BatchNorm, dropout and random rotations: every source of state and randomness.
 RUN = ["--config=experiments/simple_cnn_digits.py", "--config.batch_size=32", "--config.num_train_steps=30",
        "--config.checkpoint_every_steps=10", "--config.log_every_steps=5", "--config.eval_every_steps=20",
-       "--config.progress_bar=false", "--config.data.num_threads=2"]
+       "--config.progress_bar=false", "--config.data.num_threads=2", "--config.data.placement=host"]
 # How long a process may take to end after its parent stopped it or died.
 EXIT_SECONDS = 30
 POLL_SECONDS = 0.1

@@ -35,11 +35,14 @@ Evaluation walks the eval split in order in global batches; the last batch is
 padded with copies of example 0 and carries `mask` = 0 on the padding, so every
 eval example counts exactly once and none is dropped.
 
-Batches are dicts of NumPy arrays: `input` float32 (b, H, W, C), `label` int32
-(b,), `mask` float32 (b,), and `index` int64 (b,) (the dataset index of each
-example, kept on the host for data-integrity checks). Segmentation labels are
-per pixel, int32 (b, H, W) (or (b, D, H, W) for volumes); text inputs are
-token ids, int32 (b, L). `Preprocess.train_batch` / `eval_batch` decide.
+Batches are dicts of NumPy arrays, as the host stage of preprocessing leaves
+them (`Preprocess.host_train` / `host_eval`; the train and eval steps finish
+them on the devices with `Preprocess.finish`): `input` uint8 images of one size
+(b, H, W, C), `label` int32 (b,), `draws` float32 (b, 4) when training augments
+(each example's rotation, crop offsets and flip), `mask` float32 (b,), and
+`index` int64 (b,) (the dataset index of each example, kept on the host for
+data-integrity checks). Segmentation labels are per pixel, int32 (b, H, W) (or
+(b, D, H, W) for volumes); text inputs are token ids, int32 (b, L).
 """
 
 from __future__ import annotations
@@ -128,24 +131,47 @@ class EpochOrder:
     return indices
 
 
-def _to_batch(inputs: np.ndarray, labels: np.ndarray, indices: np.ndarray, mask: np.ndarray) -> dict:
-  return {"input": inputs,
-          "label": labels,
-          "mask": mask.astype(np.float32),
-          "index": indices.astype(np.int64)}
+def _to_batch(prepared: dict[str, np.ndarray], indices: np.ndarray, mask: np.ndarray) -> dict:
+  return {**prepared, "mask": mask.astype(np.float32), "index": indices.astype(np.int64)}
+
+
+class TrainPlan:
+  """The data plan of training: which examples each step reads, on this process.
+
+  Step k reads stream positions [kB, (k+1)B) of the global batch B, this
+  process its own rows of them; the positions also seed each example's random
+  draws. The host path (`train_dataset`) and a split resident on the devices
+  (`cnnjax.data.resident`) read their examples from this one plan.
+  """
+
+  def __init__(self, num_examples: int, seed: int, batch: ProcessSlice):
+    self.order = EpochOrder(num_examples, seed)
+    self.batch = batch
+    self._rows = np.arange(batch.rows().start, batch.rows().stop, dtype=np.int64)
+
+  def examples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stream positions, dataset indices) of this process's rows of step `step`."""
+    positions = step * self.batch.global_batch + self._rows
+    return positions, self.order.indices(positions)
+
+
+def eval_examples(batch_index: int, num_examples: int, batch: ProcessSlice) -> tuple[np.ndarray, np.ndarray]:
+  """(dataset indices, validity) of this process's rows of eval batch `batch_index`; the padding past the
+  split's end reads example 0 and is invalid."""
+  positions = batch_index * batch.global_batch + np.arange(batch.global_batch)[batch.rows()]
+  valid = positions < num_examples
+  return np.where(valid, positions, 0), valid
 
 
 def train_dataset(source: RandomAccessSource, preprocess: Preprocess, *, seed: int,
                   batch: ProcessSlice, num_steps: int) -> grain.MapDataset:
   """A MapDataset whose element k is this process's part of training step k's batch."""
-  order = EpochOrder(len(source), seed)
-  local = np.arange(batch.rows().start, batch.rows().stop, dtype=np.int64)
+  plan = TrainPlan(len(source), seed, batch)
 
   def load(step: int) -> dict:
-    positions = step * batch.global_batch + local
-    indices = order.indices(positions)
-    inputs, labels = preprocess.train_batch(read_columns(source, indices), positions)
-    return _to_batch(inputs, labels, indices, np.ones(len(indices)))
+    positions, indices = plan.examples(step)
+    return _to_batch(preprocess.host_train(read_columns(source, indices), positions), indices,
+                     np.ones(len(indices)))
 
   return grain.MapDataset.range(num_steps).map(load)
 
@@ -154,14 +180,10 @@ def eval_dataset(source: RandomAccessSource, preprocess: Preprocess, *,
                  batch: ProcessSlice) -> grain.MapDataset:
   """A MapDataset of this process's part of each eval batch, the last one padded and masked."""
   num_examples = len(source)
-  rows = batch.rows()
 
   def load(batch_index: int) -> dict:
-    positions = batch_index * batch.global_batch + np.arange(batch.global_batch)[rows]
-    valid = positions < num_examples
-    indices = np.where(valid, positions, 0)
-    inputs, labels = preprocess.eval_batch(read_columns(source, indices))
-    return _to_batch(inputs, labels, indices, valid)
+    indices, valid = eval_examples(batch_index, num_examples, batch)
+    return _to_batch(preprocess.host_eval(read_columns(source, indices)), indices, valid)
 
   return grain.MapDataset.range(num_eval_batches(num_examples, batch.global_batch)).map(load)
 

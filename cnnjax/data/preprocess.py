@@ -1,4 +1,4 @@
-"""Host-side preprocessing and augmentation, vectorized over a batch with NumPy.
+"""Preprocessing and augmentation of a batch, split where it is cheapest: the host decides, the device does.
 
 Everything here is deterministic given its inputs: the randomness of an
 augmented example is a pure function of (seed, stream position), the position
@@ -7,13 +7,27 @@ computed for the whole batch at once). The same example at the same point of
 training is therefore augmented identically however many processes or devices
 share the batch, and after a resume.
 
-Order of operations for a training batch: resize to the model's input size
-(or, with `random_resized_crop`, an Inception-style random crop), small random rotation, random crop from a zero-padded image, horizontal flip,
-then normalization with the dataset's per-channel mean and standard deviation.
-Evaluation batches are only resized and normalized.
+A batch is prepared in two stages:
 
-The task decides what a batch is made of (`Preprocess.train_batch` /
-`eval_batch` turn records into model inputs and labels):
+* the host stage (`Preprocess.host_train` / `host_eval`, NumPy, in grain's
+  threads or workers) reads and decodes the examples and brings images of
+  varying size to the model's size (shorter side and center crop, or, with
+  `random_resized_crop`, an Inception-style random crop): uint8 images of one
+  size. It also turns each example's uniforms into its augmentation draws
+  (`Augment.draw`: rotation, crop row and column, flip), a few bytes per example;
+* the device stage (`Preprocess.finish`, written once for NumPy and jax.numpy)
+  resizes fixed-size images to the model's input size, applies the draws
+  (small random rotation, random crop from a zero-padded image, horizontal
+  flip), then normalizes with the dataset's per-channel mean and standard
+  deviation into float32. The train and eval steps run it on the devices, so the
+  host ships uint8 and the draws; a split placed on the devices
+  (`cnnjax.data.resident`) ships only the example indices and draws.
+
+Evaluation batches are only resized and normalized. The full NumPy path
+(`train_batch`, `eval_batch`: both stages on the host) gives the same batches
+within float tolerance; tests hold the two together.
+
+The task decides what a batch is made of:
 
 * classification: images as above, one label per example;
 * segmentation: masks are resized (nearest) and augmented with the very same
@@ -25,7 +39,7 @@ The task decides what a batch is made of (`Preprocess.train_batch` /
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -77,7 +91,7 @@ def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
   return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
+def resize_batch(images: Any, size: int, *, xp: Any = np) -> Any:
   """Resizes a float batch (B, H, W, C) to (B, size, size, C) by separable bilinear maps.
 
   Two batched matrix products (rows, then columns) on (B, C, H, W): an order of
@@ -86,9 +100,9 @@ def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
   batch, height, width, channels = images.shape
   if height == size and width == size:
     return images
-  rows, cols = resize_matrix(height, size), resize_matrix(width, size)
+  rows, cols = xp.asarray(resize_matrix(height, size)), xp.asarray(resize_matrix(width, size).T)
   planes = images.transpose(0, 3, 1, 2).reshape(batch * channels, height, width)
-  resized = np.matmul(np.matmul(rows, planes), cols.T)
+  resized = xp.matmul(xp.matmul(rows, planes), cols)
   return resized.reshape(batch, channels, size, size).transpose(0, 2, 3, 1)
 
 
@@ -131,6 +145,16 @@ def _pil_resize(image: np.ndarray, height: int, width: int, resample: int = Imag
   return resized[..., None] if resized.ndim == 2 else resized
 
 
+# How the device stage maps a per-example function over a batch: NumPy calls it on the whole batch; on
+# the devices it is jax.vmap, so that every gather indexes within one example and a batch sharded over
+# devices stays where it is.
+BatchMap = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def whole_batch(fn: Callable[..., Any]) -> Callable[..., Any]:
+  return fn
+
+
 @dataclasses.dataclass(frozen=True)
 class Augment:
   """Training-time augmentation: random crop with zero padding, flip, small rotation."""
@@ -144,21 +168,21 @@ class Augment:
     return bool(self.crop_padding or self.flip or self.rotation_degrees)
 
   def draw(self, uniforms: np.ndarray) -> np.ndarray:
-    """Per-example draws (B, 4) from uniforms (B, AUGMENT_DRAWS) in [0, 1): rotation in [-1, 1],
-    crop row and column offsets in [0, 2p], flip in {0, 1}."""
+    """Per-example draws (B, 4) float32 from uniforms (B, AUGMENT_DRAWS) in [0, 1): rotation in
+    [-1, 1], crop row and column offsets in [0, 2p], flip in {0, 1} (small integers, exact in float32)."""
     offsets = np.floor(uniforms[:, 1:3] * (2 * self.crop_padding + 1))
     return np.stack([2.0 * uniforms[:, 0] - 1.0, offsets[:, 0], offsets[:, 1],
-                     (uniforms[:, 3] < 0.5).astype(np.float64)], axis=1)
+                     (uniforms[:, 3] < 0.5).astype(np.float64)], axis=1).astype(np.float32)
 
-  def apply(self, images: np.ndarray, draws: np.ndarray, *, order: str = "bilinear",
-            fill: float = 0.0) -> np.ndarray:
+  def apply(self, images: Any, draws: Any, *, order: str = "bilinear", fill: float = 0.0,
+            xp: Any = np) -> Any:
     """Applies `draws` to a batch (B, H, W, ...): images bilinear with zeros, masks nearest with their background."""
     if self.rotation_degrees:
-      images = rotate_batch(images, draws[:, 0] * self.rotation_degrees, order=order, fill=fill)
+      images = rotate_batch(images, draws[:, 0] * np.float32(self.rotation_degrees), order=order, fill=fill, xp=xp)
     if self.crop_padding:
-      images = crop_batch(images, self.crop_padding, draws[:, 1:3].astype(np.int64), fill=fill)
+      images = crop_batch(images, self.crop_padding, draws[:, 1:3].astype(xp.int32), fill=fill, xp=xp)
     if self.flip:
-      images = flip_batch(images, draws[:, 3].astype(bool))
+      images = flip_batch(images, draws[:, 3] > 0.5, xp=xp)
     return images
 
   def __call__(self, images: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
@@ -168,7 +192,7 @@ class Augment:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-  """Turns decoded uint8 images into normalized float32 model inputs."""
+  """Turns decoded images into normalized float32 model inputs: the host stage, then the device stage."""
 
   image_size: int
   mean: tuple[float, ...]
@@ -183,64 +207,94 @@ class Preprocess:
     if self.task not in TASKS:
       raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
 
-  def _to_float_batch(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-    if not isinstance(images, np.ndarray):
-      if len({np.shape(image) for image in images}) == 1:
-        images = np.stack(images)
-      else:  # Variable-size datasets (ImageNet): resize each on its own.
-        images = np.stack([resize_shorter_and_center_crop(image, self.image_size) for image in images])
-    batch = images.astype(np.float32)
-    return resize_batch(batch, self.image_size) if self.image_size else batch
+  # -- the host stage: decoded records -> one-size uint8 images, labels and draws ------------------------
 
-  def _normalize(self, batch: np.ndarray) -> np.ndarray:
-    mean = np.asarray(self.mean, np.float32) * PIXEL_MAX
-    std = np.asarray(self.std, np.float32) * PIXEL_MAX
-    return ((batch - mean) / std).astype(np.float32)
+  def _one_size(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    if isinstance(images, np.ndarray):
+      return images
+    if len({np.shape(image) for image in images}) == 1:
+      return np.stack(images)
+    # Variable-size datasets (ImageNet): each to the model's size on its own.
+    return np.stack([resize_shorter_and_center_crop(image, self.image_size) for image in images])
 
-  def train(self, images: np.ndarray | Sequence[np.ndarray], positions: np.ndarray) -> np.ndarray:
-    """A training batch (an array (B, H, W, C) or a list of images of varying sizes); `positions`
-    are the examples' positions in the training stream."""
-    if self.random_resized_crop:
+  def host_train(self, columns: dict[str, Any], positions: np.ndarray) -> dict[str, np.ndarray]:
+    """The host stage of a training batch read as columns (`read_columns`): {'input', 'label'} and,
+    when augmenting, 'draws' (B, 4) float32; `positions` seed each example's randomness."""
+    if self.task == "text":
+      return {"input": _tokens(columns), "label": _labels(columns)}
+    if self.task == "segmentation":
+      batch = self._host_segmentation(columns)
+    elif self.random_resized_crop:
       crops = example_uniforms(self.seed, positions, CROP_DRAWS, stream=1)
-      images = np.stack([random_resized_crop(image, self.image_size, draws) for image, draws in zip(images, crops)])
-    batch = self._to_float_batch(images)
+      batch = {"input": np.stack([random_resized_crop(image, self.image_size, draws)
+                                  for image, draws in zip(columns["image"], crops)]), "label": _labels(columns)}
+    else:
+      batch = {"input": self._one_size(columns["image"]), "label": _labels(columns)}
     if self.augment.enabled:
-      batch = self.augment(batch, example_uniforms(self.seed, positions, AUGMENT_DRAWS))
-    return self._normalize(batch)
+      batch["draws"] = self.draws(positions)
+    return batch
 
-  def eval(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-    """An evaluation batch: resized and normalized, never augmented."""
-    return self._normalize(self._to_float_batch(images))
-
-  def train_batch(self, columns: dict[str, Any], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Model inputs and labels of a training batch read as columns (`read_columns`); `positions`
-    seed each example's augmentation."""
-    if self.task == "segmentation":
-      return self._segmentation(columns, positions)
+  def host_eval(self, columns: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The host stage of an evaluation batch: {'input', 'label'}, never augmented."""
     if self.task == "text":
-      return _tokens(columns), _labels(columns)
-    return self.train(columns["image"], positions), _labels(columns)
-
-  def eval_batch(self, columns: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Model inputs and labels of an evaluation batch, never augmented."""
+      return {"input": _tokens(columns), "label": _labels(columns)}
     if self.task == "segmentation":
-      return self._segmentation(columns, None)
-    if self.task == "text":
-      return _tokens(columns), _labels(columns)
-    return self.eval(columns["image"]), _labels(columns)
+      return self._host_segmentation(columns)
+    return {"input": self._one_size(columns["image"]), "label": _labels(columns)}
 
-  def _segmentation(self, columns: dict[str, Any], positions: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+  def draws(self, positions: np.ndarray) -> np.ndarray:
+    """The augmentation draws (B, 4) float32 of the examples at these stream positions."""
+    return self.augment.draw(example_uniforms(self.seed, positions, AUGMENT_DRAWS))
+
+  def _host_segmentation(self, columns: dict[str, Any]) -> dict[str, np.ndarray]:
     images, masks = columns["image"], columns["mask"]
     if self.image_size:
       images = [resize_shorter_and_center_crop(image, self.image_size) for image in images]
       masks = [resize_shorter_and_center_crop(mask[..., None], self.image_size, nearest=True)[..., 0]
                for mask in masks]
-    batch, labels = np.stack(images).astype(np.float32), np.stack(masks).astype(np.int32)
-    if positions is not None and self.augment.enabled:
-      draws = self.augment.draw(example_uniforms(self.seed, positions, AUGMENT_DRAWS))
-      batch = self.augment.apply(batch, draws)
-      labels = self.augment.apply(labels, draws, order="nearest", fill=self.mask_fill)
-    return self._normalize(batch), labels
+    return {"input": np.stack(images), "label": np.stack(masks).astype(np.int32)}
+
+  # -- the device stage: written once for NumPy and jax.numpy --------------------------------------------
+
+  def finish(self, batch: dict[str, Any], *, xp: Any = np, per_example: BatchMap = whole_batch
+             ) -> tuple[Any, Any]:
+    """Model inputs and labels from a host-stage batch: resize, augment with its 'draws' (if present),
+    normalize. `xp` is numpy or jax.numpy; `per_example` maps the augmentation over the batch."""
+    inputs, labels = batch["input"], batch["label"]
+    if self.task == "text":
+      return inputs.astype(xp.int32), labels.astype(xp.int32)
+    images = inputs.astype(xp.float32)
+    if self.image_size and self.task == "classification":
+      images = resize_batch(images, self.image_size, xp=xp)
+    draws = batch.get("draws")
+    if draws is not None:
+      augment = lambda x, d, **kw: self.augment.apply(x, d, xp=xp, **kw)  # noqa: E731
+      images = per_example(augment)(images, draws)
+      if self.task == "segmentation":
+        labels = per_example(lambda x, d: augment(x, d, order="nearest", fill=self.mask_fill))(labels, draws)
+    mean = np.asarray(self.mean, np.float32) * np.float32(PIXEL_MAX)
+    # A product by the reciprocal, computed here once: XLA turns a division by a constant into that product,
+    # and NumPy and the devices then agree to the bit.
+    scale = np.float32(1.0) / (np.asarray(self.std, np.float32) * np.float32(PIXEL_MAX))
+    return ((images - xp.asarray(mean)) * xp.asarray(scale)).astype(xp.float32), labels.astype(xp.int32)
+
+  # -- both stages on the host (NumPy): the reference the device stage is tested against ------------------
+
+  def train_batch(self, columns: dict[str, Any], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs and labels of a training batch, both stages in NumPy."""
+    return self.finish(self.host_train(columns, positions))
+
+  def eval_batch(self, columns: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs and labels of an evaluation batch, both stages in NumPy."""
+    return self.finish(self.host_eval(columns))
+
+  def train(self, images: np.ndarray | Sequence[np.ndarray], positions: np.ndarray) -> np.ndarray:
+    """Normalized model inputs of training images (an array (B, H, W, C) or a list of varying sizes)."""
+    return self.train_batch({"image": images, "label": np.zeros(len(images), np.int32)}, positions)[0]
+
+  def eval(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Normalized model inputs of evaluation images: resized and normalized, never augmented."""
+    return self.eval_batch({"image": images, "label": np.zeros(len(images), np.int32)})[0]
 
 
 def _labels(columns: dict[str, Any]) -> np.ndarray:

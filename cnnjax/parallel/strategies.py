@@ -69,19 +69,23 @@ class Strategy:
 
   # -- compiling ---------------------------------------------------------------------------
 
-  def compile_train(self, step: TrainStep) -> Callable[..., Any]:
+  def compile_train(self, step: TrainStep, *, with_data: bool = False) -> Callable[..., Any]:
     """`step(state, batch) -> (state, metrics)` compiled for the layout, the state donated.
 
     Its outputs must already be reduced over the device axis (`self.axis_name`,
-    which the caller binds into `step`), so they come back replicated.
+    which the caller binds into `step`), so they come back replicated. With
+    `with_data`, the step takes a third argument: arrays placed on every device
+    once (`put_data`, a split resident on the devices), read, never donated.
     """
-    return self._compile(step, donate=(0,), returns_state=True)
+    return self._compile(step, donate=(0,), returns_state=True, with_data=with_data)
 
-  def compile_eval(self, step: EvalStep) -> Callable[..., Any]:
-    """`step(state, batch) -> outputs` compiled for the layout, reading the state without donating it."""
-    return self._compile(step, donate=(), returns_state=False)
+  def compile_eval(self, step: EvalStep, *, with_data: bool = False) -> Callable[..., Any]:
+    """`step(state, batch) -> outputs` compiled for the layout, reading the state without donating it
+    (and, `with_data`, the resident arrays as a third argument)."""
+    return self._compile(step, donate=(), returns_state=False, with_data=with_data)
 
-  def _compile(self, step: Callable[..., Any], donate: tuple[int, ...], returns_state: bool) -> Callable[..., Any]:
+  def _compile(self, step: Callable[..., Any], donate: tuple[int, ...], returns_state: bool,
+               with_data: bool) -> Callable[..., Any]:
     raise NotImplementedError
 
   # -- moving data -------------------------------------------------------------------------
@@ -97,6 +101,10 @@ class Strategy:
     are reduced before they are applied), so any replica is the state.
     """
     return jax.tree.map(self._first_replica, state)
+
+  def put_data(self, arrays: PyTree) -> PyTree:
+    """Places host arrays on every device of the layout, whole (a split resident on the devices)."""
+    return self.put_state(arrays)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Places this process's slice of a global batch on its devices."""
@@ -121,7 +129,7 @@ class OneDevice(Strategy):
 
   name = "none"
 
-  def _compile(self, step, donate, returns_state):
+  def _compile(self, step, donate, returns_state, with_data):
     return jax.jit(step, donate_argnums=donate)
 
   def put_state(self, host_state):
@@ -137,7 +145,8 @@ class Pmap(Strategy):
   name = "pmap"
   per_device_view = True
 
-  def _compile(self, step, donate, returns_state):
+  def _compile(self, step, donate, returns_state, with_data):
+    # Resident data carries a leading device axis like the state (`put_data` is `put_state`).
     return jax.pmap(step, axis_name=BATCH_AXIS, devices=self.layout.devices, donate_argnums=donate)
 
   def put_state(self, host_state):
@@ -162,13 +171,13 @@ class ShardMap(Strategy):
   name = "shard_map"
   per_device_view = True
 
-  def _compile(self, step, donate, returns_state):
+  def _compile(self, step, donate, returns_state, with_data):
     out_specs = (P(), P()) if returns_state else P()
     # check_vma=False: gradients of the replicated parameters stay per-device, as under pmap,
     # and the step reduces them with its own explicit pmean (with checking on, JAX would
     # already sum them across devices when differentiating, and the pmean would be wrong).
-    mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=out_specs,
-                           check_vma=False)
+    in_specs = (P(), P(BATCH_AXIS)) + ((P(),) if with_data else ())
+    mapped = jax.shard_map(step, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     return jax.jit(mapped, donate_argnums=donate)
 
 
@@ -178,10 +187,10 @@ class Jit(Strategy):
 
   name = "jit"
 
-  def _compile(self, step, donate, returns_state):
+  def _compile(self, step, donate, returns_state, with_data):
     out_shardings = (self.replicated, self.replicated) if returns_state else self.replicated
-    return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding),
-                   out_shardings=out_shardings, donate_argnums=donate)
+    in_shardings = (self.replicated, self.batch_sharding) + ((self.replicated,) if with_data else ())
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate)
 
 
 class Vectorized(Strategy):
@@ -196,20 +205,30 @@ class Vectorized(Strategy):
   name = "vectorized"
   mesh_axis = MEMBER_AXIS
 
-  def compile_train(self, step):
-    def member_step(member_state, member_batch, member_values):
-      return step(member_state, member_batch, **member_values)
+  def compile_train(self, step, *, with_data=False):
+    """`step(state, batch, [data,] **member_values)`; the compiled function takes
+    (state, batch, member_values[, data]), the member values a dict of (M,) arrays."""
+    def member_step(member_state, member_batch, member_values, *data):
+      return step(member_state, member_batch, *data, **member_values)
 
     # shard_map makes each device step only its own block of members. Left to the SPMD partitioner,
     # the vmapped convolutions (grouped over members) were not split by member: every device computed
     # every member, far slower than the same members one after another (docs/performance.md).
-    return jax.jit(jax.shard_map(jax.vmap(member_step), mesh=self.mesh, in_specs=(P(MEMBER_AXIS),) * 3,
+    # Resident data is one copy for every member, replicated.
+    shared = (None,) if with_data else ()
+    return jax.jit(jax.shard_map(jax.vmap(member_step, in_axes=(0, 0, 0) + shared), mesh=self.mesh,
+                                 in_specs=(P(MEMBER_AXIS),) * 3 + ((P(),) if with_data else ()),
                                  out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS))), donate_argnums=(0,))
 
-  def compile_eval(self, step):
+  def compile_eval(self, step, *, with_data=False):
     # Every member sees the same eval batch; each device evaluates its own members (as in training).
-    return jax.jit(jax.shard_map(jax.vmap(step, in_axes=(0, None)), mesh=self.mesh,
-                                 in_specs=(P(MEMBER_AXIS), P()), out_specs=P(MEMBER_AXIS)))
+    shared = (None,) if with_data else ()
+    return jax.jit(jax.shard_map(jax.vmap(step, in_axes=(0, None) + shared), mesh=self.mesh,
+                                 in_specs=(P(MEMBER_AXIS), P()) + ((P(),) if with_data else ()),
+                                 out_specs=P(MEMBER_AXIS)))
+
+  def put_data(self, arrays):
+    return jax.device_put(arrays, self.replicated)
 
   def put_state(self, host_state):
     return jax.device_put(host_state, self.batch_sharding)
@@ -266,7 +285,8 @@ class Run(Protocol):
 class Engine(Protocol):
   """How the training loop (`cnnjax.train.loop.train_members`) places and steps its members.
 
-  Every method takes or returns one entry per member, in the members' order.
+  Every method takes or returns one entry per member, in the members' order,
+  except the resident data, which is one copy for every member.
   """
 
   strategy_name: str
@@ -280,12 +300,19 @@ class Engine(Protocol):
 
   def put_batch(self, batches: Sequence[Batch]) -> PyTree: ...
 
+  def put_data(self, arrays: PyTree) -> PyTree:
+    """Arrays every member's step reads whole (a split resident on the devices), placed once."""
+
   def outputs(self, device_outputs: PyTree) -> list[dict[str, Any]]: ...
 
-  def compile_train_step(self, state: PyTree, batch: PyTree) -> Callable[[PyTree, PyTree], tuple[PyTree, PyTree]]:
-    """The train step compiled ahead of time for these device arrays."""
+  def compile_train_step(self, step: TrainStep, state: PyTree, batch: PyTree, data: PyTree
+                         ) -> Callable[[PyTree, PyTree], tuple[PyTree, PyTree]]:
+    """`step(state, batch, data) -> (state, outputs)` compiled ahead of time for these device arrays,
+    `data` bound."""
 
-  def eval_step_fn(self) -> Callable[[PyTree, PyTree], PyTree]: ...
+  def eval_step_fn(self, data: PyTree = None) -> Callable[[PyTree, PyTree], PyTree]:
+    """The eval step compiled, reading `data` (a resident eval split; None when batches come from the
+    host)."""
 
   def eval_sums(self, state: PyTree, eval_fn: Callable[[PyTree, PyTree], PyTree],
                 batches: Iterable[Batch]) -> list[dict[str, Any]]:
@@ -317,14 +344,19 @@ class SingleEngine:
   def put_batch(self, batches: Sequence[Batch]) -> PyTree:
     return self.strategy.put_batch(device_part(batches[0]))
 
+  def put_data(self, arrays: PyTree) -> PyTree:
+    return self.strategy.put_data(arrays)
+
   def outputs(self, device_outputs: PyTree) -> list[dict[str, Any]]:
     return [{k: host_value(v) for k, v in self.strategy.get_outputs(device_outputs).items()}]
 
-  def compile_train_step(self, state: PyTree, batch: PyTree) -> Any:
-    return self.strategy.compile_train(self.exp.train_step).lower(state, batch).compile()
+  def compile_train_step(self, step: TrainStep, state: PyTree, batch: PyTree, data: PyTree) -> Any:
+    compiled = self.strategy.compile_train(step, with_data=True).lower(state, batch, data).compile()
+    return lambda s, b: compiled(s, b, data)
 
-  def eval_step_fn(self) -> Any:
-    return self.strategy.compile_eval(self.exp.eval_step)
+  def eval_step_fn(self, data: PyTree = None) -> Any:
+    compiled = self.strategy.compile_eval(self.exp.eval_step, with_data=True)
+    return lambda s, b: compiled(s, b, {} if data is None else data)
 
   def eval_sums(self, state, eval_fn, batches):
     return _eval_sums(self, state, eval_fn, batches)
@@ -363,17 +395,22 @@ class PopulationEngine:
     parts = [device_part(b) for b in batches]
     return self.strategy.put_batch({k: np.stack([p[k] for p in parts]) for k in parts[0]})
 
+  def put_data(self, arrays: PyTree) -> PyTree:
+    return self.strategy.put_data(arrays)
+
   def outputs(self, device_outputs: PyTree) -> list[dict[str, Any]]:
     host = self.strategy.get_outputs(device_outputs)
     return [{k: host_value(v[i]) for k, v in host.items()} for i in range(self.num_members)]
 
-  def compile_train_step(self, state: PyTree, batch: PyTree) -> Any:
+  def compile_train_step(self, step: TrainStep, state: PyTree, batch: PyTree, data: PyTree) -> Any:
     # The base run's step: the members' models, optimizers and schedules are the same.
-    compiled = self.strategy.compile_train(self.exp.train_step).lower(state, batch, self.member_values).compile()
-    return lambda s, b: compiled(s, b, self.member_values)
+    compiled = self.strategy.compile_train(step, with_data=True).lower(
+        state, batch, self.member_values, data).compile()
+    return lambda s, b: compiled(s, b, self.member_values, data)
 
-  def eval_step_fn(self) -> Any:
-    return self.strategy.compile_eval(self.exp.eval_step)
+  def eval_step_fn(self, data: PyTree = None) -> Any:
+    compiled = self.strategy.compile_eval(self.exp.eval_step, with_data=True)
+    return lambda s, b: compiled(s, b, {} if data is None else data)
 
   def eval_sums(self, state, eval_fn, batches):
     return _eval_sums(self, state, eval_fn, batches)
@@ -381,12 +418,13 @@ class PopulationEngine:
 
 def _eval_sums(engine: SingleEngine | PopulationEngine, state: PyTree, eval_fn: Callable[[PyTree, PyTree], PyTree],
                batches: Iterable[Batch]) -> list[dict[str, Any]]:
+  # Every batch is dispatched before any result is read, so the devices never wait for the host's sums.
+  device_sums = [eval_fn(state, engine.strategy.put_eval_batch(device_part(batch))) for batch in batches]
   totals: list[dict[str, Any]] = [{"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "examples": 0.0}
                                   for _ in range(engine.num_members)]
-  for batch in batches:
-    per_member = engine.outputs(eval_fn(state, engine.strategy.put_eval_batch(device_part(batch))))
-    for total, sums in zip(totals, per_member):
-      # Floats, and per-class arrays for segmentation.
+  for sums_of_batch in device_sums:
+    for total, sums in zip(totals, engine.outputs(sums_of_batch)):
+      # Floats, and per-class arrays for segmentation, summed in float64 on the host.
       for key, value in sums.items():
         total[key] = total.get(key, 0.0) + value
   return totals

@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from flax import linen as nn
 
 from cnnjax import config as config_lib
 from cnnjax import data as data_lib
+from cnnjax.data import resident
 from cnnjax import optim, parallel
 from cnnjax.errors import ConfigError
 from cnnjax.models import build_model
@@ -55,12 +56,15 @@ class Experiment:
   train_slice: data_lib.ProcessSlice
   eval_slice: data_lib.ProcessSlice
   placement: parallel.Resolved  # what `parallel.strategy` came to, and the devices present
+  data_placement: resident.Placement  # where the train and eval splits live
   host: HostDevices  # the process's CPU devices (and whether cnnjax chose their count), GPU determinism
   bn_groups: str  # which examples BatchNorm normalizes over, in words
   # The pure steps of this run, (state, batch) -> ..., with the model, optimizer, loss settings and the
   # strategy's device axis bound: what the strategy compiles (`cnnjax.parallel.Run`).
   train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
   eval_step: Callable[..., dict[str, jax.Array]]
+  # (batch, resident data or None) -> (model inputs, labels): the device stage of preprocessing.
+  model_batch: Callable[..., tuple[jax.Array, jax.Array]]
 
   def describe(self) -> str:
     """One line of what runs where: backend, devices, processes, strategy, BatchNorm, batches, data, steps."""
@@ -72,25 +76,52 @@ class Experiment:
             f"{self.placement.available} devices, {jax.process_count()} process(es) | strategy {strategy} | "
             f"bn_sync {self.config.model.bn_sync} ({self.bn_groups}) | batch {self.config.batch_size} global, "
             f"{self.strategy.layout.per_device_batch} per device | {len(self.dataset.train)} train / "
-            f"{len(self.dataset.eval)} eval examples | {self.total_steps} steps")
+            f"{len(self.dataset.eval)} eval examples | {self.total_steps} steps | data on the "
+            f"{self.data_placement.describe()}")
 
   def init_state(self) -> TrainState:
     return create_train_state(self.config.seed, self.model, self.tx, self.input_shape)
 
   def train_step_fn(self) -> Callable[..., Any]:
-    """The train step as the run's strategy compiles it, for stepping a run by hand (tests, benchmarks)."""
+    """The train step as the run's strategy compiles it, for stepping a run by hand on host batches
+    (tests, benchmarks)."""
     return self.strategy.compile_train(self.train_step)
 
+  def model_inputs(self, batch: dict[str, Any]) -> jax.Array:
+    """The model inputs of a host batch (`train_batches`, `eval_batches`), finished as the steps do."""
+    return jax.jit(self.model_batch)(parallel.device_part(batch), None)[0]
+
   def train_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """The host path's training batches (host stage done), from step 0; `set_state` moves them."""
     dataset = data_lib.train_dataset(self.dataset.train, self.preprocess, seed=self.config.seed,
                                      batch=self.train_slice, num_steps=self.total_steps)
     return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
                             prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """The host path's eval batches (host stage done)."""
     dataset = data_lib.eval_dataset(self.dataset.eval, self.preprocess, batch=self.eval_slice)
     return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
                             prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
+
+  def train_feed(self) -> Any:
+    """What the loop steps on: plans into the resident split (`take(k)`), or the host path's batches."""
+    if self.data_placement.train_on_device:
+      return resident.TrainPlans(len(self.dataset.train), self.preprocess, seed=self.config.seed,
+                                 batch=self.train_slice, num_steps=self.total_steps)
+    return self.train_batches()
+
+  def eval_feed(self) -> Iterable[dict[str, np.ndarray]]:
+    """The eval batches the loop evaluates on: plans into the resident eval split, or host batches."""
+    if self.data_placement.eval_on_device:
+      return resident.eval_plans(len(self.dataset.eval), self.eval_slice)
+    return self.eval_batches()
+
+  def resident_data(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The (train, eval) arrays to place on the devices: empty for a split that stays on the host."""
+    train = resident.split_arrays(self.dataset.train) if self.data_placement.train_on_device else {}
+    evaluation = resident.split_arrays(self.dataset.eval) if self.data_placement.eval_on_device else {}
+    return train, evaluation
 
 
 def _dtype(name: str) -> Any:
@@ -194,18 +225,21 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
     raise ConfigError(f"init_from={config.init_from!r} is not a file; download the torchvision weights it names "
                       "(see the experiment's docstring), or pass --config.init_from= to start from scratch")
   try:
+    data_placement = resident.choose(config.data.placement, config.data.device_megabytes, dataset, preprocess)
     check_input_shape(model, input_shape, config.model.name)
     # Evaluation holds the activations of its own batch (no gradients): the larger batch decides.
     check_memory(model, tx, input_shape, max(strategy.layout.per_device_batch, eval_batch // len(selected)),
                  selected)
   except (InputTooSmallError, TooLargeError) as e:
     raise ConfigError(str(e)) from None
+  model_batch = functools.partial(resident.model_batch, preprocess)
   return Experiment(
       config=config, dataset=dataset, preprocess=preprocess, input_shape=input_shape,
       model=model, tx=tx, schedule_shape=shape, strategy=strategy,
-      total_steps=num_steps, placement=placement, host=host, bn_groups=bn_groups,
-      train_step=functools.partial(train_step, model=model, tx=tx, schedule_shape=shape,
+      total_steps=num_steps, placement=placement, data_placement=data_placement, host=host, bn_groups=bn_groups,
+      model_batch=model_batch,
+      train_step=functools.partial(train_step, model_batch=model_batch, model=model, tx=tx, schedule_shape=shape,
                                    label_smoothing=config.label_smoothing, axis_name=strategy.axis_name),
-      eval_step=functools.partial(eval_step, model=model, axis_name=strategy.axis_name),
+      eval_step=functools.partial(eval_step, model_batch=model_batch, model=model, axis_name=strategy.axis_name),
       train_slice=data_lib.ProcessSlice(config.batch_size, jax.process_index(), process_count),
       eval_slice=data_lib.ProcessSlice(eval_batch, jax.process_index(), process_count))

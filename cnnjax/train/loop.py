@@ -9,9 +9,15 @@ run directory (`cnnjax.train.rundir`) through an engine of its parallel strategy
 * resumes from the newest good checkpoint of this config (state, data position
   and logging window), and returns the existing summary of a run that already
   finished;
-* checks every step that the loss and gradients are finite (one step behind, so
-  the device is never idle), and stops naming the step if not, before any
-  checkpoint of the bad state is written;
+* never waits for the devices between steps: each step's metrics, and the
+  first step whose loss, gradients or parameters are not finite, are kept on
+  the devices (`cnnjax.train.step.advance`) and read only where the loop logs,
+  evaluates or checkpoints; a non-finite step stops the run there, naming that
+  step, before any checkpoint of the bad state is written;
+* feeds the devices ahead: host batches are placed `DEVICE_PREFETCH`
+  dispatches before the step that reads them; a split resident on the devices
+  (`cnnjax.data.resident`) needs only each step's plan, and runs
+  `parallel.steps_per_dispatch` steps per dispatch (one loop on the devices);
 * logs train and eval points to `metrics.jsonl` and TensorBoard event files,
   draws `curves.png` at each eval, traces `profile_steps` with jax.profiler,
   checkpoints every `checkpoint_every_steps` steps and at the end, and writes
@@ -22,9 +28,13 @@ run directory (`cnnjax.train.rundir`) through an engine of its parallel strategy
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import functools
+import itertools
 import logging
+import math
 import signal
 import time
 from typing import Any, Sequence
@@ -43,35 +53,82 @@ from cnnjax.train.experiment import Experiment, build
 from cnnjax.train.preemption import Preemption
 from cnnjax.train.profiling import StepTrace
 from cnnjax.train.rundir import METRICS_FILE, RunDir, check_workdir
+from cnnjax.train import step as step_lib
 from cnnjax.train.state import TrainState, count_params
 
-class TrainLog:
-  """Per-step metrics fetched one step behind, averaged over each logging window.
+# Dispatches whose host batches are placed on the devices before the step that reads them: the transfer of
+# the next batches overlaps the steps before.
+DEVICE_PREFETCH = 2
+# The most train steps one dispatch runs when `parallel.steps_per_dispatch` is 0 (chosen): past it, the
+# host's per-dispatch cost is already a small share of the steps, and a stop request waits longer.
+MAX_AUTO_STEPS_PER_DISPATCH = 16
 
-  The unfinished window and the last finished one travel in every checkpoint,
-  so a resumed run logs the same averages as an uninterrupted one whatever the
+
+class TrainLog:
+  """The training metrics of the current logging window, summed on the devices, and the last finished window.
+
+  The devices add every step's metrics into the window (`step.log_step`); the
+  loop reads it where it logs, evaluates or checkpoints. The unfinished
+  window's sums and the last finished window travel in every checkpoint, so a
+  resumed run logs the same averages as an uninterrupted one whatever the
   logging and checkpoint intervals are.
   """
 
   def __init__(self):
-    self.window: list[dict[str, float]] = []
+    self.window: dict[str, np.ndarray] = step_lib.empty_log()
     self.last_window: dict[str, float] | None = None
 
-  def add(self, metrics: dict[str, float]) -> None:
-    self.window.append(metrics)
+  def read(self, values: dict[str, Any]) -> None:
+    """Takes the window as read from the devices."""
+    self.window = {key: np.asarray(values[key], empty.dtype) for key, empty in step_lib.empty_log().items()}
 
   def flush(self) -> dict[str, float]:
-    keys = self.window[0].keys()
-    mean = {k: float(np.mean([m[k] for m in self.window])) for k in keys}
-    self.window, self.last_window = [], mean
+    """The window's means; the next window starts empty."""
+    count = int(self.window["count"])
+    mean = {key: float(self.window[key]) / count for key in step_lib.LOGGED_METRICS}
+    self.window, self.last_window = step_lib.empty_log(), mean
     return mean
 
   def state(self) -> dict[str, Any]:
-    return {"log_window": list(self.window), "last_train": self.last_window}
+    return {"log_sums": {key: value.item() for key, value in self.window.items()}, "last_train": self.last_window}
 
   def load(self, state: dict[str, Any]) -> None:
-    self.window = list(state.get("log_window") or [])
+    self.window = step_lib.empty_log()
+    if state.get("log_sums"):
+      self.read(state["log_sums"])
+    for metrics in state.get("log_window") or []:  # checkpoints written before the window was summed
+      self.window = {**{key: self.window[key] + np.float32(metrics[key]) for key in step_lib.LOGGED_METRICS},
+                     **{key: self.window[key] for key in ("bad_step", "bad_loss", "bad_grad_norm")},
+                     "count": self.window["count"] + np.int32(1)}
     self.last_window = state.get("last_train")
+
+
+def steps_per_dispatch(config: ml_collections.ConfigDict, on_device: bool, platform: str) -> int:
+  """Train steps per dispatch: 1 for host batches; else `parallel.steps_per_dispatch`, or when 0: 1 on
+  CPUs, where XLA runs a step inside a device loop several times slower than on its own
+  (docs/results/run_vs_step.json), and elsewhere the largest divisor of the logging, eval and checkpoint
+  intervals up to MAX_AUTO_STEPS_PER_DISPATCH (so that dispatches end where the loop reads the log)."""
+  if not on_device:
+    return 1
+  if config.parallel.steps_per_dispatch:
+    return config.parallel.steps_per_dispatch
+  if platform == "cpu":
+    return 1
+  intervals = [config.log_every_steps, config.checkpoint_every_steps] + (
+      [config.eval_every_steps] if config.eval_every_steps else [])
+  common = math.gcd(*intervals)
+  return max(d for d in range(1, MAX_AUTO_STEPS_PER_DISPATCH + 1) if common % d == 0)
+
+
+def dispatch_end(first: int, *, per_dispatch: int, total_steps: int, intervals: Sequence[int],
+                 marks: Sequence[int]) -> int:
+  """Where the dispatch that starts at step index `first` ends: at most `per_dispatch` steps on, at the
+  next multiple of `per_dispatch` or of any of `intervals`, at a mark (a profile window's ends), or at
+  the last step."""
+  ends = [total_steps, (first // per_dispatch + 1) * per_dispatch]
+  ends += [(first // interval + 1) * interval for interval in intervals if interval]
+  ends += [mark for mark in marks if mark > first]
+  return min(ends)
 
 
 class Throughput:
@@ -87,8 +144,8 @@ class Throughput:
   def start(self) -> None:
     self._start, self._paused, self._steps = time.time(), 0.0, 0
 
-  def count_step(self) -> None:
-    self._steps += 1
+  def count_steps(self, steps: int) -> None:
+    self._steps += steps
 
   @contextlib.contextmanager
   def paused(self):
@@ -244,7 +301,8 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
   """
   wall_start = time.time()
   preemption = preemption or Preemption()
-  total_steps = members[0].exp.total_steps
+  exp = members[0].exp
+  total_steps = exp.total_steps
   config = members[0].config
   writers = [member.open_outputs(start_step) for member in members]
   lead = next(member for member in members if member.error is None)  # stand-ins aside
@@ -253,20 +311,37 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
   if lead.resumed:
     progress.message(f"resuming from step {start_step} ({lead.checkpointer.directory})")
 
-  state = engine.put_state([member.host_state for member in members])
+  # Every member trains on the same dataset (a population differs in seeds and scalars only): one copy.
+  train_arrays, eval_arrays = exp.resident_data()
+  train_data, eval_data = engine.put_data(train_arrays), engine.put_data(eval_arrays)
+  carry = engine.put_state([{"state": member.host_state, "log": member.log.window} for member in members])
   for member in members:
     member.host_state = None  # the devices hold the state now (on a CPU host a second copy would share RAM)
-  iterators = []
-  for member in members:
-    iterator = member.exp.train_batches()
-    if member.data_state is not None:
-      iterator.set_state(member.data_state)
-    iterators.append(iterator)
-  eval_fn = engine.eval_step_fn()
+  # A batch is a pure function of its step, so the data position to resume from is the step itself.
+  feeds = [member.exp.train_feed() for member in members]
+  for feed in feeds:
+    feed.set_state({"next_index": start_step})
+  on_device = exp.data_placement.train_on_device
+  per_dispatch = steps_per_dispatch(config, on_device, exp.strategy.layout.devices[0].platform)
+  stacked = per_dispatch > 1
+  eval_fn = engine.eval_step_fn(eval_data)
   trace = StepTrace(lead.workdir, config.profile_steps, start_step=start_step, enabled=lead.is_writer)
   timer = Throughput(engine.global_batch * engine.num_members)
   compile_seconds = 0.0
-  pending: tuple[int, Any] | None = None  # (step, device metrics) not yet checked
+  train_fn = None
+  # Where a profile traces, dispatches end, in every invocation: the dispatches of a resumed run are those
+  # of the uninterrupted one.
+  profile_marks = (trace.first, trace.last) if trace.last > trace.first else ()
+
+  def dispatches():
+    first = start_step
+    while first < total_steps:
+      end = dispatch_end(first, per_dispatch=per_dispatch, total_steps=total_steps,
+                         intervals=(config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps),
+                         marks=profile_marks)
+      units = [feed.take(end - first, per_dispatch) if stacked else next(feed) for feed in feeds]
+      yield first, end - first, engine.put_batch(units)
+      first = end
 
   def timing(member: Member) -> Timing:
     return member.timing.plus(timer, compile_seconds, time.time() - wall_start)
@@ -274,28 +349,26 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
   def alive() -> list[tuple[Member, metrics_lib.MetricsWriter]]:
     return [(m, w) for m, w in zip(members, writers) if m.error is None]
 
-  def check(entry: tuple[int, Any] | None) -> None:
-    if entry is None:
-      return
-    step_index, device_metrics = entry
-    for member, values in zip(members, engine.outputs(device_metrics)):
+  def read_logs() -> None:
+    """Reads every member's log from the devices; marks a member failed at its first non-finite step."""
+    for member, values in zip(members, engine.outputs(carry["log"])):
       if member.error is not None:
         continue
-      if values["finite"] < 1.0:
-        member.error = (
-            f"loss or gradients became non-finite at step {step_index + 1} (loss={values['loss']}, "
-            f"grad_norm={values['grad_norm']}); the last good checkpoint is kept in "
-            f"{member.checkpointer.directory}; lower optimizer.learning_rate or add warmup")
+      member.log.read(values)
+      bad_step = int(values["bad_step"])
+      if bad_step:
+        kept = (f"the last good checkpoint is kept in {member.checkpointer.directory}"
+                if member.checkpointer.latest_step() is not None else "no checkpoint was written before it")
+        member.error = (f"loss or gradients became non-finite at step {bad_step} (loss={values['bad_loss']}, "
+                        f"grad_norm={values['bad_grad_norm']}); {kept}; lower optimizer.learning_rate or add warmup")
         progress.message(f"{member.workdir}: {member.error}")
-        member.rundir.write_error(step_index + 1, member.error)
-      else:
-        member.log.add(values)
+        member.rundir.write_error(bad_step, member.error)
     if all(member.error is not None for member in members):
       raise NonFiniteError(lead.error)
 
   def evaluate_alive(step: int) -> None:
     # Every member evaluates on the same examples, which the first member's run reads.
-    sums = engine.eval_sums(state, eval_fn, members[0].exp.eval_batches())
+    sums = engine.eval_sums(carry["state"], eval_fn, members[0].exp.eval_feed())
     for member, writer, totals in zip(members, writers, sums):
       if member.error is None:
         member.last_eval = metrics_lib.eval_result(totals)
@@ -303,57 +376,59 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
         writer.write_curves()
 
   def save_alive(step: int) -> None:
-    host_states = engine.get_states(state)
-    for member, iterator, host_state in zip(members, iterators, host_states):
+    host_states = engine.get_states(carry["state"])
+    for member, host_state in zip(members, host_states):
       if member.error is None:
-        member.save(step, host_state, iterator.get_state(), timing(member))
+        member.save(step, host_state, {"next_index": step}, timing(member))
 
   if start_step < total_steps and preemption.reached(start_step, lead.checkpointer):
     raise preemption.stopped(start_step)  # asked to stop before any step: the newest checkpoint stands
   last_reported = start_step
+  placed = dispatches()
+  ahead = collections.deque(itertools.islice(placed, DEVICE_PREFETCH))
   try:
-    for step in range(start_step, total_steps):
-      device_batch = engine.put_batch([next(iterator) for iterator in iterators])
-      if step == start_step:
+    while ahead:
+      first, count, device_batch = ahead.popleft()
+      if train_fn is None:
         compile_start = time.time()
-        train_fn = engine.compile_train_step(state, device_batch)
+        train_fn = engine.compile_train_step(functools.partial(step_lib.advance, step=exp.train_step, stacked=stacked),
+                                             carry, device_batch, train_data)
         compile_seconds = time.time() - compile_start
-      trace.before_step(step)
-      state, device_metrics = train_fn(state, device_batch)
-      check(pending)
-      pending = (step, device_metrics)
-      done = step + 1
-      traced = trace.after_step(done, device_metrics)
+      trace.before_step(first)
+      carry, _ = train_fn(carry, device_batch)
+      ahead.extend(itertools.islice(placed, DEVICE_PREFETCH - len(ahead)))  # while the devices step
+      done = first + count
+      traced = trace.after_step(done, carry["log"])
       if traced:
         progress.message(traced)
-      if step == start_step:
-        jax.block_until_ready(device_metrics)
-        timer.start()  # the first step is not timed: it includes one-off transfers
+      if first == start_step:
+        jax.block_until_ready(carry["log"])
+        timer.start()  # the first dispatch is not timed: it includes one-off transfers
       else:
-        timer.count_step()
-      if done % config.log_every_steps == 0 or done == total_steps:
-        check(pending)
-        pending = None
+        timer.count_steps(count)
+      log_now = done % config.log_every_steps == 0 or done == total_steps
+      eval_now = bool(config.eval_every_steps) and done % config.eval_every_steps == 0 and done != total_steps
+      stop = done < total_steps and preemption.reached(done, lead.checkpointer)
+      save_now = done % config.checkpoint_every_steps == 0 or done == total_steps or stop
+      if log_now or eval_now or save_now:
+        read_logs()
+      if log_now:
         throughput = timer.lap() / engine.num_members
         for member, writer in alive():
           window = member.log.flush()
           writer.write({"step": done, "split": "train", "loss": window["loss"], "accuracy": window["accuracy"],
                         "learning_rate": window["learning_rate"], "grad_norm": window["grad_norm"],
                         "examples_per_second": throughput})
+        carry = {"state": carry["state"], "log": engine.put_state([member.log.window for member in members])}
         progress.update(done, done - last_reported, alive()[0][0].log.last_window, throughput)
         last_reported = done
-      if config.eval_every_steps and done % config.eval_every_steps == 0 and done != total_steps:
-        check(pending)
-        pending = None
+      if eval_now:
         with timer.paused():
           evaluate_alive(done)
-        first = alive()[0][0]
-        progress.message(f"step {done}: eval accuracy {first.last_eval['accuracy']:.4f} "
-                          f"loss {first.last_eval['loss']:.4f}")
-      stop = done < total_steps and preemption.reached(done, lead.checkpointer)
-      if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
-        check(pending)
-        pending = None
+        first_alive = alive()[0][0]
+        progress.message(f"step {done}: eval accuracy {first_alive.last_eval['accuracy']:.4f} "
+                         f"loss {first_alive.last_eval['loss']:.4f}")
+      if save_now:
         with timer.paused():
           save_alive(done)
       if stop:
@@ -363,11 +438,11 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
   finally:
     trace.stop()
     progress.close()
-    for iterator in iterators:
-      iterator.close()  # stops data worker processes now, whether training ended, stopped or failed
+    for feed in feeds:
+      feed.close()  # stops data worker processes now, whether training ended, stopped or failed
 
   evaluate_alive(total_steps)
-  final_states = engine.get_states(state)
+  final_states = engine.get_states(carry["state"])
   summaries: list[dict[str, Any] | None] = []
   for member, final_state in zip(members, final_states):
     if member.error is not None:

@@ -38,6 +38,7 @@ class Preemption:
 
   def __init__(self):
     self.signum: int | None = None
+    self._calls = 0  # of `reached`
 
   @contextlib.contextmanager
   def handling(self) -> Iterator["Preemption"]:
@@ -66,9 +67,17 @@ class Preemption:
 
   def reached(self, step: int, checkpointer: Any) -> bool:
     """Whether the loop must save `step` and stop. Every process of a multi-process run calls this
-    after every step (JAX's protocol requires it) and gets the same answer."""
+    after every dispatch and gets the same answer.
+
+    JAX's preemption service agrees on a sync point one past the largest
+    counter any process has reported, and answers yes only at that exact
+    counter: it is given the number of calls so far, which grows by one per
+    call, where steps grow by several per dispatch and would skip the point.
+    """
+    del step  # the same on every process at the same call, as the calls are
+    calls, self._calls = self._calls, self._calls + 1
     if jax.process_count() > 1:
-      return checkpointer.reached_preemption(step)
+      return checkpointer.reached_preemption(calls)
     return self.signum is not None
 
   def stopped(self, step: int) -> Preempted:

@@ -1,11 +1,23 @@
-"""The pure train and eval steps.
+"""The pure train and eval steps, and `advance`: steps and their metrics as the training loop dispatches them.
 
-Both are functions of (state, batch) only; the model, optimizer, loss settings
-and the device axis name are bound with `functools.partial` by the caller. With
-`axis_name=None` the step sees the whole global batch (plain jit, sharded jit);
-with an axis name it sees one device's slice and reduces gradients, metrics and
-BatchNorm statistics with explicit collectives on that axis (pmap, shard_map,
-vmap). The same function therefore drops into every parallel strategy.
+Both steps are functions of (state, batch[, data]) only; the model, optimizer,
+loss settings, the device stage of preprocessing and the device axis name are
+bound with `functools.partial` by the caller. With `axis_name=None` the step
+sees the whole global batch (plain jit, sharded jit); with an axis name it sees
+one device's slice and reduces gradients, metrics and BatchNorm statistics with
+explicit collectives on that axis (pmap, shard_map, vmap). The same function
+therefore drops into every parallel strategy.
+
+A batch reaches the step as the host left it (uint8 images and each example's
+augmentation draws) or as a plan into a split resident on the devices (`data`);
+`model_batch` turns either into model inputs and labels on the devices.
+
+`advance` runs one step, or k steps in a `lax.scan` over stacked plans, and
+adds each step's metrics into a log that stays on the devices (`empty_log`):
+the loop reads it only where it logs, evaluates or checkpoints, so the host
+never waits for the devices between steps. The log also keeps the first step
+whose loss, gradients or parameters were not finite, with its loss and
+gradient norm.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 
@@ -21,6 +34,10 @@ from cnnjax.optim import current_learning_rate
 from cnnjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
+# (batch, resident data or None) -> (model inputs, labels), on the devices.
+ModelBatch = Callable[[Batch, Any], tuple[jax.Array, jax.Array]]
+# The training metrics the log sums over its window (their means are what the loop logs).
+LOGGED_METRICS = ("loss", "accuracy", "grad_norm", "learning_rate")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
@@ -50,9 +67,9 @@ def _pmean(tree: Any, axis_name: str | None) -> Any:
   return jax.lax.pmean(tree, axis_name) if axis_name is not None else tree
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               schedule_shape: Callable[[jax.Array], jax.Array], label_smoothing: float,
-               axis_name: str | None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: Batch, data: Any = None, *, model_batch: ModelBatch, model: nn.Module,
+               tx: optax.GradientTransformation, schedule_shape: Callable[[jax.Array], jax.Array],
+               label_smoothing: float, axis_name: str | None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on `batch`; returns the new state and metrics averaged over devices.
 
   Metrics: loss, accuracy, grad_norm, learning_rate, and `finite` (1.0 when the
@@ -60,11 +77,12 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   loop checks every step.
   """
   dropout_key = step_key(state.rng, state.step, axis_name)
+  inputs, labels = model_batch(batch, data)
 
   def loss_fn(params):
-    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["input"],
+    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, inputs,
                                   train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
-    loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+    loss = cross_entropy(logits, labels, label_smoothing).mean()
     return loss, (logits, updates.get("batch_stats", {}))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -74,7 +92,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   params = optax.apply_updates(state.params, updates)
 
   grad_norm = optax.tree.norm(grads)
-  metrics = _pmean({"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])},
+  metrics = _pmean({"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)},
                    axis_name)
   metrics["grad_norm"] = grad_norm
   metrics["learning_rate"] = current_learning_rate(state.opt_state, schedule_shape, state.step)
@@ -86,15 +104,14 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, *, model: nn.Module,
+def eval_step(state: TrainState, batch: Batch, data: Any = None, *, model_batch: ModelBatch, model: nn.Module,
               axis_name: str | None) -> dict[str, jax.Array]:
   """Sums over the batch and devices: loss and correct predictions over `count` labelled
   positions (one per example, or one per pixel for segmentation) of the `examples` real
   examples (mask); for segmentation also each class's intersection and union of predicted and
   true pixels (`class_intersection`, `class_union`), from which the loop reports the mean IoU."""
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["input"],
-                       train=False)
-  labels = batch["label"]
+  inputs, labels = model_batch(batch, data)
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, inputs, train=False)
   # Labels may carry positions (segmentation): every position of a real example counts.
   weights = jnp.broadcast_to(batch["mask"].reshape(batch["mask"].shape + (1,) * (labels.ndim - 1)), labels.shape)
   sums = {"loss_sum": jnp.sum(cross_entropy(logits, labels, 0.0) * weights),
@@ -111,3 +128,45 @@ def eval_step(state: TrainState, batch: Batch, *, model: nn.Module,
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   return sums
+
+
+def empty_log() -> dict[str, np.ndarray]:
+  """A log with no steps in it: the sums of `LOGGED_METRICS`, the step count, and `bad_step` (the first
+  non-finite step, counted from 1; 0 while there is none) with that step's loss and gradient norm."""
+  return {**{key: np.float32(0.0) for key in LOGGED_METRICS}, "count": np.int32(0), "bad_step": np.int32(0),
+          "bad_loss": np.float32(0.0), "bad_grad_norm": np.float32(0.0)}
+
+
+def log_step(log: dict[str, jax.Array], metrics: dict[str, jax.Array], step: jax.Array) -> dict[str, jax.Array]:
+  """`log` with the metrics of step index `step` (0-based) added."""
+  first_bad = (log["bad_step"] == 0) & (metrics["finite"] < 1.0)
+  return {**{key: log[key] + metrics[key] for key in LOGGED_METRICS}, "count": log["count"] + 1,
+          "bad_step": jnp.where(first_bad, step + 1, log["bad_step"]).astype(jnp.int32),
+          "bad_loss": jnp.where(first_bad, metrics["loss"], log["bad_loss"]),
+          "bad_grad_norm": jnp.where(first_bad, metrics["grad_norm"], log["bad_grad_norm"])}
+
+
+def advance(carry: dict[str, Any], batches: Batch, data: Any = None, *, step: Callable[..., Any],
+            stacked: bool, **step_options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Steps `carry` = {'state', 'log'}: one step on `batches`, or, `stacked`, as many steps as
+  `batches['steps']` says on plans stacked on axis 1 (padded past that count), in one loop. `step_options`
+  go to every step (a population's per-member values). Returns the new carry and no outputs: the log is
+  read from the carry.
+
+  The stacked loop's trip count is a value, not a shape: every dispatch, whatever its count, runs the
+  same program, so the results do not depend on where dispatches end (a loop of known length 1 would be
+  inlined and compiled differently).
+  """
+
+  def one_step(carry, batch):
+    state, metrics = step(carry["state"], batch, data, **step_options)
+    return {"state": state, "log": log_step(carry["log"], metrics, carry["state"].step)}
+
+  if not stacked:
+    return one_step(carry, batches), {}
+  plans = {key: value for key, value in batches.items() if key != "steps"}
+
+  def body(index, carry):
+    return one_step(carry, jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 1, keepdims=False), plans))
+
+  return jax.lax.fori_loop(0, jnp.max(batches["steps"]), body, carry), {}

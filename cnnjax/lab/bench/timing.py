@@ -29,10 +29,14 @@ PEAK_MATMUL_REPEATS = 10
 
 
 def synthetic_batch(exp: Experiment, seed: int = 0) -> dict[str, np.ndarray]:
-  """A random batch of the experiment's input shape, for this process's slice."""
+  """A random host batch of the experiment's input shape (uint8 images, or token ids), for this process's
+  slice, as the host path hands it to the step (which normalizes it)."""
   rng = np.random.default_rng(seed)
   batch = exp.train_slice.local_batch
-  return {"input": rng.standard_normal((batch,) + tuple(exp.input_shape)).astype(np.float32),
+  shape = (batch,) + tuple(exp.input_shape)
+  inputs = (rng.integers(0, exp.dataset.vocab_size, shape).astype(np.int32) if exp.dataset.task == "text"
+            else rng.integers(0, 256, shape).astype(np.uint8))
+  return {"input": inputs,
           "label": rng.integers(0, exp.dataset.num_classes, batch).astype(np.int32),
           "mask": np.ones(batch, np.float32)}
 
@@ -65,11 +69,13 @@ def step_flops(exp: Experiment) -> float | None:
   backend gives no analysis of a lowered program, as JAX's GPU backend does)."""
   # The same model seeing the whole batch: statistics groups and device axes do not change the count.
   model = exp.model.clone(norm=dataclasses.replace(exp.model.norm, grouping=BatchNormGrouping()))
-  step = functools.partial(train_step, model=model, tx=exp.tx, schedule_shape=exp.schedule_shape,
-                           label_smoothing=exp.config.label_smoothing, axis_name=None)
+  step = functools.partial(train_step, model_batch=exp.model_batch, model=model, tx=exp.tx,
+                           schedule_shape=exp.schedule_shape, label_smoothing=exp.config.label_smoothing,
+                           axis_name=None)
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.init_state())
   batch_size = exp.config.batch_size
-  batch = {"input": jax.ShapeDtypeStruct((batch_size,) + tuple(exp.input_shape), jnp.float32),
+  batch = {"input": jax.ShapeDtypeStruct((batch_size,) + tuple(exp.input_shape),
+                                          jnp.int32 if exp.dataset.task == "text" else jnp.uint8),
            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
            "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
   # The lowered (unoptimized) program's count: no compilation needed, and it counts what the

@@ -116,8 +116,8 @@ def train_confused_population(configs: Sequence[ml_collections.ConfigDict],
   pooled_model = probes.with_norm(base.model, grouping=BatchNormGrouping(axis_name=CONFUSED_AXIS))
 
   def member_step(state, batch, label_smoothing):
-    return train_step(state, batch, model=pooled_model, tx=base.tx, schedule_shape=base.schedule_shape,
-                      label_smoothing=label_smoothing, axis_name=None)
+    return train_step(state, batch, model_batch=base.model_batch, model=pooled_model, tx=base.tx,
+                      schedule_shape=base.schedule_shape, label_smoothing=label_smoothing, axis_name=None)
 
   step = jax.jit(jax.vmap(member_step, axis_name=CONFUSED_AXIS), donate_argnums=(0,))
   states = [jax.device_get(exp.init_state()) for exp in experiments]

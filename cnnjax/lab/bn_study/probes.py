@@ -78,7 +78,7 @@ def eval_examples(exp: Experiment, count: int) -> tuple[np.ndarray, np.ndarray]:
   inputs, labels = [], []
   for batch in exp.eval_batches():
     real = batch["mask"] > 0
-    inputs.append(batch["input"][real])
+    inputs.append(np.asarray(exp.model_inputs(batch))[real])
     labels.append(batch["label"][real])
     if sum(len(x) for x in inputs) >= count:
       break
@@ -108,7 +108,7 @@ def normalization_moments(exp: Experiment, state: TrainState,
 
   def moments(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     _, updates = exp.model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["input"], train=True,
+        {"params": state.params, "batch_stats": state.batch_stats}, exp.model_batch(batch, None)[0], train=True,
         mutable=["batch_stats", BATCH_MOMENTS], rngs={"dropout": step_key(state.rng, state.step, axis_name)})
     per_layer = _layer_moments(updates[BATCH_MOMENTS])
     if axis_name is None:
@@ -273,8 +273,8 @@ def precise_batch_stats(exp: Experiment, state: TrainState, batches: Sequence[di
   axis_name = exp.strategy.axis_name
 
   def batch_stats(state: TrainState, batch: dict[str, jax.Array]) -> PyTree:
-    _, updates = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["input"],
-                             train=True, mutable=["batch_stats"],
+    _, updates = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                             exp.model_batch(batch, None)[0], train=True, mutable=["batch_stats"],
                              rngs={"dropout": step_key(state.rng, state.step, axis_name)})
     return updates["batch_stats"]
 
@@ -327,7 +327,7 @@ def eval_probabilities(exp: Experiment, state: TrainState) -> tuple[np.ndarray, 
   probabilities, labels = [], []
   for batch in exp.eval_batches():
     real = batch["mask"] > 0
-    probabilities.append(np.asarray(predict(batch["input"]))[real])
+    probabilities.append(np.asarray(predict(exp.model_inputs(batch)))[real])
     labels.append(batch["label"][real])
   return np.concatenate(probabilities), np.concatenate(labels)
 

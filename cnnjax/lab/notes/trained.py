@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cnnjax import parallel
 from cnnjax.train import Experiment, RunDir, TrainState, build
 
 
@@ -27,21 +28,26 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Experi
 def predictor(exp: Experiment, state: TrainState) -> Any:
   """A jitted function from a batch of model inputs to logits, in eval mode."""
   variables = {"params": state.params, "batch_stats": state.batch_stats}
+  predict = jax.jit(lambda variables, inputs: exp.model.apply(variables, inputs, train=False))
+  return lambda inputs: predict(variables, inputs)
 
-  @jax.jit
-  def predict(inputs: jax.Array) -> jax.Array:
-    return exp.model.apply(variables, inputs, train=False)
 
-  return predict
+def batch_predictor(exp: Experiment, state: TrainState) -> Any:
+  """A jitted function from a host batch (`Experiment.eval_batches`) to logits, in eval mode: the device
+  stage of preprocessing and the model in one program, as the eval step computes them."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  predict = jax.jit(lambda variables, batch: exp.model.apply(variables, exp.model_batch(batch, None)[0],
+                                                             train=False))
+  return lambda batch: predict(variables, parallel.device_part(batch))
 
 
 def segmentation_scores(exp: Experiment, state: TrainState) -> dict[str, Any]:
   """Pixel accuracy, per-class IoU and their mean over the eval split (padded examples excluded)."""
-  predict = predictor(exp, state)
+  predict = batch_predictor(exp, state)
   classes = exp.dataset.num_classes
   confusion = np.zeros((classes, classes), np.int64)  # rows: truth, columns: prediction
   for batch in exp.eval_batches():
-    predicted = np.asarray(jnp.argmax(predict(batch["input"]), -1))
+    predicted = np.asarray(jnp.argmax(predict(batch), -1))
     real = batch["mask"] > 0
     truth, guess = batch["label"][real].ravel(), predicted[real].ravel()
     confusion += np.bincount(truth * classes + guess, minlength=classes * classes).reshape(classes, classes)

@@ -1,0 +1,185 @@
+"""Splits placed on the devices: the host keeps the data plan, the devices do the data work.
+
+When a split's decoded arrays fit `data.device_megabytes` on every device, they
+are placed once on every device as they are stored (uint8 images, integer
+labels or masks). Each step the host sends only the data plan of
+`cnnjax.data.pipeline.TrainPlan`: this process's examples' indices in the split
+and their augmentation draws (`Preprocess.draws`), a few bytes per example and
+exactly what the host path computes for the same step. The compiled step
+gathers the examples and finishes them with the device stage every batch goes
+through (`Preprocess.finish`), so a batch is the same whatever the placement,
+and the data state of a run is still its step: a run resumes with either.
+
+The split is replicated, not sharded: each device gathers its rows of a batch
+from its own copy, where a sharded split would exchange every batch's examples
+between devices. Plans for k steps are stacked on axis 1 (axis 0 holds the
+rows, which the strategies split over devices), so that one dispatch runs k
+steps in a loop on the devices (`cnnjax.train.step.advance`).
+
+`data.placement` chooses: `device`, `host`, or `auto` (the default), which
+places a split on the devices when the preprocessing can run there (fixed-size
+arrays held in memory, no host-only crop) and it fits the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnnjax.data.pipeline import ProcessSlice, TrainPlan, eval_examples, num_eval_batches
+from cnnjax.data.preprocess import Preprocess
+from cnnjax.data.sources import Dataset, RandomAccessSource
+from cnnjax.errors import ConfigError
+
+PLACEMENTS = ("auto", "host", "device")
+# The plan's key for the examples' indices in the resident split (a host batch's `index` stays on the host).
+SOURCE_INDEX = "source_index"
+MEGABYTE = 2 ** 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where the train and eval splits live, and why."""
+
+  train_on_device: bool
+  eval_on_device: bool
+  reason: str
+
+  def describe(self) -> str:
+    where = {(True, True): "device (train and eval)", (True, False): "device (train; eval on the host)",
+             (False, False): "host"}[(self.train_on_device, self.eval_on_device)]
+    return f"{where}: {self.reason}"
+
+
+def split_arrays(source: RandomAccessSource) -> dict[str, np.ndarray] | None:
+  """A split as the arrays that go to the devices, {'input', 'label'}: None unless it is held in memory as
+  fixed-size arrays (the digits, MNIST, CIFAR, the shapes sets, npz files)."""
+  columns = getattr(source, "columns", None)
+  if columns is None or not isinstance(columns.get("image"), np.ndarray):
+    return None
+  labels = columns["mask"] if "mask" in columns else columns.get("label")
+  if not isinstance(labels, np.ndarray):
+    return None
+  # Labels as the host path hands them to the step (int32); masks keep their uint8 (the step casts them).
+  return {"input": columns["image"], "label": labels if labels.dtype == np.uint8 else labels.astype(np.int32)}
+
+
+def nbytes(arrays: dict[str, np.ndarray]) -> int:
+  return sum(array.nbytes for array in arrays.values())
+
+
+def host_only_reason(dataset: Dataset, preprocess: Preprocess) -> str | None:
+  """Why this run's preprocessing must run on the host, or None when the devices can run all of it."""
+  if preprocess.random_resized_crop:
+    return "data.random_resized_crop crops each decoded image on the host"
+  if preprocess.task == "segmentation" and preprocess.image_size and tuple(dataset.image_shape[:2]) != (
+      preprocess.image_size,) * 2:
+    return "segmentation masks are resized on the host"
+  if split_arrays(dataset.train) is None:
+    return f"{dataset.name}'s training split is not held in memory as fixed-size arrays"
+  return None
+
+
+def choose(placement: str, budget_megabytes: int, dataset: Dataset, preprocess: Preprocess) -> Placement:
+  """Where this run's splits live; ConfigError when `placement=device` cannot be honoured."""
+  if placement == "host":
+    return Placement(False, False, "data.placement=host")
+  why_not = host_only_reason(dataset, preprocess)
+  if why_not is not None:
+    if placement == "device":
+      raise ConfigError(f"data.placement=device, but {why_not}; use data.placement=auto or host")
+    return Placement(False, False, why_not)
+  budget = budget_megabytes * MEGABYTE
+  train_bytes = nbytes(split_arrays(dataset.train))
+  if train_bytes > budget:
+    if placement == "device":
+      raise ConfigError(f"data.placement=device, but {dataset.name}'s training split takes "
+                        f"{train_bytes / MEGABYTE:.1f} MB on every device, over data.device_megabytes="
+                        f"{budget_megabytes}; raise data.device_megabytes, or use data.placement=auto or host")
+    return Placement(False, False, f"the training split, {train_bytes / MEGABYTE:.1f} MB, exceeds "
+                                   f"data.device_megabytes={budget_megabytes}")
+  eval_arrays = split_arrays(dataset.eval)
+  eval_fits = eval_arrays is not None and train_bytes + nbytes(eval_arrays) <= budget
+  total = train_bytes + (nbytes(eval_arrays) if eval_fits else 0)
+  return Placement(True, eval_fits, f"{total / MEGABYTE:.1f} MB on every device, within data.device_megabytes="
+                                    f"{budget_megabytes}")
+
+
+class TrainPlans:
+  """The plans of training steps k, k+1, ... for a resident split, taken several steps at a time.
+
+  Like the host path's iterator, its state is `{'next_index': k}`.
+  """
+
+  def __init__(self, num_examples: int, preprocess: Preprocess, *, seed: int, batch: ProcessSlice,
+               num_steps: int):
+    self._plan = TrainPlan(num_examples, seed, batch)
+    self._preprocess = preprocess
+    self._num_steps = num_steps
+    self._next_index = 0
+
+  def step_plan(self, step: int) -> dict[str, np.ndarray]:
+    """This process's plan of step `step`: the examples' indices and, when augmenting, their draws."""
+    positions, indices = self._plan.examples(step)
+    plan = {SOURCE_INDEX: indices.astype(np.int32)}
+    if self._preprocess.augment.enabled:
+      plan["draws"] = self._preprocess.draws(positions)
+    return plan
+
+  def __iter__(self) -> TrainPlans:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    """The next step's plan."""
+    if self._next_index >= self._num_steps:
+      raise StopIteration
+    self._next_index += 1
+    return self.step_plan(self._next_index - 1)
+
+  def take(self, count: int, pad_to: int) -> dict[str, np.ndarray]:
+    """The plans of the next `count` steps stacked on axis 1 and padded to `pad_to` with copies of the
+    last, and `steps` (rows,) holding `count` (`cnnjax.train.step.advance` runs that many)."""
+    if count > pad_to or self._next_index + count > self._num_steps:
+      raise StopIteration
+    plans = [self.step_plan(step) for step in range(self._next_index, self._next_index + count)]
+    plans += plans[-1:] * (pad_to - count)
+    self._next_index += count
+    stacked = {key: np.stack([plan[key] for plan in plans], axis=1) for key in plans[0]}
+    return {**stacked, "steps": np.full(len(plans[0][SOURCE_INDEX]), count, np.int32)}
+
+  def get_state(self) -> dict[str, int]:
+    return {"next_index": self._next_index}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._next_index = int(state["next_index"])
+
+  def close(self) -> None:
+    """Nothing runs in the background: plans are computed when taken."""
+
+
+def eval_plans(num_examples: int, batch: ProcessSlice) -> list[dict[str, np.ndarray]]:
+  """This process's plan of every eval batch of a resident split: indices, and the mask of the padding."""
+  plans = []
+  for batch_index in range(num_eval_batches(num_examples, batch.global_batch)):
+    indices, valid = eval_examples(batch_index, num_examples, batch)
+    plans.append({SOURCE_INDEX: indices.astype(np.int32), "mask": valid.astype(np.float32)})
+  return plans
+
+
+def per_example(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn` of batches, mapped over the examples with jax.vmap: each gather then indexes within one
+  example, so a batch sharded over devices is augmented where it lies."""
+  return jax.vmap(lambda *arrays: fn(*(array[None] for array in arrays))[0])
+
+
+def model_batch(preprocess: Preprocess, batch: dict[str, Any], data: dict[str, Any] | None
+                ) -> tuple[jax.Array, jax.Array]:
+  """Model inputs and labels on the devices, from a host-stage batch or from a plan and the resident split."""
+  if SOURCE_INDEX in batch:
+    index = batch[SOURCE_INDEX]
+    batch = {**batch, "input": data["input"][index], "label": data["label"][index]}
+  return preprocess.finish(batch, xp=jnp, per_example=per_example)
