@@ -38,14 +38,10 @@ def main(argv: list[str]) -> None:
              "git worktree add DIR COMMIT")
   checkouts = {"after": os.getcwd(), **({"before": os.path.abspath(FLAGS.before)} if FLAGS.before else {})}
   records = [run_vs_step.measure(case, checkouts, rounds=FLAGS.rounds) for case in run_vs_step.cases(FLAGS.cases)]
-  for record in records:
-    for label in checkouts:
-      side = record[label]
-      print(f"{record['case']} ({label}): step {side['median_step_images_per_second']:,.0f} img/s, run "
-            f"{side['median_run_images_per_second']:,.0f} img/s, run/step {side['run_over_step']:.2f}, loop "
-            f"{side['loop_microseconds_per_step']:,.0f} us/step")
-  harness.write_results(FLAGS.json, {**harness.provenance(), "checkouts": {k: os.path.relpath(v) for k, v in
-                                                                            checkouts.items()}, "cases": records})
+  payload = {**harness.provenance(), "checkouts": {k: os.path.relpath(v) for k, v in checkouts.items()},
+             "cases": records}
+  print(run_vs_step.markdown_table(payload))
+  harness.write_results(FLAGS.json, payload)
 
 
 if __name__ == "__main__":

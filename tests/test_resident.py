@@ -2,7 +2,6 @@
 reads the devices only where it logs, evaluates or checkpoints (cnnjax.data.resident, cnnjax.train.loop)."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from cnnjax.data.sources import ArraySource
 from cnnjax.errors import ConfigError, NonFiniteError, Preempted
 from cnnjax.data import shapes
 from cnnjax.train import loop as loop_lib
+from cnnjax.train import step as step_lib
 from cnnjax.train.experiment import build as experiment_build
 from cnnjax.train.population import run_population
 from cnnjax.train.preemption import Preemption
@@ -220,5 +220,8 @@ def test_steps_per_dispatch_and_where_dispatches_end():
   assert loop_lib.steps_per_dispatch(config, True, "gpu") == 10
   config.parallel.steps_per_dispatch = 7
   assert loop_lib.steps_per_dispatch(config, True, "cpu") == 7
-  end = functools.partial(loop_lib.dispatch_end, per_dispatch=4, total_steps=30, intervals=(6, 0), marks=(9,))
-  assert [end(0), end(4), end(6), end(8), end(9), end(28)] == [4, 6, 8, 9, 12, 30]
+  dispatches = step_lib.Dispatches(per_dispatch=4, total_steps=30, intervals=(6, 0), marks=(9,))
+  firsts = (0, 4, 6, 8, 9, 28)
+  assert [int(dispatches.end(first)) for first in firsts] == [4, 6, 8, 9, 12, 30]
+  on_device = jax.jit(lambda first: dispatches.end(first, jnp))
+  assert [int(on_device(jnp.int32(first))) for first in firsts] == [4, 6, 8, 9, 12, 30]

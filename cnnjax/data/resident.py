@@ -12,9 +12,11 @@ and the data state of a run is still its step: a run resumes with either.
 
 The split is replicated, not sharded: each device gathers its rows of a batch
 from its own copy, where a sharded split would exchange every batch's examples
-between devices. Plans for k steps are stacked on axis 1 (axis 0 holds the
-rows, which the strategies split over devices), so that one dispatch runs k
-steps in a loop on the devices (`cnnjax.train.step.advance`).
+between devices. Plans go to the devices a block of steps at a time, stacked
+on axis 1 (axis 0 holds the rows, which the strategies split over devices): the
+step reads its own plan from the block by its step counter, so that between
+blocks a dispatch moves nothing, and one dispatch may run several steps in a
+loop on the devices (`cnnjax.train.step.advance`).
 
 `data.placement` chooses: `device`, `host`, or `auto` (the default), which
 places a split on the devices when the preprocessing can run there (fixed-size
@@ -110,55 +112,30 @@ def choose(placement: str, budget_megabytes: int, dataset: Dataset, preprocess: 
 
 
 class TrainPlans:
-  """The plans of training steps k, k+1, ... for a resident split, taken several steps at a time.
+  """The plans of training steps for a resident split, computed a block of steps at a time."""
 
-  Like the host path's iterator, its state is `{'next_index': k}`.
-  """
-
-  def __init__(self, num_examples: int, preprocess: Preprocess, *, seed: int, batch: ProcessSlice,
-               num_steps: int):
+  def __init__(self, num_examples: int, preprocess: Preprocess, *, seed: int, batch: ProcessSlice):
     self._plan = TrainPlan(num_examples, seed, batch)
     self._preprocess = preprocess
-    self._num_steps = num_steps
-    self._next_index = 0
 
-  def step_plan(self, step: int) -> dict[str, np.ndarray]:
-    """This process's plan of step `step`: the examples' indices and, when augmenting, their draws."""
-    positions, indices = self._plan.examples(step)
-    plan = {SOURCE_INDEX: indices.astype(np.int32)}
+  def block(self, first: int, count: int, pad_to: int) -> dict[str, np.ndarray]:
+    """The plans of steps [first, first + count), stacked on axis 1 and padded to `pad_to` steps with
+    copies of the last, and `first_step` (rows,): `first` (`cnnjax.train.step.advance` reads the plan of
+    step s at s - first)."""
+    steps = np.arange(first, first + count)
+    positions, indices = zip(*(self._plan.examples(int(step)) for step in steps))
+    positions, indices = np.stack(positions, axis=1), np.stack(indices, axis=1)  # (rows, count)
+    plans = {SOURCE_INDEX: indices.astype(np.int32)}
     if self._preprocess.augment.enabled:
-      plan["draws"] = self._preprocess.draws(positions)
-    return plan
-
-  def __iter__(self) -> TrainPlans:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    """The next step's plan."""
-    if self._next_index >= self._num_steps:
-      raise StopIteration
-    self._next_index += 1
-    return self.step_plan(self._next_index - 1)
-
-  def take(self, count: int, pad_to: int) -> dict[str, np.ndarray]:
-    """The plans of the next `count` steps stacked on axis 1 and padded to `pad_to` with copies of the
-    last, and `steps` (rows,) holding `count` (`cnnjax.train.step.advance` runs that many)."""
-    if count > pad_to or self._next_index + count > self._num_steps:
-      raise StopIteration
-    plans = [self.step_plan(step) for step in range(self._next_index, self._next_index + count)]
-    plans += plans[-1:] * (pad_to - count)
-    self._next_index += count
-    stacked = {key: np.stack([plan[key] for plan in plans], axis=1) for key in plans[0]}
-    return {**stacked, "steps": np.full(len(plans[0][SOURCE_INDEX]), count, np.int32)}
-
-  def get_state(self) -> dict[str, int]:
-    return {"next_index": self._next_index}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._next_index = int(state["next_index"])
+      draws = self._preprocess.draws(positions.reshape(-1))
+      plans["draws"] = draws.reshape(positions.shape + draws.shape[1:])
+    padding = pad_to - count
+    plans = {key: np.concatenate([value, np.repeat(value[:, -1:], padding, axis=1)], axis=1) if padding else value
+             for key, value in plans.items()}
+    return {**plans, "first_step": np.full(len(indices), first, np.int32)}
 
   def close(self) -> None:
-    """Nothing runs in the background: plans are computed when taken."""
+    """Nothing runs in the background: plans are computed when asked for."""
 
 
 def eval_plans(num_examples: int, batch: ProcessSlice) -> list[dict[str, np.ndarray]]:

@@ -105,10 +105,10 @@ class Experiment:
                             prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
 
   def train_feed(self) -> Any:
-    """What the loop steps on: plans into the resident split (`take(k)`), or the host path's batches."""
+    """What the loop steps on: plans into the resident split (`block`), or the host path's batches."""
     if self.data_placement.train_on_device:
       return resident.TrainPlans(len(self.dataset.train), self.preprocess, seed=self.config.seed,
-                                 batch=self.train_slice, num_steps=self.total_steps)
+                                 batch=self.train_slice)
     return self.train_batches()
 
   def eval_feed(self) -> Iterable[dict[str, np.ndarray]]:

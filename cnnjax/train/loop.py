@@ -62,6 +62,9 @@ DEVICE_PREFETCH = 2
 # The most train steps one dispatch runs when `parallel.steps_per_dispatch` is 0 (chosen): past it, the
 # host's per-dispatch cost is already a small share of the steps, and a stop request waits longer.
 MAX_AUTO_STEPS_PER_DISPATCH = 16
+# Steps whose plans go to the devices at once, in one transfer (rounded up to a multiple of the steps per
+# dispatch): between blocks, a dispatch moves nothing.
+PLAN_BLOCK_STEPS = 64
 
 
 class TrainLog:
@@ -118,17 +121,6 @@ def steps_per_dispatch(config: ml_collections.ConfigDict, on_device: bool, platf
       [config.eval_every_steps] if config.eval_every_steps else [])
   common = math.gcd(*intervals)
   return max(d for d in range(1, MAX_AUTO_STEPS_PER_DISPATCH + 1) if common % d == 0)
-
-
-def dispatch_end(first: int, *, per_dispatch: int, total_steps: int, intervals: Sequence[int],
-                 marks: Sequence[int]) -> int:
-  """Where the dispatch that starts at step index `first` ends: at most `per_dispatch` steps on, at the
-  next multiple of `per_dispatch` or of any of `intervals`, at a mark (a profile window's ends), or at
-  the last step."""
-  ends = [total_steps, (first // per_dispatch + 1) * per_dispatch]
-  ends += [(first // interval + 1) * interval for interval in intervals if interval]
-  ends += [mark for mark in marks if mark > first]
-  return min(ends)
 
 
 class Throughput:
@@ -317,30 +309,38 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
   carry = engine.put_state([{"state": member.host_state, "log": member.log.window} for member in members])
   for member in members:
     member.host_state = None  # the devices hold the state now (on a CPU host a second copy would share RAM)
+  on_device = exp.data_placement.train_on_device
   # A batch is a pure function of its step, so the data position to resume from is the step itself.
   feeds = [member.exp.train_feed() for member in members]
-  for feed in feeds:
-    feed.set_state({"next_index": start_step})
-  on_device = exp.data_placement.train_on_device
+  if not on_device:
+    for feed in feeds:
+      feed.set_state({"next_index": start_step})
   per_dispatch = steps_per_dispatch(config, on_device, exp.strategy.layout.devices[0].platform)
-  stacked = per_dispatch > 1
   eval_fn = engine.eval_step_fn(eval_data)
   trace = StepTrace(lead.workdir, config.profile_steps, start_step=start_step, enabled=lead.is_writer)
   timer = Throughput(engine.global_batch * engine.num_members)
   compile_seconds = 0.0
   train_fn = None
-  # Where a profile traces, dispatches end, in every invocation: the dispatches of a resumed run are those
-  # of the uninterrupted one.
-  profile_marks = (trace.first, trace.last) if trace.last > trace.first else ()
+  # Dispatches end where the loop reads the log, and where a profile traces, in every invocation: the
+  # dispatches of a resumed run are those of the uninterrupted one.
+  plan = step_lib.Dispatches(
+      per_dispatch, total_steps, (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps),
+      (trace.first, trace.last) if trace.last > trace.first else ())
+  block_steps = math.ceil(PLAN_BLOCK_STEPS / per_dispatch) * per_dispatch
 
   def dispatches():
-    first = start_step
+    """(first step, steps, device batch) of every dispatch: a host batch each, or a block of plans shared by
+    the dispatches it covers (blocks start at multiples of `block_steps`, so no dispatch crosses one)."""
+    first, block_end, block = start_step, start_step, None
     while first < total_steps:
-      end = dispatch_end(first, per_dispatch=per_dispatch, total_steps=total_steps,
-                         intervals=(config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps),
-                         marks=profile_marks)
-      units = [feed.take(end - first, per_dispatch) if stacked else next(feed) for feed in feeds]
-      yield first, end - first, engine.put_batch(units)
+      end = int(plan.end(first)) if on_device else first + 1
+      if not on_device:
+        yield first, 1, engine.put_batch([next(feed) for feed in feeds])
+      else:
+        if first >= block_end:
+          block_end = min((first // block_steps + 1) * block_steps, total_steps)
+          block = engine.put_batch([feed.block(first, block_end - first, block_steps) for feed in feeds])
+        yield first, end - first, block
       first = end
 
   def timing(member: Member) -> Timing:
@@ -391,8 +391,9 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
       first, count, device_batch = ahead.popleft()
       if train_fn is None:
         compile_start = time.time()
-        train_fn = engine.compile_train_step(functools.partial(step_lib.advance, step=exp.train_step, stacked=stacked),
-                                             carry, device_batch, train_data)
+        train_fn = engine.compile_train_step(
+            functools.partial(step_lib.advance, step=exp.train_step, dispatches=plan if on_device else None),
+            carry, device_batch, train_data)
         compile_seconds = time.time() - compile_start
       trace.before_step(first)
       carry, _ = train_fn(carry, device_batch)

@@ -12,8 +12,8 @@ A batch reaches the step as the host left it (uint8 images and each example's
 augmentation draws) or as a plan into a split resident on the devices (`data`);
 `model_batch` turns either into model inputs and labels on the devices.
 
-`advance` runs one step, or k steps in a `lax.scan` over stacked plans, and
-adds each step's metrics into a log that stays on the devices (`empty_log`):
+`advance` runs one step, or several in a loop on the devices over a block of
+plans, and adds each step's metrics into a log that stays on the devices (`empty_log`):
 the loop reads it only where it logs, evaluates or checkpoints, so the host
 never waits for the devices between steps. The log also keeps the first step
 whose loss, gradients or parameters were not finite, with its loss and
@@ -22,6 +22,8 @@ gradient norm.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -146,27 +148,53 @@ def log_step(log: dict[str, jax.Array], metrics: dict[str, jax.Array], step: jax
           "bad_grad_norm": jnp.where(first_bad, metrics["grad_norm"], log["bad_grad_norm"])}
 
 
-def advance(carry: dict[str, Any], batches: Batch, data: Any = None, *, step: Callable[..., Any],
-            stacked: bool, **step_options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Steps `carry` = {'state', 'log'}: one step on `batches`, or, `stacked`, as many steps as
-  `batches['steps']` says on plans stacked on axis 1 (padded past that count), in one loop. `step_options`
-  go to every step (a population's per-member values). Returns the new carry and no outputs: the log is
-  read from the carry.
+@dataclasses.dataclass(frozen=True)
+class Dispatches:
+  """Where the dispatches of a run with a resident split end: at most `per_dispatch` steps each, ending at
+  multiples of it and of each interval (where the loop logs, evaluates or checkpoints), at each mark (a
+  profile window's ends) and at the last step. A function of the step alone, so the host and the devices
+  compute it alike (`end`), and a resumed run dispatches as the uninterrupted one did."""
 
-  The stacked loop's trip count is a value, not a shape: every dispatch, whatever its count, runs the
-  same program, so the results do not depend on where dispatches end (a loop of known length 1 would be
-  inlined and compiled differently).
+  per_dispatch: int
+  total_steps: int
+  intervals: tuple[int, ...]
+  marks: tuple[int, ...] = ()
+
+  def end(self, first: Any, xp: Any = np) -> Any:
+    """The step index where the dispatch that starts at step index `first` ends."""
+    ends = [xp.asarray(self.total_steps), (first // self.per_dispatch + 1) * self.per_dispatch]
+    ends += [(first // interval + 1) * interval for interval in self.intervals if interval]
+    ends += [xp.where(first < mark, mark, self.total_steps) for mark in self.marks]
+    return functools.reduce(xp.minimum, ends)
+
+
+def advance(carry: dict[str, Any], batches: Batch, data: Any = None, *, step: Callable[..., Any],
+            dispatches: Dispatches | None, **step_options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Steps `carry` = {'state', 'log'} and adds each step's metrics to the log. `step_options` go to every
+  step (a population's per-member values). Returns the new carry and no outputs: the log is read from the
+  carry.
+
+  With `dispatches` None, `batches` is one host batch: one step. Otherwise it is a block of plans into
+  the resident split, stacked on axis 1 from step `first_step`, and the dispatch runs from the state's
+  step to `dispatches.end` of it, one step or several in a device loop. The loop's trip count is a value,
+  not a shape: every dispatch runs the same program, so results do not depend on where dispatches end (a
+  loop of known length 1 would be inlined and compiled differently).
   """
 
   def one_step(carry, batch):
     state, metrics = step(carry["state"], batch, data, **step_options)
     return {"state": state, "log": log_step(carry["log"], metrics, carry["state"].step)}
 
-  if not stacked:
+  if dispatches is None:
     return one_step(carry, batches), {}
-  plans = {key: value for key, value in batches.items() if key != "steps"}
+  plans = {key: value for key, value in batches.items() if key != "first_step"}
+  first = carry["state"].step
+  offset = first - jnp.max(batches["first_step"])
 
-  def body(index, carry):
-    return one_step(carry, jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 1, keepdims=False), plans))
+  def plan(index):
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, offset + index, 1, keepdims=False), plans)
 
-  return jax.lax.fori_loop(0, jnp.max(batches["steps"]), body, carry), {}
+  if dispatches.per_dispatch == 1:
+    return one_step(carry, plan(0)), {}
+  count = dispatches.end(first, jnp) - first
+  return jax.lax.fori_loop(0, count, lambda index, carry: one_step(carry, plan(index)), carry), {}

@@ -172,3 +172,19 @@ def _child_main() -> None:
 
 if __name__ == "__main__":
   _child_main()
+
+
+def markdown_table(payload: dict[str, Any]) -> str:
+  """The table docs/performance.md quotes: per case and checkout, the step, the run, their ratio and the
+  loop's cost per step."""
+  rows = ["| case | batch | checkout | bare step img/s | run img/s | run / step | loop us/step |",
+          "|---|---|---|---|---|---|---|"]
+  for record in payload["cases"]:
+    for label in ("before", "after"):
+      if label not in record:
+        continue
+      side = record[label]
+      rows.append(f"| {record['case']} | {side['batch']} | {label} | {side['median_step_images_per_second']:,.0f} | "
+                  f"{side['median_run_images_per_second']:,.0f} | {side['run_over_step']:.2f} | "
+                  f"{side['loop_microseconds_per_step']:,.0f} |")
+  return "\n".join(rows)
