@@ -38,8 +38,8 @@ def main(argv: list[str]) -> None:
              "git worktree add DIR COMMIT")
   checkouts = {"after": os.getcwd(), **({"before": os.path.abspath(FLAGS.before)} if FLAGS.before else {})}
   records = [run_vs_step.measure(case, checkouts, rounds=FLAGS.rounds) for case in run_vs_step.cases(FLAGS.cases)]
-  payload = {**harness.provenance(), "checkouts": {k: os.path.relpath(v) for k, v in checkouts.items()},
-             "cases": records}
+  payload = {**harness.provenance(), "checkouts": {label: run_vs_step.describe_checkout(path)
+                                                  for label, path in checkouts.items()}, "cases": records}
   print(run_vs_step.markdown_table(payload))
   harness.write_results(FLAGS.json, payload)
 

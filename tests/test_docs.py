@@ -212,6 +212,25 @@ def test_the_bn_sync_cost_is_its_results_file():
           f"{ratios['jit']:.2f} (jit)") in flat
 
 
+def test_the_run_against_its_step_is_its_results_file():
+  from cnnjax.lab.bench import run_vs_step  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(RESULTS, "run_vs_step.json")) as f:
+    payload = json.load(f)
+  text = read(os.path.join(DOCS, "performance.md"))
+  assert run_vs_step.markdown_table(payload) in text
+  cases = {case["case"]: case for case in payload["cases"]}
+  mlp, lenet = cases["mlp_digits"], cases["lenet5_digits"]
+  flat = " ".join(text.split())
+  assert (f"{mlp['before']['loop_microseconds_per_step']:,.0f} microseconds per step before, "
+          f"{mlp['after']['loop_microseconds_per_step']:,.0f} after") in flat
+  assert (f"from {mlp['before']['median_run_images_per_second']:,.0f} to "
+          f"{mlp['after']['median_run_images_per_second']:,.0f} images per second") in flat
+  assert (f"LeNet-5 keeps {lenet['after']['run_over_step']:.2f} of its step "
+          f"({lenet['before']['run_over_step']:.2f} before)") in flat
+  assert f"runs at {cases['lenet5_digits_4_steps_per_dispatch']['after']['run_over_step']:.2f} of the bare" in flat
+  assert payload["checkouts"]["before"]["commit"].startswith("3a5025d")
+
+
 def test_the_sweep_mode_table_is_its_results_file():
   from cnnjax.lab.bench import harness  # pylint: disable=import-outside-toplevel
   with open(os.path.join(RESULTS, "sweep_modes.json")) as f:

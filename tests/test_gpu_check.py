@@ -17,11 +17,18 @@ THROUGHPUT_FIELDS = ("model", "batch", "image_size", "dtype", "strategy", "jax",
                      "ratio_vs_torch_compiled", "deterministic_over_fastest_step_time")
 TEST_FIELDS = ("selection", "where", "status")
 GOAL_FIELDS = ("resnet50_images_per_second", "resnet50_at_least_3000_images_per_second", "resnet50_at_least_torch",
-               "resnet20_at_least_torch", "ratio_vs_faster_torch", "note")
+               "resnet20_at_least_torch", "ratio_vs_faster_torch", "resnet20_runs_at_least_0_9_of_step",
+               "resnet50_jpeg_run_at_least_3000_images_per_second", "note")
+FULL_RUN_FIELDS = ("name", "model", "batch", "dtype", "data", "steps", "run", "run_over_step", "torch_loader",
+                   "run_over_torch_loader")
 
 
 def assert_every_field(payload):
-  assert set(payload) == {"check", "environment", "throughput", "tests", "bn_sync", "goals"}
+  assert set(payload) == {"check", "environment", "throughput", "full_run", "tests", "bn_sync", "goals"}
+  assert [entry["name"] for entry in payload["full_run"]] == list(gpu_check.DRY_RUN.full_runs)
+  for entry in payload["full_run"]:
+    assert all(field in entry for field in FULL_RUN_FIELDS), sorted(entry)
+    assert "status" in entry["run"] and "status" in entry["torch_loader"]
   assert payload["check"]["dry_run"] is True and payload["check"]["wall_seconds"] > 0
   assert [entry["model"] for entry in payload["throughput"]] == ["resnet50", "resnet20"]
   for entry in payload["throughput"]:
@@ -57,13 +64,16 @@ def test_dry_run_on_cpu_writes_every_field_and_the_log(tmp_path):
     assert entry["torch_eager"]["autocast_dtype"] == "bfloat16" and entry["torch_eager"]["channels_last"]
     assert entry["ratio_vs_torch_eager"] > 0
     assert entry["torch_compiled"]["status"].startswith("skipped")
+  for entry in payload["full_run"]:
+    assert entry["run"]["status"] == "ok" and entry["run_over_step"] > 0, entry["run"]
+    assert entry["torch_loader"]["status"] == "ok" and entry["run_over_torch_loader"] > 0, entry["torch_loader"]
   for record in payload["tests"].values():
     assert record["status"] == "ok" and record["passed"] > 0 and record["failed"] == record["errors"] == 0
   simulated = payload["bn_sync"]["simulated_devices"]
   assert simulated["status"] == "ok" and simulated["global_over_local"] > 0
   assert payload["goals"]["resnet50_at_least_3000_images_per_second"] is None  # a dry run is held to nothing
   log = log_path.read_text()
-  assert "resnet50" in log and "tests on" in log and "bn_sync" in log
+  assert "resnet50" in log and "tests on" in log and "bn_sync" in log and "full run resnet50_jpeg" in log
 
 
 def test_a_spent_budget_still_writes_every_field_saying_why(tmp_path):
@@ -99,3 +109,9 @@ def test_goals_are_read_against_the_faster_pytorch():
   assert goals["resnet50_at_least_torch"] is False  # torch.compile was faster
   assert goals["resnet20_at_least_torch"] is True  # compiled did not run: eager is all there is
   assert goals["ratio_vs_faster_torch"] == {"resnet50": 0.95, "resnet20": 1.5}
+  payload["full_run"] = [{"name": "resnet20_float32", "run_over_step": 0.93, "run": {"status": "ok"}},
+                         {"name": "resnet20_bfloat16", "run_over_step": 0.85, "run": {"status": "ok"}},
+                         {"name": "resnet50_jpeg", "run": {"status": "ok", "run_images_per_second": 3200.0}}]
+  goals = gpu_check.goals(payload)
+  assert goals["resnet20_runs_at_least_0_9_of_step"] is False  # the bfloat16 run falls short
+  assert goals["resnet50_jpeg_run_at_least_3000_images_per_second"] is True

@@ -46,6 +46,8 @@ JPEG_SMOOTHNESS = 25
 JPEG_NOISE_STD = 20.0
 JPEG_QUALITY = 90
 IMAGENET_JPEG_TRAIN, IMAGENET_JPEG_EVAL = 1024, 64
+# Stand-in ImageNets of other sizes keep one eval JPEG per this many training ones.
+JPEG_EVAL_FRACTION = IMAGENET_JPEG_TRAIN // IMAGENET_JPEG_EVAL
 # Steps of the timed stream: more than any timing window reads, for any batch size.
 PIPELINE_STEPS = 10 ** 8
 

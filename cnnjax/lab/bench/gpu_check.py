@@ -13,13 +13,19 @@ which calls `run`. Within `budget_seconds` it measures, in this order:
    (`cnnjax.lab.bench.torch_models`: bf16 autocast, channels_last, SGD with
    momentum), eager and under torch.compile (where it works; its first step,
    compilation included, and peak memory), with the ratios and the issue's goals;
-3. the GPU subset of the tests on the GPU (`GPU_TESTS`: the lowerings,
+3. (after the full runs, item 4) the GPU subset of the tests on the GPU (`GPU_TESTS`: the lowerings,
    BatchNorm modes, bfloat16, the reliability core of SIGKILL and exact
    resume), with float32 matrix products at full precision so that the
    tests' float32 tolerances hold (no TF32); the parallel-equivalence matrix
    needs 8 devices, so it runs on 8 simulated CPU devices of the same host
    (`SIMULATED_TESTS`) and says so;
-4. `bn_sync=global` against `local`: one GPU has no peers, so the two are the
+4. full runs (`full_run_cases`), as `cnnjax.main` runs them (data, loop and
+   step, deterministic kernels) beside their own bare step: ResNet-20 on
+   CIFAR-shaped uint8 arrays (the recipe's batch 128 in float32, and batch 512
+   in bfloat16) and ResNet-50 in bfloat16 on the pipeline benchmark's synthetic
+   JPEG ImageNet through the host path, each with `run / step` and a PyTorch
+   `DataLoader` peer on the same data (`cnnjax.lab.bench.torch_loaders`);
+5. `bn_sync=global` against `local`: one GPU has no peers, so the two are the
    same computation there and nothing is measured; beside it the
    simulated-device measure (`scripts/bench_parallel.py`, strategy jit on 8
    CPU devices).
@@ -60,11 +66,13 @@ from cnnjax.lab.bench import harness
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 # Under 8 minutes with the wheels' installation (scripts/gpu_check.sh): the device lease's per-command
 # limit is 10.
-DEFAULT_BUDGET_SECONDS = 420
+DEFAULT_BUDGET_SECONDS = 540
 # A section is started only with at least this much of the budget left (a child's start and JAX import).
 MIN_SECTION_SECONDS = 20
 # The issue's goals on one H100.
 GOAL_RESNET50_IMAGES_PER_SECOND = 3000.0
+# A whole run's share of its bare step's speed that the full-run section holds ResNet-20 to.
+GOAL_RUN_OVER_STEP = 0.9
 GOAL_RATIO_VS_TORCH = 1.0
 # Packages whose versions the environment section records (distribution names).
 PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin", "flax", "optax",
@@ -104,6 +112,17 @@ class Sizes:
   bn_warmup_steps: int = 3
   bn_timed_steps: int = 10
   test_workers: int = TEST_WORKERS
+  # The full-run section: whole runs as `cnnjax.main` runs them, beside their bare steps and a PyTorch
+  # DataLoader peer on the same data.
+  full_runs: tuple[str, ...] = ("resnet20_float32", "resnet20_bfloat16", "resnet50_jpeg")
+  run_resnet20_batch: int = 128  # the CIFAR recipe's own batch (the bfloat16 row uses resnet20_batch)
+  run_resnet20_steps: int = 300
+  run_cifar_examples: int = 8192
+  run_imagenet_model: str = "resnet50"
+  run_resnet50_steps: int = 30
+  run_jpeg_examples: int = 1024
+  loader_warmup_steps: int = 5
+  loader_workers: int = 8
 
 
 FULL = Sizes()
@@ -113,15 +132,22 @@ DRY_RUN = Sizes(resnet50_batch=2, resnet50_image_size=32, resnet20_batch=4, warm
                 gpu_tests_filter="",
                 simulated_tests=("tests/test_parallel.py::test_each_device_and_step_draws_its_own_reproducible_key",),
                 bn_batch=8, bn_image_size=8, bn_devices=2, bn_warmup_steps=0, bn_timed_steps=1,
-                test_workers=0)  # one test each: pytest-xdist's workers would cost more than they save
+                test_workers=0,  # one test each: pytest-xdist's workers would cost more than they save
+                # One CIFAR-shaped row and the JPEG row, with a smaller ResNet: the plumbing, not the speed.
+                full_runs=("resnet20_float32", "resnet50_jpeg"), run_resnet20_batch=4, run_resnet20_steps=2,
+                run_cifar_examples=16, run_imagenet_model="resnet18", run_resnet50_steps=2, run_jpeg_examples=8,
+                loader_warmup_steps=1, loader_workers=0)
 
 # (section name, cap in seconds) in the order they run; the budget cuts from the end.
 SECTION_SECONDS = {"environment": 60, "jax_resnet50": 180, "jax_fastest_resnet50": 150, "torch_eager_resnet50": 90,
                    "jax_resnet20": 120, "jax_fastest_resnet20": 90, "torch_eager_resnet20": 60, "gpu_tests": 180,
                    "torch_compiled_resnet50": 240,
-                   "torch_compiled_resnet20": 150, "bn_sync_simulated": 120, "simulated_tests": 240}
+                   "torch_compiled_resnet20": 150, "bn_sync_simulated": 120, "simulated_tests": 240,
+                   "full_run_resnet20_float32": 90, "full_run_resnet20_bfloat16": 90, "full_run_resnet50_jpeg": 150,
+                   "torch_loader_resnet20_float32": 60, "torch_loader_resnet20_bfloat16": 60,
+                   "torch_loader_resnet50_jpeg": 90}
 # The parts a run can be limited to (--sections), in the order they run; the environment always comes first.
-SECTIONS = ("throughput", "gpu_tests", "torch_compiled", "bn_sync", "simulated_tests")
+SECTIONS = ("throughput", "full_run", "gpu_tests", "torch_compiled", "bn_sync", "simulated_tests")
 NO_PEERS = ("one GPU has no peers: bn_sync=global and local normalize over the same examples with no collective, "
             "the same computation, so there is no cost to measure on this machine; the simulated-device measure "
             "is beside it")
@@ -318,6 +344,83 @@ def throughput_section(check: Check, sizes: Sizes, phase: str) -> None:
     check.write()
 
 
+def full_run_cases(sizes: Sizes) -> list[dict[str, Any]]:
+  """The rows of the full-run section at `sizes`: ResNet-20 on CIFAR-shaped uint8 arrays (the recipe's batch
+  in float32, and the throughput section's batch in bfloat16), ResNet-50 on the synthetic JPEG ImageNet."""
+  resnet20 = dict(model="resnet20", experiment="resnet20_cifar10", data="cifar_shaped",
+                  steps=sizes.run_resnet20_steps, examples=sizes.run_cifar_examples, num_classes=10,
+                  image_size=sizes.resnet20_image_size)
+  rows = {"resnet20_float32": dict(resnet20, batch=sizes.run_resnet20_batch, dtype="float32"),
+          "resnet20_bfloat16": dict(resnet20, batch=sizes.resnet20_batch, dtype="bfloat16"),
+          "resnet50_jpeg": dict(model=sizes.run_imagenet_model, experiment="resnet50_imagenet", data="imagenet_jpeg",
+                                steps=sizes.run_resnet50_steps, examples=sizes.run_jpeg_examples, num_classes=1000,
+                                image_size=sizes.resnet50_image_size,
+                                batch=sizes.resnet50_batch, dtype=sizes.dtype)}
+  return [{"name": name, **rows[name]} for name in sizes.full_runs]
+
+
+def full_run_record(spec: dict[str, Any]) -> dict[str, Any]:
+  """In a child: the run and its bare step (`cnnjax.lab.bench.run_vs_step.measure_round`)."""
+  from cnnjax.lab.bench import run_vs_step  # pylint: disable=import-outside-toplevel
+  case = spec["case"]
+  overrides = {"model.name": case["model"], "batch_size": case["batch"], "model.dtype": case["dtype"]}
+  if case["data"] == "imagenet_jpeg":
+    overrides["data.image_size"] = case["image_size"]
+  measured = run_vs_step.measure_round(
+      run_vs_step.Case(case["name"], case["experiment"], overrides, case["steps"], current_only=True,
+                       data=case["data"], data_examples=case["examples"]), REPO_ROOT, spec["data_dir"])
+  return {"step_images_per_second": measured["step"], "run_images_per_second": measured["run"],
+          "run_over_step": measured["run"] / measured["step"]}
+
+
+def torch_loader_record(spec: dict[str, Any]) -> dict[str, Any]:
+  """In a child: the PyTorch twin through a DataLoader on the same data as the cnnjax run."""
+  from cnnjax.lab.bench import run_vs_step, torch_loaders  # pylint: disable=import-outside-toplevel
+  case = spec["case"]
+  if case["data"] == "cifar_shaped":
+    dataset = torch_loaders.CifarArrays(run_vs_step.write_cifar_shaped(spec["data_dir"], case["examples"])
+                                        ["data.train_path"])
+    mean, std = torch_loaders.CIFAR_MEAN, torch_loaders.CIFAR_STD
+  else:
+    from cnnjax.lab.bench import torch_models  # pylint: disable=import-outside-toplevel
+    overrides = run_vs_step.stand_in_data(run_vs_step.Case(case["name"], case["experiment"], {}, case["steps"],
+                                                           data=case["data"], data_examples=case["examples"]),
+                                          spec["data_dir"])
+    dataset = torch_loaders.EncodedImages("imagenet2012", overrides["data.tfds_data_dir"], case["image_size"])
+    mean, std = torch_models.IMAGENET_MEAN, torch_models.IMAGENET_STD
+  return torch_loaders.time_loader_training(
+      case["model"], dataset, num_classes=case["num_classes"], batch=case["batch"], steps=case["steps"],
+      warmup_steps=spec["warmup_steps"], workers=spec["workers"], mean=mean, std=std,
+      autocast_dtype=None if case["dtype"] == "float32" else case["dtype"])
+
+
+def full_run_section(check: Check, sizes: Sizes) -> None:
+  """Whole runs (data, loop, step) against their bare steps and a PyTorch DataLoader peer, on one device."""
+  entries = check.payload.setdefault("full_run", [])
+  with tempfile.TemporaryDirectory() as data_dir:
+    for case in full_run_cases(sizes):
+      entry = {key: case[key] for key in ("name", "model", "batch", "dtype", "data", "steps")}
+      entries.append(entry)
+      entry["run"] = _child_record(check, f"full run {case['name']}", f"full_run_{case['name']}",
+                                   {"what": "full_run", "deterministic": True, "case": case, "data_dir": data_dir})
+      entry["run_over_step"] = entry["run"].get("run_over_step")
+      check.write()
+      entry["torch_loader"] = _child_record(
+          check, f"torch loader {case['name']}", f"torch_loader_{case['name']}",
+          {"what": "torch_loader", "case": case, "data_dir": data_dir, "warmup_steps": sizes.loader_warmup_steps,
+           "workers": sizes.loader_workers})
+      torch_rate = entry["torch_loader"].get("images_per_second")
+      entry["run_over_torch_loader"] = (entry["run"]["run_images_per_second"] / torch_rate
+                                        if entry["run"].get("status") == "ok" and torch_rate else None)
+      run = entry["run"]
+      check.say(f"full run {case['name']} b{case['batch']} {case['dtype']}: " + (
+          f"run {run['run_images_per_second']:,.0f} img/s, bare step {run['step_images_per_second']:,.0f}, "
+          f"run/step {run['run_over_step']:.2f}" if run.get("status") == "ok" else f"{run.get('status')} "
+          f"{run.get('error', '')}") + "; PyTorch DataLoader " + (
+          f"{torch_rate:,.0f} img/s" if torch_rate else f"{entry['torch_loader'].get('status')}"))
+      check.write()
+
+
 def _describe(who: str, case: dict[str, Any], record: dict[str, Any]) -> str:
   name = f"{case['model']} b{case['batch']} {case['image_size']}px {who}"
   if record.get("status") != "ok":
@@ -440,10 +543,15 @@ def goals(payload: dict[str, Any]) -> dict[str, Any]:
     return None if value is None else value >= goal
 
   r50_rate = by_model.get("resnet50", {}).get("jax", {}).get("images_per_second")
+  runs = {entry["name"]: entry for entry in payload.get("full_run", [])}
   if payload["check"]["dry_run"]:  # tiny sizes on any backend: nothing to hold against the goals
     return {"resnet50_images_per_second": r50_rate, "resnet50_at_least_3000_images_per_second": None,
             "resnet50_at_least_torch": None, "resnet20_at_least_torch": None, "ratio_vs_faster_torch": {},
+            "resnet20_runs_at_least_0_9_of_step": None, "resnet50_jpeg_run_at_least_3000_images_per_second": None,
             "note": "a dry run measures nothing comparable with the goals (one H100)"}
+  resnet20_runs = [runs[name].get("run_over_step") for name in ("resnet20_float32", "resnet20_bfloat16")
+                   if name in runs]
+  jpeg_rate = runs.get("resnet50_jpeg", {}).get("run", {}).get("run_images_per_second")
   worst_ratio = {model: min((r for r in (e.get("ratio_vs_torch_eager"), e.get("ratio_vs_torch_compiled"))
                              if r is not None), default=None) for model, e in by_model.items()}
   return {"resnet50_images_per_second": r50_rate,
@@ -452,6 +560,9 @@ def goals(payload: dict[str, Any]) -> dict[str, Any]:
           "resnet50_at_least_torch": at_least(worst_ratio.get("resnet50"), GOAL_RATIO_VS_TORCH),
           "resnet20_at_least_torch": at_least(worst_ratio.get("resnet20"), GOAL_RATIO_VS_TORCH),
           "ratio_vs_faster_torch": worst_ratio,
+          "resnet20_runs_at_least_0_9_of_step": (None if not resnet20_runs or None in resnet20_runs else
+                                                 min(resnet20_runs) >= GOAL_RUN_OVER_STEP),
+          "resnet50_jpeg_run_at_least_3000_images_per_second": at_least(jpeg_rate, GOAL_RESNET50_IMAGES_PER_SECOND),
           "note": "the goals are for one H100: read them against environment.nvidia_smi"}
 
 
@@ -500,6 +611,8 @@ def run(json_path: str, log_path: str, *, dry_run: bool = False, budget_seconds:
   check.write()
   if "throughput" in sections:
     throughput_section(check, sizes, "first")
+  if "full_run" in sections:
+    full_run_section(check, sizes)
   if "gpu_tests" in sections:
     tests_section(check, sizes, "gpu")
   if "throughput" in sections and "torch_compiled" in sections:
@@ -514,7 +627,8 @@ def run(json_path: str, log_path: str, *, dry_run: bool = False, budget_seconds:
   return check.payload
 
 
-CHILDREN = {"environment": lambda spec: environment_record(), "jax": jax_record, "torch": torch_record}
+CHILDREN = {"environment": lambda spec: environment_record(), "jax": jax_record, "torch": torch_record,
+            "full_run": full_run_record, "torch_loader": torch_loader_record}
 
 
 def _child_main() -> None:

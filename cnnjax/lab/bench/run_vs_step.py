@@ -36,14 +36,20 @@ from typing import Any
 
 import numpy as np
 
-# Cases: (name, experiment, overrides, steps of each run). The MLP's step costs almost nothing, so its run
-# measures the loop itself.
+# Cases: (name, experiment, overrides, steps of each run, whether only the current checkout has the keys
+# it sets, the data it reads instead of the experiment's). The MLP's step costs almost nothing, so its run
+# measures the loop itself. LeNet-5 with 4 steps per dispatch measures a device loop against the bare step
+# on this backend.
 CASES = (
-    ("mlp_digits", "lenet5_digits", {"model.name": "mlp"}, 400),
-    ("lenet5_digits", "lenet5_digits", {}, 200),
-    ("resnet20_cifar_shaped", "resnet20_cifar10", {}, 12),
+    ("mlp_digits", "lenet5_digits", {"model.name": "mlp"}, 400, False, ""),
+    ("lenet5_digits", "lenet5_digits", {}, 200, False, ""),
+    ("lenet5_digits_4_steps_per_dispatch", "lenet5_digits",
+     {"data.placement": "device", "parallel.steps_per_dispatch": 4}, 200, True, ""),
+    ("resnet20_cifar_shaped", "resnet20_cifar10", {}, 12, False, "cifar_shaped"),
 )
-# A CIFAR-shaped stand-in for CIFAR-10 (no download): uint8 32x32x3 images, 10 classes.
+# Stand-ins for data a run would download: CIFAR-shaped uint8 32x32x3 images of 10 classes in npz files,
+# and the pipeline benchmark's synthetic JPEG `imagenet2012` (cnnjax.lab.bench.datasets).
+DATA_KINDS = ("", "cifar_shaped", "imagenet_jpeg")
 CIFAR_SHAPED_EXAMPLES = 1024
 
 
@@ -53,6 +59,9 @@ class Case:
   experiment: str
   overrides: dict[str, Any]
   steps: int
+  current_only: bool = False  # sets keys an earlier checkout may lack
+  data: str = ""  # one of DATA_KINDS: the experiment's own data, or a stand-in
+  data_examples: int = CIFAR_SHAPED_EXAMPLES  # training examples of a stand-in
 
 
 def cases(names: list[str] | None = None) -> list[Case]:
@@ -60,15 +69,29 @@ def cases(names: list[str] | None = None) -> list[Case]:
   return [case for case in selected if not names or case.name in names]
 
 
-def write_cifar_shaped(directory: str) -> dict[str, str]:
-  """Random CIFAR-shaped train and eval npz files; the config overrides that read them."""
+def write_cifar_shaped(directory: str, examples: int = CIFAR_SHAPED_EXAMPLES) -> dict[str, str]:
+  """Random CIFAR-shaped train and eval npz files (the same for the same `examples`); the config overrides
+  that read them."""
   rng = np.random.default_rng(0)
   paths = {}
-  for split, count in (("train", CIFAR_SHAPED_EXAMPLES), ("eval", CIFAR_SHAPED_EXAMPLES // 4)):
+  for split, count in (("train", examples), ("eval", max(1, examples // 4))):
     paths[split] = os.path.join(directory, f"{split}.npz")
     np.savez(paths[split], image=rng.integers(0, 256, (count, 32, 32, 3)).astype(np.uint8),
              label=rng.integers(0, 10, count))
   return {"data.name": "npz", "data.train_path": paths["train"], "data.eval_path": paths["eval"]}
+
+
+def stand_in_data(case: Case, data_dir: str) -> dict[str, Any]:
+  """Writes the case's stand-in data into `data_dir` (kept when there); the config overrides that read it."""
+  if case.data == "cifar_shaped":
+    return write_cifar_shaped(data_dir, case.data_examples)
+  if case.data == "imagenet_jpeg":
+    from cnnjax.lab.bench import datasets  # pylint: disable=import-outside-toplevel
+    tfds_dir = os.path.join(data_dir, "tfds")
+    datasets.prepare_imagenet_jpeg(tfds_dir, num_train=case.data_examples,
+                                   num_eval=max(1, case.data_examples // datasets.JPEG_EVAL_FRACTION))
+    return {"data.tfds_data_dir": tfds_dir}
+  return {}
 
 
 def case_config(case: Case, checkout: str, data_dir: str) -> Any:
@@ -82,8 +105,7 @@ def case_config(case: Case, checkout: str, data_dir: str) -> Any:
   config = module.get_config()
   overrides = {**case.overrides, "num_train_steps": case.steps, "log_every_steps": case.steps,
                "checkpoint_every_steps": case.steps, "eval_every_steps": 0, "progress_bar": False}
-  if case.experiment == "resnet20_cifar10":
-    overrides.update(write_cifar_shaped(data_dir))
+  overrides.update(stand_in_data(case, data_dir))
   for key, value in overrides.items():
     config_lib.set_value(config, key, value)
   return config
@@ -114,10 +136,11 @@ def run_images_per_second(config: Any, workdir: str) -> float:
   return float(train.run(config, workdir)["examples_per_second"])
 
 
-def measure_round(case: Case, checkout: str) -> dict[str, float]:
-  """One round in this process: the bare step, then the run."""
+def measure_round(case: Case, checkout: str, data_dir: str = "") -> dict[str, float]:
+  """One round in this process: the bare step, then the run (stand-in data in `data_dir`, else a scratch
+  directory)."""
   with tempfile.TemporaryDirectory() as scratch:
-    config = case_config(case, checkout, scratch)
+    config = case_config(case, checkout, data_dir or scratch)
     step_rate = bare_step_images_per_second(config, case.steps)
     run_rate = run_images_per_second(config, os.path.join(scratch, "run"))
   return {"step": step_rate, "run": run_rate, "batch": config.batch_size, "model": config.model.name,
@@ -138,6 +161,8 @@ def round_in_child(case: Case, checkout: str) -> dict[str, float]:
 def measure(case: Case, checkouts: dict[str, str], *, rounds: int, progress: Any = print) -> dict[str, Any]:
   """Interleaved rounds of every checkout: per checkout the medians, `run / step` and the loop's cost per
   step in microseconds."""
+  if case.current_only:
+    checkouts = {label: path for label, path in checkouts.items() if label == "after"}
   samples: dict[str, list[dict[str, float]]] = {label: [] for label in checkouts}
   for round_index in range(rounds):
     for label, checkout in checkouts.items():
@@ -172,6 +197,12 @@ def _child_main() -> None:
 
 if __name__ == "__main__":
   _child_main()
+
+
+def describe_checkout(path: str) -> dict[str, str]:
+  """A measured checkout: its path and the commit it holds."""
+  result = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+  return {"path": path, "commit": result.stdout.strip() or "unknown"}
 
 
 def markdown_table(payload: dict[str, Any]) -> str:
