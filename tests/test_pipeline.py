@@ -249,3 +249,12 @@ def test_a_run_stopped_by_sigterm_or_an_error_leaves_no_worker(tmp_path, tfds_da
   assert "Traceback" not in err and "leaked" not in err, err[-3000:]
   assert len(seen) >= 2, seen
   assert not wait_gone(sorted(seen))
+
+
+def test_more_threads_than_prefetched_batches_start_without_grain_warning(caplog):
+  source = ArraySource(np.zeros((16, 4, 4, 1), np.uint8), np.zeros(16, np.int64))
+  preprocess = Preprocess(image_size=0, mean=(0.0,), std=(1.0,))
+  dataset = train_dataset(source, preprocess, seed=0, batch=ProcessSlice(4), num_steps=3)
+  with caplog.at_level("WARNING"), iterate(dataset, num_threads=4, prefetch=2) as batches:
+    assert len(list(batches)) == 3
+  assert not [r for r in caplog.records if "smaller than" in r.getMessage()]

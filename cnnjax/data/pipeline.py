@@ -266,14 +266,16 @@ class Batches:
 
   def _start(self) -> grain.DatasetIterator:
     remaining = self._dataset[self._next_index:]
+    # A buffer smaller than the threads would leave threads idle (grain warns): each thread keeps one ahead.
     workers = min(self._num_workers, len(remaining))
     if not workers:
       return iter(remaining.to_iter_dataset(
-          grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=self._prefetch)))
+          grain.ReadOptions(num_threads=self._num_threads,
+                            prefetch_buffer_size=max(self._prefetch, self._num_threads))))
     _default_unparsed_grain_flags()
     # The prefetched batches are shared among the workers: each prepares every workers-th one.
     per_worker = grain.ReadOptions(num_threads=self._num_threads,
-                                   prefetch_buffer_size=math.ceil(self._prefetch / workers))
+                                   prefetch_buffer_size=max(math.ceil(self._prefetch / workers), self._num_threads))
     processes = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=WORKER_QUEUE_BATCHES)
     return iter(remaining.to_iter_dataset(per_worker).mp_prefetch(processes, worker_init_fn=_init_worker))
 
