@@ -16,6 +16,8 @@ from cnnjax.errors import (DISK_FULL_TEXTS, EXIT_STATUS_BASE, EXIT_USER_ERROR, C
                            Preempted, is_disk_full)
 
 EXIT_PEER_LOST = 3
+# absl's help flags, which print the usage and exit with status 1 (absl's choice); asked-for help is no error.
+HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 
 def fail(message: str) -> None:
@@ -31,6 +33,10 @@ def one_line_flags_parser(argv: Sequence[str]) -> list[str]:
     if "config" in flags.FLAGS and flags.FLAGS["config"].present:
       flags.FLAGS.config.keys()  # config_flags defers load errors to the first access
     return remaining
+  except SystemExit:
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+      sys.exit(0)
+    raise
   except Exception as e:  # pylint: disable=broad-except  (any parse failure is the user's input)
     fail(_diagnose_config_flags(argv) or (str(e).strip().splitlines() or [type(e).__name__])[0])
   return []

@@ -69,3 +69,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tfds_data_dir):
   train_steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"]
   assert train_steps == list(range(25, 401, 25))  # every point once, none lost or duplicated
   assert json.load(open(workdir / "summary.json"))["step"] == 400
+
+
+@pytest.mark.parametrize("module", ["cnnjax.main", "cnnjax.sweep", "cnnjax.summary", "cnnjax.prepare"])
+def test_help_is_no_error(module):
+  result = run_cli(module, "--help")
+  assert result.returncode == 0 and "flags" in (result.stdout + result.stderr).lower(), result.stderr[-2000:]
