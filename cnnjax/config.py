@@ -126,8 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.parallel = ml_collections.ConfigDict()
   config.parallel.strategy = "auto"  # auto (none on one device, else jit on all) / none / pmap / shard_map / jit
   config.parallel.num_devices = 0  # 0: all devices
-  # Train steps per dispatch with a split on the devices (one lax.scan); 0 chooses: the largest divisor of
-  # the logging, eval and checkpoint intervals up to cnnjax.train.loop.MAX_AUTO_STEPS_PER_DISPATCH. Host batches: always 1.
+  # The most train steps one dispatch runs with a split on the devices (a loop on the devices); 0 chooses: 1
+  # on CPUs, else cnnjax.train.loop.MAX_AUTO_STEPS_PER_DISPATCH. Host batches: always 1.
   config.parallel.steps_per_dispatch = 0
   return config
 

@@ -92,8 +92,8 @@ def test_auto_places_what_fits_and_a_forced_placement_that_cannot_be_honoured_is
   assert "data on the device (train and eval)" in exp.describe()
   over = train.build(augmented_config(**{"data.device_megabytes": 0}))
   assert not over.data_placement.train_on_device and "exceeds data.device_megabytes=0" in over.describe()
-  with pytest.raises(ConfigError, match=r"data.placement=device, but .* takes 0\.\d MB on every device, over "
-                                        r"data.device_megabytes=0"):
+  with pytest.raises(ConfigError, match=r"data.placement=device, but .* takes 0\.\d MB on every device memory "
+                                        r"\(8 devices sharing one memory\), over data.device_megabytes=0"):
     train.build(augmented_config(**{"data.device_megabytes": 0, "data.placement": "device"}))
   with pytest.raises(ConfigError, match="random_resized_crop crops each decoded image on the host"):
     train.build(augmented_config(**{"data.random_resized_crop": True, "data.image_size": 32,
@@ -151,8 +151,9 @@ class StopAt(Preemption):
 
 
 def test_a_stop_saves_the_dispatch_just_done_and_resumes_bit_identically(tmp_path, tfds_data_dir):
-  """Several steps per dispatch: the stop saves where the dispatch ended; the rerun, with dispatches that
-  end elsewhere (a log interval they do not divide), ends bit-identical, logged points included."""
+  """Several steps per dispatch: the stop saves where the dispatch ended, and the rerun ends bit-identical,
+  logged points included; a rerun with another logging interval (dispatches that end elsewhere) ends
+  bit-identical too."""
   config = augmented_config(**{"num_train_steps": 12, "log_every_steps": 3, "checkpoint_every_steps": 100,
                                "parallel.strategy": "none", "data.placement": "device",
                                "parallel.steps_per_dispatch": 4})
@@ -160,11 +161,15 @@ def test_a_stop_saves_the_dispatch_just_done_and_resumes_bit_identically(tmp_pat
   with pytest.raises(Preempted, match="at step 8"):
     train.run(config, str(tmp_path / "stopped"), preemption=StopAt(7))
   assert checkpoint_steps(tmp_path / "stopped") == [8]
+  with pytest.raises(Preempted, match="at step 8"):
+    train.run(config, str(tmp_path / "relogged"), preemption=StopAt(7))
   resumed = train.run(config, str(tmp_path / "stopped"))
   assert resumed["param_checksum"] == reference["param_checksum"]
   points = [read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("uninterrupted", "stopped")]
   strip = lambda records: [{k: v for k, v in r.items() if k != "examples_per_second"} for r in records]  # noqa: E731
   assert strip(points[0]) == strip(points[1])
+  config.log_every_steps = 5  # dispatches now end at 10 (and 9 no more): from 8, at 10 and 12
+  assert train.run(config, str(tmp_path / "relogged"))["param_checksum"] == reference["param_checksum"]
 
 
 def test_a_run_started_with_its_data_on_the_host_resumes_with_it_on_the_devices(tmp_path, tfds_data_dir):
@@ -217,7 +222,7 @@ def test_steps_per_dispatch_and_where_dispatches_end():
   config = experiment_config("lenet5_digits")  # logs every 50 steps, checkpoints every 200
   assert loop_lib.steps_per_dispatch(config, False, "gpu") == 1
   assert loop_lib.steps_per_dispatch(config, True, "cpu") == 1
-  assert loop_lib.steps_per_dispatch(config, True, "gpu") == 10
+  assert loop_lib.steps_per_dispatch(config, True, "gpu") == loop_lib.MAX_AUTO_STEPS_PER_DISPATCH
   config.parallel.steps_per_dispatch = 7
   assert loop_lib.steps_per_dispatch(config, True, "cpu") == 7
   dispatches = step_lib.Dispatches(per_dispatch=4, total_steps=30, intervals=(6, 0), marks=(9,))

@@ -62,7 +62,7 @@ import numpy as np
 from absl import flags
 
 from cnnjax.data.preprocess import Preprocess
-from cnnjax.data.sources import RandomAccessSource, read_columns
+from cnnjax.data.sources import RandomAccessSource, read_for_preprocessing
 from cnnjax.errors import DataError
 
 # Epoch permutations kept at once: a batch straddles at most two epochs, and
@@ -170,7 +170,7 @@ def train_dataset(source: RandomAccessSource, preprocess: Preprocess, *, seed: i
 
   def load(step: int) -> dict:
     positions, indices = plan.examples(step)
-    return _to_batch(preprocess.host_train(read_columns(source, indices), positions), indices,
+    return _to_batch(preprocess.host_train(read_for_preprocessing(source, indices), positions), indices,
                      np.ones(len(indices)))
 
   return grain.MapDataset.range(num_steps).map(load)
@@ -183,7 +183,7 @@ def eval_dataset(source: RandomAccessSource, preprocess: Preprocess, *,
 
   def load(batch_index: int) -> dict:
     indices, valid = eval_examples(batch_index, num_examples, batch)
-    return _to_batch(preprocess.host_eval(read_columns(source, indices)), indices, valid)
+    return _to_batch(preprocess.host_eval(read_for_preprocessing(source, indices)), indices, valid)
 
   return grain.MapDataset.range(num_eval_batches(num_examples, batch.global_batch)).map(load)
 
@@ -266,16 +266,17 @@ class Batches:
 
   def _start(self) -> grain.DatasetIterator:
     remaining = self._dataset[self._next_index:]
-    # A buffer smaller than the threads would leave threads idle (grain warns): each thread keeps one ahead.
     workers = min(self._num_workers, len(remaining))
     if not workers:
+      # A buffer smaller than the threads would leave threads idle (grain warns): each keeps one ahead.
       return iter(remaining.to_iter_dataset(
           grain.ReadOptions(num_threads=self._num_threads,
                             prefetch_buffer_size=max(self._prefetch, self._num_threads))))
     _default_unparsed_grain_flags()
-    # The prefetched batches are shared among the workers: each prepares every workers-th one.
-    per_worker = grain.ReadOptions(num_threads=self._num_threads,
-                                   prefetch_buffer_size=max(math.ceil(self._prefetch / workers), self._num_threads))
+    # The prefetched batches are shared among the workers: each prepares every workers-th one, on no more
+    # threads than it buffers batches (so the buffers hold `prefetch_batches` in all).
+    buffered = math.ceil(self._prefetch / workers)
+    per_worker = grain.ReadOptions(num_threads=min(self._num_threads, buffered), prefetch_buffer_size=buffered)
     processes = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=WORKER_QUEUE_BATCHES)
     return iter(remaining.to_iter_dataset(per_worker).mp_prefetch(processes, worker_init_fn=_init_worker))
 

@@ -44,12 +44,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from cnnjax.data.decode import EncodedImage, decode_window
 from cnnjax.imageops import crop_batch, flip_batch, rotate_batch
 
 PIXEL_MAX = 255.0
 TASKS = ("classification", "segmentation", "text")
-# Augment draws per example: rotation, crop row, crop column, flip.
+# Augment draws per example: rotation, crop row, crop column, flip; their columns in uniforms and in draws.
 AUGMENT_DRAWS = 4
+ROTATION, CROP_OFFSETS, FLIP = 0, slice(1, 3), 3
+# A flip draw is 0 or 1; the uniform below it, and the draw above it, mean flipped.
+FLIP_THRESHOLD = 0.5
 # Random resized crops: tries per example (area and aspect each), then the fallback to the center.
 CROP_ATTEMPTS = 10
 CROP_DRAWS = 4 * CROP_ATTEMPTS  # area, aspect, top, left per try
@@ -106,11 +110,23 @@ def resize_batch(images: Any, size: int, *, xp: Any = np) -> Any:
   return resized.reshape(batch, channels, size, size).transpose(0, 2, 3, 1)
 
 
-def resize_shorter_and_center_crop(image: np.ndarray, size: int, *, nearest: bool = False) -> np.ndarray:
-  """Resizes a uint8 image (H, W, C) of any shape to (size, size, C): shorter side, then center crop.
+def shorter_side_window(height: int, width: int, size: int) -> tuple[float, float, float, float]:
+  """(top, left, height, width) in the image of the square that resizing the shorter side to `size` and
+  cropping the center keeps."""
+  scale = size / min(height, width)
+  new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+  return (new_h - size) // 2 / scale, (new_w - size) // 2 / scale, size / scale, size / scale
+
+
+def resize_shorter_and_center_crop(image: np.ndarray | EncodedImage, size: int, *, nearest: bool = False
+                                   ) -> np.ndarray:
+  """Resizes a uint8 image (H, W, C) of any shape, or an encoded one, to (size, size, C): shorter side,
+  then center crop.
 
   `nearest` copies pixels instead of blending them (class masks).
   """
+  if isinstance(image, EncodedImage):
+    return decode_window(image, shorter_side_window(*image.size, size), size, size)
   height, width = image.shape[:2]
   scale = size / min(height, width)
   new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
@@ -119,24 +135,31 @@ def resize_shorter_and_center_crop(image: np.ndarray, size: int, *, nearest: boo
   return resized[top:top + size, left:left + size]
 
 
-def random_resized_crop(image: np.ndarray, size: int, uniforms: np.ndarray,
-                        area_range: tuple[float, float] = (0.08, 1.0),
-                        aspect_range: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-  """Inception-style crop: a random area fraction and aspect ratio, resized to (size, size).
-
-  `uniforms` holds CROP_DRAWS numbers in [0, 1) for this example; after
-  CROP_ATTEMPTS tries that do not fit, the central square is used.
-  """
-  height, width = image.shape[:2]
+def crop_window(height: int, width: int, uniforms: np.ndarray, area_range: tuple[float, float] = (0.08, 1.0),
+                aspect_range: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int] | None:
+  """An Inception-style crop (top, left, height, width): a random area fraction and aspect ratio from
+  `uniforms` (CROP_DRAWS numbers in [0, 1)); None when none of CROP_ATTEMPTS tries fits."""
   for area_u, aspect_u, top_u, left_u in uniforms.reshape(CROP_ATTEMPTS, 4):
     area = height * width * (area_range[0] + area_u * (area_range[1] - area_range[0]))
     log_low, log_high = np.log(aspect_range[0]), np.log(aspect_range[1])
     aspect = np.exp(log_low + aspect_u * (log_high - log_low))
     crop_h, crop_w = round(np.sqrt(area / aspect)), round(np.sqrt(area * aspect))
     if 0 < crop_h <= height and 0 < crop_w <= width:
-      top, left = int(top_u * (height - crop_h + 1)), int(left_u * (width - crop_w + 1))
-      return _pil_resize(image[top:top + crop_h, left:left + crop_w], size, size)
-  return resize_shorter_and_center_crop(image, size)
+      return int(top_u * (height - crop_h + 1)), int(left_u * (width - crop_w + 1)), crop_h, crop_w
+  return None
+
+
+def random_resized_crop(image: np.ndarray | EncodedImage, size: int, uniforms: np.ndarray) -> np.ndarray:
+  """Inception-style crop (`crop_window`) resized to (size, size); the central square when no try fits.
+  An encoded image is decoded only as far as the crop needs (`cnnjax.data.decode`)."""
+  height, width = image.size if isinstance(image, EncodedImage) else image.shape[:2]
+  window = crop_window(height, width, uniforms)
+  if window is None:
+    return resize_shorter_and_center_crop(image, size)
+  if isinstance(image, EncodedImage):
+    return decode_window(image, window, size, size)
+  top, left, crop_h, crop_w = window
+  return _pil_resize(image[top:top + crop_h, left:left + crop_w], size, size)
 
 
 def _pil_resize(image: np.ndarray, height: int, width: int, resample: int = Image.BILINEAR) -> np.ndarray:
@@ -170,19 +193,20 @@ class Augment:
   def draw(self, uniforms: np.ndarray) -> np.ndarray:
     """Per-example draws (B, 4) float32 from uniforms (B, AUGMENT_DRAWS) in [0, 1): rotation in
     [-1, 1], crop row and column offsets in [0, 2p], flip in {0, 1} (small integers, exact in float32)."""
-    offsets = np.floor(uniforms[:, 1:3] * (2 * self.crop_padding + 1))
-    return np.stack([2.0 * uniforms[:, 0] - 1.0, offsets[:, 0], offsets[:, 1],
-                     (uniforms[:, 3] < 0.5).astype(np.float64)], axis=1).astype(np.float32)
+    offsets = np.floor(uniforms[:, CROP_OFFSETS] * (2 * self.crop_padding + 1))
+    return np.stack([2.0 * uniforms[:, ROTATION] - 1.0, offsets[:, 0], offsets[:, 1],
+                     (uniforms[:, FLIP] < FLIP_THRESHOLD).astype(np.float64)], axis=1).astype(np.float32)
 
   def apply(self, images: Any, draws: Any, *, order: str = "bilinear", fill: float = 0.0,
             xp: Any = np) -> Any:
     """Applies `draws` to a batch (B, H, W, ...): images bilinear with zeros, masks nearest with their background."""
     if self.rotation_degrees:
-      images = rotate_batch(images, draws[:, 0] * np.float32(self.rotation_degrees), order=order, fill=fill, xp=xp)
+      images = rotate_batch(images, draws[:, ROTATION] * np.float32(self.rotation_degrees), order=order, fill=fill,
+                            xp=xp)
     if self.crop_padding:
-      images = crop_batch(images, self.crop_padding, draws[:, 1:3].astype(xp.int32), fill=fill, xp=xp)
+      images = crop_batch(images, self.crop_padding, draws[:, CROP_OFFSETS].astype(xp.int32), fill=fill, xp=xp)
     if self.flip:
-      images = flip_batch(images, draws[:, 3] > 0.5, xp=xp)
+      images = flip_batch(images, draws[:, FLIP] > FLIP_THRESHOLD, xp=xp)
     return images
 
   def __call__(self, images: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
@@ -212,9 +236,9 @@ class Preprocess:
   def _one_size(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     if isinstance(images, np.ndarray):
       return images
-    if len({np.shape(image) for image in images}) == 1:
+    if not isinstance(images[0], EncodedImage) and len({np.shape(image) for image in images}) == 1:
       return np.stack(images)
-    # Variable-size datasets (ImageNet): each to the model's size on its own.
+    # Variable-size datasets (ImageNet, read encoded): each to the model's size on its own.
     return np.stack([resize_shorter_and_center_crop(image, self.image_size) for image in images])
 
   def host_train(self, columns: dict[str, Any], positions: np.ndarray) -> dict[str, np.ndarray]:

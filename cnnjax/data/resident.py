@@ -86,8 +86,13 @@ def host_only_reason(dataset: Dataset, preprocess: Preprocess) -> str | None:
   return None
 
 
-def choose(placement: str, budget_megabytes: int, dataset: Dataset, preprocess: Preprocess) -> Placement:
-  """Where this run's splits live; ConfigError when `placement=device` cannot be honoured."""
+def choose(placement: str, budget_megabytes: int, dataset: Dataset, preprocess: Preprocess, *,
+           copies_per_memory: int = 1) -> Placement:
+  """Where this run's splits live; ConfigError when `placement=device` cannot be honoured.
+
+  The budget is per device memory: `copies_per_memory` devices sharing one memory (the CPU devices of a
+  process, which all live in its RAM) hold that many copies against it.
+  """
   if placement == "host":
     return Placement(False, False, "data.placement=host")
   why_not = host_only_reason(dataset, preprocess)
@@ -96,19 +101,22 @@ def choose(placement: str, budget_megabytes: int, dataset: Dataset, preprocess: 
       raise ConfigError(f"data.placement=device, but {why_not}; use data.placement=auto or host")
     return Placement(False, False, why_not)
   budget = budget_megabytes * MEGABYTE
-  train_bytes = nbytes(split_arrays(dataset.train))
+  train_bytes = nbytes(split_arrays(dataset.train)) * copies_per_memory
+  copies = f" ({copies_per_memory} devices sharing one memory)" if copies_per_memory > 1 else ""
   if train_bytes > budget:
     if placement == "device":
       raise ConfigError(f"data.placement=device, but {dataset.name}'s training split takes "
-                        f"{train_bytes / MEGABYTE:.1f} MB on every device, over data.device_megabytes="
-                        f"{budget_megabytes}; raise data.device_megabytes, or use data.placement=auto or host")
-    return Placement(False, False, f"the training split, {train_bytes / MEGABYTE:.1f} MB, exceeds "
+                        f"{train_bytes / MEGABYTE:.1f} MB on every device memory{copies}, over "
+                        f"data.device_megabytes={budget_megabytes}; raise data.device_megabytes, or use "
+                        "data.placement=auto or host")
+    return Placement(False, False, f"the training split, {train_bytes / MEGABYTE:.1f} MB{copies}, exceeds "
                                    f"data.device_megabytes={budget_megabytes}")
   eval_arrays = split_arrays(dataset.eval)
-  eval_fits = eval_arrays is not None and train_bytes + nbytes(eval_arrays) <= budget
-  total = train_bytes + (nbytes(eval_arrays) if eval_fits else 0)
-  return Placement(True, eval_fits, f"{total / MEGABYTE:.1f} MB on every device, within data.device_megabytes="
-                                    f"{budget_megabytes}")
+  eval_bytes = nbytes(eval_arrays) * copies_per_memory if eval_arrays is not None else 0
+  eval_fits = eval_arrays is not None and train_bytes + eval_bytes <= budget
+  total = train_bytes + (eval_bytes if eval_fits else 0)
+  return Placement(True, eval_fits, f"{total / MEGABYTE:.1f} MB on every device memory{copies}, within "
+                                    f"data.device_megabytes={budget_megabytes}")
 
 
 class TrainPlans:

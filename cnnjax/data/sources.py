@@ -31,6 +31,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from cnnjax.data import readers, shapes, text
+from cnnjax.data.decode import MODES, EncodedImage
 from cnnjax.errors import ConfigError, DataError
 
 # Per-channel mean and standard deviation of the training images, in [0, 1] units.
@@ -165,6 +166,51 @@ def read_columns(source: RandomAccessSource, indices: np.ndarray) -> dict[str, A
     values = [np.asarray(record[key]) for record in records]
     out[key] = np.stack(values) if len({v.shape for v in values}) == 1 else values
   return out
+
+
+def read_for_preprocessing(source: RandomAccessSource, indices: np.ndarray) -> dict[str, Any]:
+  """The records at `indices` as the host stage of preprocessing takes them: encoded images where the
+  source keeps them (`EncodedImageSource`), else `read_columns`."""
+  read_encoded = getattr(source, "read_encoded", None)
+  return read_encoded(indices) if read_encoded is not None else read_columns(source, indices)
+
+
+class EncodedImageSource:
+  """A classification source of images of varying size that also reads them undecoded.
+
+  Records read by index are decoded as TFDS decodes them (`{'image', 'label'}`);
+  `read_encoded` gives the training pipeline the encoded bytes instead
+  (`cnnjax.data.decode.EncodedImage`), which it decodes only as far as each
+  example's crop needs.
+  """
+
+  def __init__(self, decoded: RandomAccessSource, encoded: Any, channels: int, image_key: str = "image",
+               label_key: str = "label"):
+    self.decoded, self.encoded, self.channels = decoded, encoded, channels
+    self.image_key, self.label_key = image_key, label_key
+
+  def __len__(self) -> int:
+    return len(self.decoded)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self.decoded[index]
+    return {"image": record[self.image_key], "label": record[self.label_key]}
+
+  def read_encoded(self, indices: np.ndarray) -> dict[str, Any]:
+    records = [self.encoded[int(index)] for index in indices]
+    return {"image": [EncodedImage(record[self.image_key], self.channels) for record in records],
+            "label": np.asarray([record[self.label_key] for record in records])}
+
+
+def _with_encoded(source: RandomAccessSource, name: str, data_dir: str, split: str, image_shape: tuple,
+                  image_key: str = "image", label_key: str = "label") -> RandomAccessSource:
+  """`source` as an `EncodedImageSource` when its images vary in size (they are cropped on the host)."""
+  if None not in tuple(image_shape[:2]) or image_shape[-1] not in MODES:
+    return source
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  encoded = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                             decoders={image_key: tfds.decode.SkipDecoding()})
+  return EncodedImageSource(source, encoded, image_shape[-1], image_key, label_key)
 
 
 def in_memory(source: RandomAccessSource, max_bytes: int) -> RandomAccessSource:
@@ -372,7 +418,11 @@ def _open_tfds_classification(name: str, data_dir: str, train_split: str, eval_s
                       "data.eval_split, e.g. 'train[90%:]' with data.train_split='train[:90%]'")
   evaluation = _tfds_sources(name, data_dir, (eval_split,))[eval_split]
   image_key, label_key = _classification_keys(name, info)
-  if (image_key, label_key) != ("image", "label"):
+  image_shape = tuple(info.features[image_key].shape)
+  train, evaluation = (
+      _with_encoded(source, name, data_dir, split, image_shape, image_key, label_key)
+      for source, split in ((train, train_split), (evaluation, eval_split)))
+  if (image_key, label_key) != ("image", "label") and not isinstance(train, EncodedImageSource):
     train, evaluation = RenamedSource(train, image_key, label_key), RenamedSource(evaluation, image_key, label_key)
   mean, std = cached_stats(builder.data_dir, train_split, train)
   return Dataset(name, train, evaluation, info.features[label_key].num_classes,
@@ -430,8 +480,9 @@ def _open_tfds(name, data_dir, train_split, eval_split, mean, std) -> Dataset:
   info = _tfds_info(name, data_dir)
   image_shape = tuple(info.features["image"].shape)
   num_classes = info.features["label"].num_classes
-  return Dataset(name, sources[train_split], sources[eval_split], num_classes, image_shape,
-                 mean or (), std or ())
+  train, evaluation = (_with_encoded(sources[split], name, data_dir, split, image_shape)
+                       for split in (train_split, eval_split))
+  return Dataset(name, train, evaluation, num_classes, image_shape, mean or (), std or ())
 
 
 class MaskSource:

@@ -24,6 +24,7 @@ strategy and its pure steps with their hyperparameters bound.
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable, ClassVar, Iterable, Protocol, Sequence
 
 import jax
@@ -36,6 +37,8 @@ from cnnjax.parallel.placement import AUTO, Layout
 
 BATCH_AXIS = "batch"
 MEMBER_AXIS = "member"
+# Eval batches dispatched ahead of the one whose sums the host reads.
+EVAL_BATCHES_IN_FLIGHT = 2
 
 PyTree = Any
 Batch = dict[str, np.ndarray]
@@ -418,15 +421,24 @@ class PopulationEngine:
 
 def _eval_sums(engine: SingleEngine | PopulationEngine, state: PyTree, eval_fn: Callable[[PyTree, PyTree], PyTree],
                batches: Iterable[Batch]) -> list[dict[str, Any]]:
-  # Every batch is dispatched before any result is read, so the devices never wait for the host's sums.
-  device_sums = [eval_fn(state, engine.strategy.put_eval_batch(device_part(batch))) for batch in batches]
   totals: list[dict[str, Any]] = [{"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "examples": 0.0}
                                   for _ in range(engine.num_members)]
-  for sums_of_batch in device_sums:
+
+  def add(sums_of_batch: PyTree) -> None:
     for total, sums in zip(totals, engine.outputs(sums_of_batch)):
       # Floats, and per-class arrays for segmentation, summed in float64 on the host.
       for key, value in sums.items():
         total[key] = total.get(key, 0.0) + value
+
+  # A batch's sums are read only once EVAL_BATCHES_IN_FLIGHT later batches are dispatched, so the devices
+  # never wait for the host, and no more batches than that wait on the devices.
+  in_flight: collections.deque = collections.deque()
+  for batch in batches:
+    in_flight.append(eval_fn(state, engine.strategy.put_eval_batch(device_part(batch))))
+    if len(in_flight) > EVAL_BATCHES_IN_FLIGHT:
+      add(in_flight.popleft())
+  while in_flight:
+    add(in_flight.popleft())
   return totals
 
 

@@ -225,7 +225,11 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
     raise ConfigError(f"init_from={config.init_from!r} is not a file; download the torchvision weights it names "
                       "(see the experiment's docstring), or pass --config.init_from= to start from scratch")
   try:
-    data_placement = resident.choose(config.data.placement, config.data.device_megabytes, dataset, preprocess)
+    # CPU devices of one process share its RAM: each holds its own copy of a resident split there.
+    local_devices = strategy.layout.local_devices
+    data_placement = resident.choose(
+        config.data.placement, config.data.device_megabytes, dataset, preprocess,
+        copies_per_memory=len(local_devices) if local_devices[0].platform == "cpu" else 1)
     check_input_shape(model, input_shape, config.model.name)
     # Evaluation holds the activations of its own batch (no gradients): the larger batch decides.
     check_memory(model, tx, input_shape, max(strategy.layout.per_device_batch, eval_batch // len(selected)),

@@ -12,8 +12,9 @@ run directory (`cnnjax.train.rundir`) through an engine of its parallel strategy
 * never waits for the devices between steps: each step's metrics, and the
   first step whose loss, gradients or parameters are not finite, are kept on
   the devices (`cnnjax.train.step.advance`) and read only where the loop logs,
-  evaluates or checkpoints; a non-finite step stops the run there, naming that
-  step, before any checkpoint of the bad state is written;
+  evaluates or checkpoints; a non-finite step stops the run at the next such
+  point, naming the step where it happened, before any checkpoint of the bad
+  state is written;
 * feeds the devices ahead: host batches are placed `DEVICE_PREFETCH`
   dispatches before the step that reads them; a split resident on the devices
   (`cnnjax.data.resident`) needs only each step's plan, and runs
@@ -107,20 +108,16 @@ class TrainLog:
 
 
 def steps_per_dispatch(config: ml_collections.ConfigDict, on_device: bool, platform: str) -> int:
-  """Train steps per dispatch: 1 for host batches; else `parallel.steps_per_dispatch`, or when 0: 1 on
-  CPUs, where XLA runs a step inside a device loop several times slower than on its own
-  (docs/results/run_vs_step.json), and elsewhere the largest divisor of the logging, eval and checkpoint
-  intervals up to MAX_AUTO_STEPS_PER_DISPATCH (so that dispatches end where the loop reads the log)."""
+  """The most train steps one dispatch runs: 1 for host batches; else `parallel.steps_per_dispatch`, or
+  when 0: 1 on CPUs, where XLA runs a step inside a device loop several times slower than on its own
+  (docs/results/run_vs_step.json), and MAX_AUTO_STEPS_PER_DISPATCH elsewhere. It depends on no interval
+  (dispatches end where the loop reads, `step.Dispatches`), so a run resumed with other intervals
+  dispatches alike."""
   if not on_device:
     return 1
   if config.parallel.steps_per_dispatch:
     return config.parallel.steps_per_dispatch
-  if platform == "cpu":
-    return 1
-  intervals = [config.log_every_steps, config.checkpoint_every_steps] + (
-      [config.eval_every_steps] if config.eval_every_steps else [])
-  common = math.gcd(*intervals)
-  return max(d for d in range(1, MAX_AUTO_STEPS_PER_DISPATCH + 1) if common % d == 0)
+  return 1 if platform == "cpu" else MAX_AUTO_STEPS_PER_DISPATCH
 
 
 class Throughput:
@@ -323,7 +320,7 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
   train_fn = None
   # Dispatches end where the loop reads the log, and where a profile traces, in every invocation: the
   # dispatches of a resumed run are those of the uninterrupted one.
-  plan = step_lib.Dispatches(
+  dispatch_ends = step_lib.Dispatches(
       per_dispatch, total_steps, (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps),
       (trace.first, trace.last) if trace.last > trace.first else ())
   block_steps = math.ceil(PLAN_BLOCK_STEPS / per_dispatch) * per_dispatch
@@ -333,7 +330,7 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
     the dispatches it covers (blocks start at multiples of `block_steps`, so no dispatch crosses one)."""
     first, block_end, block = start_step, start_step, None
     while first < total_steps:
-      end = int(plan.end(first)) if on_device else first + 1
+      end = int(dispatch_ends.end(first)) if on_device else first + 1
       if not on_device:
         yield first, 1, engine.put_batch([next(feed) for feed in feeds])
       else:
@@ -392,7 +389,7 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
       if train_fn is None:
         compile_start = time.time()
         train_fn = engine.compile_train_step(
-            functools.partial(step_lib.advance, step=exp.train_step, dispatches=plan if on_device else None),
+            functools.partial(step_lib.advance, step=exp.train_step, dispatches=dispatch_ends if on_device else None),
             carry, device_batch, train_data)
         compile_seconds = time.time() - compile_start
       trace.before_step(first)

@@ -38,7 +38,7 @@ class Preemption:
 
   def __init__(self):
     self.signum: int | None = None
-    self._calls = 0  # of `reached`
+    self._last_step: int | None = None  # the step of the last `reached`
 
   @contextlib.contextmanager
   def handling(self) -> Iterator["Preemption"]:
@@ -67,18 +67,20 @@ class Preemption:
 
   def reached(self, step: int, checkpointer: Any) -> bool:
     """Whether the loop must save `step` and stop. Every process of a multi-process run calls this
-    after every dispatch and gets the same answer.
+    after every dispatch, with the step it reached, and gets the same answer.
 
-    JAX's preemption service agrees on a sync point one past the largest
-    counter any process has reported, and answers yes only at that exact
-    counter: it is given the number of calls so far, which grows by one per
-    call, where steps grow by several per dispatch and would skip the point.
+    JAX's preemption service agrees on a sync point one past the largest step
+    any process has reported, and answers yes only at that exact step; orbax
+    reports the steps it saves to the same service. So it is told every step
+    since the last call, one by one: a dispatch of several steps would skip
+    the point.
     """
-    del step  # the same on every process at the same call, as the calls are
-    calls, self._calls = self._calls, self._calls + 1
-    if jax.process_count() > 1:
-      return checkpointer.reached_preemption(calls)
-    return self.signum is not None
+    if jax.process_count() == 1:
+      return self.signum is not None
+    first = step if self._last_step is None else self._last_step + 1
+    self._last_step = step
+    # Every step is reported, even past one that answered yes: the processes make the same calls.
+    return any([checkpointer.reached_preemption(passed) for passed in range(first, step + 1)])
 
   def stopped(self, step: int) -> Preempted:
     return Preempted(self.signum or signal.SIGTERM, step)

@@ -1,0 +1,69 @@
+"""Encoded images (JPEG, PNG) decoded on the host only as far as their crop needs.
+
+Datasets of images of varying size (ImageNet, image folders) are read as their
+encoded bytes (`EncodedImage`). Their size comes from the header, before any
+pixel is decoded, so the crop window of an example (`crop_window`, from its
+draws) is known first. A JPEG is then decoded at the coarsest DCT scale (1/2,
+1/4, 1/8, PIL's `draft`) that still gives the window at least the output's
+pixels, and the window is resampled straight to the output size, without an
+intermediate crop. Other formats decode whole. The windows are those of the
+decoded-array path; the pixels differ from it only where a coarser DCT scale
+was taken, and by rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+from cnnjax.errors import DataError
+
+# PIL's modes for the channel counts of images.
+MODES = {1: "L", 3: "RGB"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedImage:
+  """An image's encoded bytes and the channels it is decoded to."""
+
+  data: bytes
+  channels: int
+
+  def open(self) -> Image.Image:
+    """The image with its header read and no pixel decoded."""
+    try:
+      return Image.open(io.BytesIO(self.data))
+    except (OSError, ValueError) as e:
+      raise DataError(f"an image of the dataset cannot be decoded ({' '.join(str(e).split())[:120]}); prepare the "
+                      "dataset again from good files") from None
+
+  @property
+  def size(self) -> tuple[int, int]:
+    """(height, width) from the header."""
+    width, height = self.open().size
+    return height, width
+
+
+def decode_window(image: EncodedImage, window: tuple[int, int, int, int], out_height: int,
+                  out_width: int) -> np.ndarray:
+  """The pixels of `window` (top, left, height, width) of the image, bilinearly resampled to
+  (out_height, out_width, channels) uint8, decoding no finer than that needs."""
+  top, left, height, width = window
+  opened = image.open()
+  full_width, full_height = opened.size
+  mode = MODES[image.channels]
+  # At least the output's pixels across the window: the whole image at the scale that gives them.
+  opened.draft(mode, (math.ceil(full_width * out_width / width), math.ceil(full_height * out_height / height)))
+  scale_x, scale_y = opened.size[0] / full_width, opened.size[1] / full_height
+  try:
+    converted = opened.convert(mode)
+  except (OSError, ValueError) as e:
+    raise DataError(f"an image of the dataset cannot be decoded ({' '.join(str(e).split())[:120]}); prepare the "
+                    "dataset again from good files") from None
+  box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
+  pixels = np.asarray(converted.resize((out_width, out_height), Image.BILINEAR, box=box))
+  return pixels[..., None] if pixels.ndim == 2 else pixels
