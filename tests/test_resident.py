@@ -218,6 +218,14 @@ def test_the_loop_reads_the_devices_only_where_it_logs_or_checkpoints_and_places
     assert before.count("put") == min(index + loop_lib.DEVICE_PREFETCH, 20)
 
 
+def test_several_cpu_devices_run_one_program_at_a_time():
+  # XLA's CPU client deadlocks collectives when programs queue on several CPU devices (a flaky abort that
+  # took a LeNet-5 run on 8 devices); one device, or an accelerator, queues freely.
+  devices = jax.devices()
+  assert len(devices) == 8 and parallel.waits_for_each_program(devices)
+  assert not parallel.waits_for_each_program(devices[:1])
+
+
 def test_steps_per_dispatch_and_where_dispatches_end():
   config = experiment_config("lenet5_digits")  # logs every 50 steps, checkpoints every 200
   assert loop_lib.steps_per_dispatch(config, False, "gpu") == 1

@@ -10,8 +10,8 @@ only says whether its step sees one device's slice and on which axis.
 from cnnjax.parallel.placement import AUTO, Layout, Resolved, check_divisible, resolve, select_devices
 from cnnjax.parallel.strategies import (BATCH_AXIS, MEMBER_AXIS, REGISTRY, STRATEGIES, Engine, PopulationEngine,
                                         Run, SingleEngine, Strategy, device_part, make,
-                                        members_device_count)
+                                        members_device_count, waits_for_each_program)
 
 __all__ = ["AUTO", "BATCH_AXIS", "Engine", "Layout", "MEMBER_AXIS", "PopulationEngine", "REGISTRY", "Resolved",
            "Run", "STRATEGIES", "SingleEngine", "Strategy", "check_divisible", "device_part", "make", "members_device_count",
-           "resolve", "select_devices"]
+           "resolve", "select_devices", "waits_for_each_program"]

@@ -419,6 +419,17 @@ class PopulationEngine:
     return _eval_sums(self, state, eval_fn, batches)
 
 
+def waits_for_each_program(devices: Sequence[jax.Device]) -> bool:
+  """Whether the host waits for each program it dispatches to `devices` before dispatching the next.
+
+  True on several CPU devices: XLA's CPU client gives a queued program's launch a thread of its pool,
+  which then waits there for the program before it, so with programs queued the threads that the running
+  program's collectives need can all be taken, and its rendezvous never completes (XLA aborts the process
+  after its timeout). On one device, or on accelerators, programs queue without limit of ours.
+  """
+  return len(devices) > 1 and devices[0].platform == "cpu"
+
+
 def _eval_sums(engine: SingleEngine | PopulationEngine, state: PyTree, eval_fn: Callable[[PyTree, PyTree], PyTree],
                batches: Iterable[Batch]) -> list[dict[str, Any]]:
   totals: list[dict[str, Any]] = [{"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "examples": 0.0}
@@ -432,10 +443,11 @@ def _eval_sums(engine: SingleEngine | PopulationEngine, state: PyTree, eval_fn: 
 
   # A batch's sums are read only once EVAL_BATCHES_IN_FLIGHT later batches are dispatched, so the devices
   # never wait for the host, and no more batches than that wait on the devices.
+  ahead = 0 if waits_for_each_program(engine.strategy.layout.devices) else EVAL_BATCHES_IN_FLIGHT
   in_flight: collections.deque = collections.deque()
   for batch in batches:
     in_flight.append(eval_fn(state, engine.strategy.put_eval_batch(device_part(batch))))
-    if len(in_flight) > EVAL_BATCHES_IN_FLIGHT:
+    if len(in_flight) > ahead:
       add(in_flight.popleft())
   while in_flight:
     add(in_flight.popleft())

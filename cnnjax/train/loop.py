@@ -9,12 +9,13 @@ run directory (`cnnjax.train.rundir`) through an engine of its parallel strategy
 * resumes from the newest good checkpoint of this config (state, data position
   and logging window), and returns the existing summary of a run that already
   finished;
-* never waits for the devices between steps: each step's metrics, and the
+* never reads the devices between steps: each step's metrics, and the
   first step whose loss, gradients or parameters are not finite, are kept on
   the devices (`cnnjax.train.step.advance`) and read only where the loop logs,
   evaluates or checkpoints; a non-finite step stops the run at the next such
   point, naming the step where it happened, before any checkpoint of the bad
-  state is written;
+  state is written; only on several CPU devices does it wait for each
+  dispatch to finish before the next (`parallel.waits_for_each_program`);
 * feeds the devices ahead: host batches are placed `DEVICE_PREFETCH`
   dispatches before the step that reads them; a split resident on the devices
   (`cnnjax.data.resident`) needs only each step's plan, and runs
@@ -313,6 +314,7 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
     for feed in feeds:
       feed.set_state({"next_index": start_step})
   per_dispatch = steps_per_dispatch(config, on_device, exp.strategy.layout.devices[0].platform)
+  one_at_a_time = parallel.waits_for_each_program(exp.strategy.layout.devices)
   eval_fn = engine.eval_step_fn(eval_data)
   trace = StepTrace(lead.workdir, config.profile_steps, start_step=start_step, enabled=lead.is_writer)
   timer = Throughput(engine.global_batch * engine.num_members)
@@ -395,6 +397,8 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
       trace.before_step(first)
       carry, _ = train_fn(carry, device_batch)
       ahead.extend(itertools.islice(placed, DEVICE_PREFETCH - len(ahead)))  # while the devices step
+      if one_at_a_time:
+        jax.block_until_ready(carry["log"])
       done = first + count
       traced = trace.after_step(done, carry["log"])
       if traced:
