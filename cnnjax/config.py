@@ -100,8 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.max_length = 256  # text only: tokens per example (longer ones cut, shorter ones padded)
   config.data.num_threads = 4  # host threads preparing batches (in each worker process when there are some)
   # Worker processes preparing batches, beside the threads (grain multiprocessing): 0 prepares them in this
-  # process. JPEG decoding and random_resized_crop (ImageNet) scale with cores only through workers.
-  config.data.num_workers = 0
+  # process; -1 (auto) chooses from the cores and whether the host decodes images (`data.host_workers`).
+  config.data.num_workers = -1
   config.data.cache_megabytes = 1024  # decode fixed-size image datasets into RAM once when they fit; 0: never
   config.data.prefetch_batches = 8
   # Where the splits live (cnnjax.data.resident): auto (on the devices when the preprocessing can run there
@@ -378,8 +378,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.data.rotation_degrees >= 0, f"data.rotation_degrees={config.data.rotation_degrees} must be >= 0")
   _require(config.data.cache_megabytes >= 0, f"data.cache_megabytes={config.data.cache_megabytes} must be >= 0")
   _require(config.data.num_threads > 0, f"data.num_threads={config.data.num_threads} must be positive")
-  _require(config.data.num_workers >= 0,
-           f"data.num_workers={config.data.num_workers} must be >= 0 (0: no worker processes, threads only)")
+  _require(config.data.num_workers >= -1, f"data.num_workers={config.data.num_workers} must be >= -1 "
+           "(-1: chosen from the cores, 0: no worker processes, threads only)")
   _require(config.data.prefetch_batches > 0, f"data.prefetch_batches={config.data.prefetch_batches} must be positive")
   _choice(config.data.placement, PLACEMENTS, "data.placement")
   _require(config.data.device_megabytes >= 0, f"data.device_megabytes={config.data.device_megabytes} must be >= 0")

@@ -16,10 +16,11 @@ import time
 import numpy as np
 import pytest
 
-from cnnjax import cli
+from cnnjax import cli, data, train
+from cnnjax.data import pipeline
 from cnnjax.data import ArraySource, Augment, Preprocess, ProcessSlice, eval_dataset, iterate, train_dataset
 from cnnjax.errors import DataError
-from helpers import REPO_ROOT, SUBPROCESS_TIMEOUT, checkpoint_steps, read_jsonl, run_cli
+from helpers import REPO_ROOT, SUBPROCESS_TIMEOUT, checkpoint_steps, experiment_config, read_jsonl, run_cli
 from test_fault_matrix import finish, metrics_logged, start, summary, wait_until
 
 FAULT_MAIN = os.path.join(os.path.dirname(__file__), "fault_main.py")
@@ -258,3 +259,23 @@ def test_more_threads_than_prefetched_batches_start_without_grain_warning(caplog
   with caplog.at_level("WARNING"), iterate(dataset, num_threads=4, prefetch=2) as batches:
     assert len(list(batches)) == 3
   assert not [r for r in caplog.records if "smaller than" in r.getMessage()]
+
+
+def test_worker_processes_are_chosen_from_the_cores_where_the_host_decodes():
+  auto = data.AUTO_WORKERS
+  assert data.host_workers(3, 2, decodes=True, cores=64)[:2] == (3, 2)  # as set, whatever the host
+  assert data.host_workers(0, 16, decodes=True, cores=64)[:2] == (0, 16)
+  limit = pipeline.THREAD_SCALING_CORES
+  assert data.host_workers(auto, 16, decodes=True, cores=limit)[:2] == (0, 16)  # threads while they scale
+  assert data.host_workers(auto, 16, decodes=True, cores=limit + 1)[:2] == (limit + 1, 1)  # a process per core
+  assert data.host_workers(auto, 4, decodes=False, cores=64)[:2] == (0, 4)  # small arrays: threads
+  assert "auto" in data.host_workers(auto, 4, decodes=False, cores=2)[2]
+
+
+def test_the_start_line_names_who_prepares_host_batches(tmp_path, tfds_data_dir):
+  config = experiment_config("lenet5_digits")
+  config.data.placement = "host"
+  line = train.build(config).describe()
+  assert f"host batches in {config.data.num_threads} thread(s) (auto: {data.usable_cores()} cores)" in line
+  config.data.num_workers = 2
+  assert "host batches in 2 worker process(es) x" in train.build(config).describe()

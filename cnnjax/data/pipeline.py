@@ -192,6 +192,34 @@ def num_eval_batches(num_examples: int, global_batch: int) -> int:
   return math.ceil(num_examples / global_batch)
 
 
+# `data.num_workers` when the count is left to cnnjax (`host_workers`).
+AUTO_WORKERS = -1
+# Threads of one process stop adding throughput to JPEG decoding and cropping at about this many cores, so
+# past it a host's cores are used through worker processes (issue 22's measurements on a 16-core GPU host,
+# where worker processes outran threads; on 2 cores threads cost less per image).
+THREAD_SCALING_CORES = 8
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (its CPU affinity, which SLURM and taskset set)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def host_workers(num_workers: int, num_threads: int, *, decodes: bool, cores: int) -> tuple[int, int, str]:
+  """(worker processes, threads in each process, why) for the host path's batches.
+
+  An explicit `num_workers` (>= 0) stands. `AUTO_WORKERS` prepares batches in threads of the training
+  process, which cost fewer CPU ms per image than workers (docs/results/pipeline_workers.json), unless the
+  host decodes images (`decodes`) on more than THREAD_SCALING_CORES cores: then one single-threaded
+  worker process per core.
+  """
+  if num_workers != AUTO_WORKERS:
+    return num_workers, num_threads, "as set"
+  if decodes and cores > THREAD_SCALING_CORES:
+    return cores, 1, f"auto: {cores} cores decoding images, more than threads scale to"
+  return 0, num_threads, f"auto: {cores} cores" + (" decoding images" if decodes else "")
+
+
 def iterate(dataset: grain.MapDataset, *, num_threads: int, prefetch: int, num_workers: int = 0) -> Batches:
   """An iterator over the dataset's elements, prepared `prefetch` ahead on `num_threads` threads, in
   `num_workers` worker processes when positive (see the module docstring).

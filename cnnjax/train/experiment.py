@@ -77,7 +77,14 @@ class Experiment:
             f"bn_sync {self.config.model.bn_sync} ({self.bn_groups}) | batch {self.config.batch_size} global, "
             f"{self.strategy.layout.per_device_batch} per device | {len(self.dataset.train)} train / "
             f"{len(self.dataset.eval)} eval examples | {self.total_steps} steps | data on the "
-            f"{self.data_placement.describe()}")
+            f"{self.data_placement.describe()}{self._describe_host_workers()}")
+
+  def _describe_host_workers(self) -> str:
+    if self.data_placement.train_on_device and self.data_placement.eval_on_device:
+      return ""  # no host batches
+    workers, threads, why = self.host_workers()
+    return (f" | host batches in {workers} worker process(es) x {threads} thread(s)" if workers else
+            f" | host batches in {threads} thread(s)") + f" ({why})"
 
   def init_state(self) -> TrainState:
     return create_train_state(self.config.seed, self.model, self.tx, self.input_shape)
@@ -95,14 +102,23 @@ class Experiment:
     """The host path's training batches (host stage done), from step 0; `set_state` moves them."""
     dataset = data_lib.train_dataset(self.dataset.train, self.preprocess, seed=self.config.seed,
                                      batch=self.train_slice, num_steps=self.total_steps)
-    return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
-                            prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
+    return self._iterate(dataset)
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """The host path's eval batches (host stage done)."""
     dataset = data_lib.eval_dataset(self.dataset.eval, self.preprocess, batch=self.eval_slice)
-    return data_lib.iterate(dataset, num_threads=self.config.data.num_threads,
-                            prefetch=self.config.data.prefetch_batches, num_workers=self.config.data.num_workers)
+    return self._iterate(dataset)
+
+  def host_workers(self) -> tuple[int, int, str]:
+    """(worker processes, threads in each, why) preparing the host path's batches (`data.num_workers`)."""
+    decodes = hasattr(self.dataset.train, "read_encoded")  # images read encoded are decoded per batch
+    return data_lib.host_workers(self.config.data.num_workers, self.config.data.num_threads, decodes=decodes,
+                                 cores=data_lib.usable_cores())
+
+  def _iterate(self, dataset: Any) -> Iterator[dict[str, np.ndarray]]:
+    workers, threads, _ = self.host_workers()
+    return data_lib.iterate(dataset, num_threads=threads, prefetch=self.config.data.prefetch_batches,
+                            num_workers=workers)
 
   def train_feed(self) -> Any:
     """What the loop steps on: plans into the resident split (`block`), or the host path's batches."""
