@@ -89,6 +89,14 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, tfds_data_d
   config = experiment_config("simple_cnn_digits", batch_size=32, num_train_steps=6)
   for a, b in zip(jax.tree.leaves(final_params(multi, config)), jax.tree.leaves(final_params(single, config))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert "data on the device" in results[0][2]
+  if strategy == "jit":  # the split on the devices (auto) against the same split fed from each process's host
+    from_hosts = tmp_path / "two_processes_host_batches"
+    for rc, _, err in finish(start_pair(args + [f"--workdir={from_hosts}", "--config.data.placement=host"]),
+                             SUBPROCESS_TIMEOUT):
+      assert rc == 0, err[-3000:]
+    for a, b in zip(jax.tree.leaves(final_params(multi, config)), jax.tree.leaves(final_params(from_hosts, config))):
+      np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
