@@ -48,6 +48,11 @@ def test_the_pipeline_table_and_its_derived_numbers_are_the_results_files():
   derived = payload["derived"]
   assert f"about {derived['images_per_second_per_core']:.0f} ImageNet images per" in text
   assert f"needs about {derived['cores_for_target']:.0f} host cores" in text
+  with open(os.path.join(RESULTS, "pipeline_workers_host_finished.json")) as f:
+    before = json.load(f)["settings"]
+  flat = " ".join(text.split())
+  assert (f"one thread spent {before['0x1']['cpu_seconds_per_image'] * 1e3:.2f} CPU ms per image and two threads "
+          f"{before['0x2']['cpu_seconds_per_image'] * 1e3:.2f}") in flat
 
 
 def test_the_gpu_numbers_are_the_gpu_checks():

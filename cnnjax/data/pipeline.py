@@ -15,9 +15,10 @@ With `data.num_workers` = W > 0, the batches are prepared in W worker processes
 `data.num_threads` threads, and the parent reads them back in step order. A
 batch is a pure function of its step, so the batches, their order and the state
 are the same with any number of workers or threads: a run may resume with a
-different count. Threads are enough for small images, whose NumPy work releases
-the GIL; decoding and cropping large JPEGs (ImageNet) holds it long enough that
-only processes scale with cores (docs/results/pipeline_workers.json).
+different count. Threads cost the fewest CPU ms per image
+(docs/results/pipeline_workers.json), but decoding and cropping JPEGs
+(ImageNet) stops scaling in threads on hosts of many cores, where processes go
+on: `data.num_workers=-1` chooses between them (`host_workers`).
 
 Worker processes are started (spawned) when the first batch is asked for and
 stopped when the iterator runs out or is closed (the training loop closes it
