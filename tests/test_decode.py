@@ -64,3 +64,15 @@ def test_imagenet_is_read_encoded_with_the_crop_windows_of_the_decoded_path(tmp_
   uniforms = example_uniforms(3, np.arange(8), CROP_DRAWS, stream=1)
   for image, array, draws in zip(dataset.train.read_encoded(batch["index"])["image"], decoded, uniforms):
     assert crop_window(*image.size, draws) == crop_window(*array.shape[:2], draws)
+
+
+def test_an_examples_header_is_parsed_once_for_its_window_and_its_decode(monkeypatch):
+  opened = []
+  original = Image.open
+  monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or original(*a, **k))
+  images = [EncodedImage(jpeg(480, 640, seed), 3) for seed in range(3)]
+  preprocess = Preprocess(image_size=64, mean=(0.0,) * 3, std=(1.0,) * 3, random_resized_crop=True, seed=0)
+  batch = preprocess.host_train({"image": images, "label": np.zeros(3, np.int64)}, np.arange(3))
+  assert batch["input"].shape == (3, 64, 64, 3) and len(opened) == 3
+  again = decode_window(images[0], (0, 0, 480, 640), 16, 16)  # a second decode opens the image anew
+  assert again.shape == (16, 16, 3) and len(opened) == 4
