@@ -101,7 +101,7 @@ def checksum(state: PyTree, data_state: dict[str, Any], loop_state: dict[str, An
   return digest.hexdigest()
 
 
-def _is_transient(error: BaseException) -> bool:
+def is_transient(error: BaseException) -> bool:
   """Whether a failure to read is the machine's (out of memory, out of file handles, I/O trouble) rather
   than a damaged checkpoint's: such a checkpoint must not be set aside."""
   while error is not None:
@@ -137,6 +137,24 @@ def describe_mismatch(found: dict[str, Any], expected: dict[str, Any]) -> str | 
   return None
 
 
+def keep_policy(max_to_keep: int, best_metric: str, best_mode: str) -> dict[str, Any]:
+  """orbax CheckpointManagerOptions that keep the newest `max_to_keep` checkpoints and, with `best_metric`,
+  the one that scores best on it too: orbax's own best tracking (`best_fn`, `best_mode`, which also
+  writes each checkpoint's metrics and answers `best_step`) with a preservation policy that keeps the
+  newest beside the best (orbax's `best_fn` alone keeps the best `max_to_keep` and may delete the newest,
+  which resume needs). A checkpoint saved without metrics (at a step that did not evaluate) is never the
+  best, and goes once it is not among the newest."""
+  if not best_metric:
+    return {"max_to_keep": max_to_keep}
+  policies = ocp.checkpoint_managers
+  return {"best_fn": lambda metrics: metrics[best_metric], "best_mode": best_mode,
+          "keep_checkpoints_without_metrics": False,
+          "preservation_policy": policies.AnyPreservationPolicy([
+              policies.LatestN(n=max_to_keep),
+              policies.BestN(get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=1,
+                             keep_checkpoints_without_metrics=False)])}
+
+
 FRESH_HINT = "use a new --workdir, or pass --fresh to set the old run aside and start over"
 
 
@@ -144,15 +162,23 @@ class Checkpointer:
   """Saves and restores (state, data position, loop state) under `directory`, for the run whose config
   has `fingerprint` (see `cnnjax.config.fingerprint`)."""
 
-  def __init__(self, directory: str, *, max_to_keep: int, fingerprint: str, read_only: bool = False):
+  def __init__(self, directory: str, *, max_to_keep: int, fingerprint: str, read_only: bool = False,
+               best_metric: str = "", best_mode: str = "max"):
     """`read_only`: for readers beside a live run (analysis, probes): nothing is created, cleaned up or
-    set aside, so that a save in progress is never disturbed."""
+    set aside, so that a save in progress is never disturbed. `best_metric` (a key of the metrics that
+    `save` is given; '' for none) also keeps the best-scoring checkpoint, the highest with `best_mode`
+    'max', the lowest with 'min', beside the newest `max_to_keep` (`keep_policy`)."""
     self.directory = os.path.abspath(directory)
     self.fingerprint = fingerprint
     self.read_only = read_only
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+    self.best_metric = best_metric
+    keeping = keep_policy(max_to_keep, best_metric, best_mode)
+    if read_only:  # a reader deletes nothing: what orbax would otherwise reset, with a warning each
+      keeping = {key: value for key, value in keeping.items() if key not in ("max_to_keep", "preservation_policy")}
+      keeping["save_interval_steps"] = 0
+    options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=not read_only)
+                                           cleanup_tmp_directories=not read_only, **keeping)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: ocp.JsonCheckpointHandler(),
@@ -161,12 +187,21 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  @property
+  def tracks_best(self) -> bool:
+    return bool(self.best_metric)
+
+  def best_step(self) -> int | None:
+    """The best-scoring checkpoint's step (None when none was saved with metrics, or none is tracked)."""
+    return self._manager.best_step() if self.tracks_best else None
+
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, host_state: PyTree, data_state: dict[str, Any],
-           loop_state: dict[str, Any] | None = None) -> None:
-    """Writes a checkpoint for `step` (every process calls this; orbax coordinates).
+           loop_state: dict[str, Any] | None = None, metrics: dict[str, float] | None = None) -> None:
+    """Writes a checkpoint for `step` (every process calls this; orbax coordinates). `metrics` (the eval
+    at this step, if any) score it for `best_metric`; orbax keeps them beside the items.
 
     Raises CheckpointError naming the last good checkpoint when the disk is full.
     """
@@ -181,7 +216,7 @@ class Checkpointer:
     try:
       self._manager.save(step, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardSave(host_state), DATA_ITEM: ocp.args.JsonSave(data_state),
-          META_ITEM: ocp.args.JsonSave(meta)}))
+          META_ITEM: ocp.args.JsonSave(meta)}), metrics=metrics if self.tracks_best else None)
       self._manager.wait_until_finished()
     except Exception as error:  # pylint: disable=broad-except  (orbax wraps the OSError in its own errors)
       if not is_disk_full(error):
@@ -225,12 +260,15 @@ class Checkpointer:
       raise CheckpointError(
           f"checkpoint {step} in {self.directory} belongs to a run of another config (its fingerprint "
           f"{meta['fingerprint'][:12]} is not this config's {self.fingerprint[:12]}); {FRESH_HINT}")
-    found = tree_signature(self._manager.item_metadata(step)[STATE_ITEM])
-    mismatch = describe_mismatch(found, tree_signature(template))
+    mismatch = self.mismatch(step, template)
     if mismatch:
       raise CheckpointError(
           f"checkpoint {step} in {self.directory} belongs to a different model, input or optimizer: {mismatch}; "
           f"{FRESH_HINT}")
+
+  def mismatch(self, step: int, template: PyTree) -> str | None:
+    """How checkpoint `step`'s parameter tree and shapes differ from `template`'s, in words, or None."""
+    return describe_mismatch(tree_signature(self._manager.item_metadata(step)[STATE_ITEM]), tree_signature(template))
 
   def restore(self, step: int, template: PyTree) -> Restored:
     """Restores step `step` into the structure of `template` (host arrays), after checking that it is
@@ -259,7 +297,7 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as error:  # pylint: disable=broad-except  (any other failure to read means unreadable)
-        if _is_transient(error):
+        if is_transient(error):
           raise  # the machine's trouble (memory, file handles, I/O), not the checkpoint's
         self._set_aside(step, error)
     return None

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from absl import flags
 
 from cnnjax.errors import (DISK_FULL_TEXTS, EXIT_STATUS_BASE, EXIT_USER_ERROR, CnnjaxError, DiskFullError,
-                           Preempted, is_disk_full)
+                           Preempted, UnreadableCheckpointError, is_disk_full)
 
 EXIT_PEER_LOST = 3
 # absl's help flags, which print the usage and exit with status 1 (absl's choice); asked-for help is no error.
@@ -58,6 +58,12 @@ def _diagnose_config_flags(argv: Sequence[str]) -> str | None:
     config = module.get_config()
   except Exception as e:  # pylint: disable=broad-except
     return f"config file {config_path!r} failed to load: {type(e).__name__}: {e}"
+  return _diagnose_overrides(config, argv)
+
+
+def _diagnose_overrides(config: Any, argv: Sequence[str]) -> str | None:
+  """Names the first `--config.a.b=value` of `argv` that `config` has no key for or whose value does not
+  fit the key's type, with the fix."""
   from cnnjax.config import lookup  # pylint: disable=import-outside-toplevel  (only when parsing failed)
   from cnnjax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   for arg in argv:
@@ -132,10 +138,12 @@ def configure_logging() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   # TFDS warns on every run that it decodes PNGs with PIL rather than OpenCV: expected here. Looking for an
   # unprepared dataset, it warns of a variant folder without dataset_info.json, which cnnjax's one-line
-  # error explains. A full disk makes orbax's writer threads log their tracebacks; cnnjax reports it in
-  # one line instead.
-  quiet = ("OpenCV is not installed", "has no dataset_info.json") + DISK_FULL_TEXTS
+  # error explains. orbax warns that a checkpoint directory opened only to read (cnnjax.evaluate) is read
+  # only. A full disk makes orbax's writer threads log their tracebacks; cnnjax reports it in one line
+  # instead.
+  quiet = ("OpenCV is not installed", "has no dataset_info.json", "Given directory is read only") + DISK_FULL_TEXTS
   logging.getLogger("absl").addFilter(lambda record: not any(text in record.getMessage() for text in quiet))
+  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
   logger = logging.getLogger("cnnjax")
   if not logger.handlers:
     handler = logging.StreamHandler(sys.stderr)
@@ -145,12 +153,23 @@ def configure_logging() -> None:
   logger.propagate = False
 
 
+def _quiet_closed_loop(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+  """`hook` (sys.unraisablehook) but silent on 'Event loop is closed': after a failed read of a damaged
+  checkpoint, tensorstore's threads still finish the other reads of it and report, through the hook,
+  that orbax's event loop for them has closed."""
+  def unraisablehook(unraisable):
+    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+  return unraisablehook
+
+
 def run_reporting_errors(fn: Callable[[], Any]) -> Any:
-  """Runs fn; a CnnjaxError or a full disk becomes one line on stderr and exit status 2, a preemption
+  """Runs fn; a CnnjaxError, a full disk or an unreadable checkpoint becomes one line on stderr and exit
+  status 2, a preemption
   (SIGTERM, SIGINT) one line and exit status 128 + the signal."""
   try:
     return fn()
-  except DiskFullError as e:
+  except (DiskFullError, UnreadableCheckpointError) as e:
     stop_at_once(str(e))
   except CnnjaxError as e:
     fail(str(e))
@@ -212,3 +231,30 @@ def run_training(config: Any, workdir: str, distributed: dict[str, Any], *, fres
           f"step={summary['step']} examples_per_second={summary['examples_per_second']:.0f} "
           f"wall_seconds={summary['wall_seconds']:.1f} workdir={workdir}")
   return summary
+
+
+def run_config_flags_parser(argv: Sequence[str]) -> list[str]:
+  """`one_line_flags_parser` for the tools that read a run back (evaluate, predict): `--config.a.b=value`
+  overrides apply to the config saved by the run in `--workdir` (defined here, once the workdir is
+  known). Where it holds no run, the schema's defaults stand in, and the tool names the problem."""
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  from cnnjax.config import base_config  # pylint: disable=import-outside-toplevel
+  from cnnjax.errors import CnnjaxError as Error  # pylint: disable=import-outside-toplevel
+  from cnnjax.train.restore import load_config  # pylint: disable=import-outside-toplevel
+  workdir = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--workdir=")), None)
+  if workdir is None and "--workdir" in argv[:-1]:
+    workdir = argv[list(argv).index("--workdir") + 1]
+  try:
+    config = load_config(workdir) if workdir is not None else base_config()
+  except Error:
+    config = base_config()
+  problem = _diagnose_overrides(config, argv)
+  if problem:
+    fail(problem)
+  try:  # config_flags reads the overrides in sys.argv as it defines the flag
+    config_flags.DEFINE_config_dict("config", config, "The run's config, from its config.json; override keys "
+                                    "with --config.a.b=value (e.g. --config.data.eval_split=train).",
+                                    lock_config=True)
+  except Exception as e:  # pylint: disable=broad-except  (any parse failure is the user's input)
+    fail((str(e).strip().splitlines() or [type(e).__name__])[0])
+  return one_line_flags_parser(argv)

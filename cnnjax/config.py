@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # 0: evaluate only at the end
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
+  # Also keep the checkpoint that scores best on this eval metric, beside the newest keep_checkpoints: one of
+  # BEST_METRICS ('' : off). Every checkpoint is then scored, so checkpoint_every_steps must be a multiple
+  # of eval_every_steps.
+  config.keep_best_metric = ""
   config.progress_bar = True  # a tqdm bar on terminals; plain log lines otherwise or when False
   # A torchvision weights file (.pth or .safetensors) a fresh run starts from ('' : the model's own
   # initialization); see cnnjax.models.torchvision_import.
@@ -174,10 +178,14 @@ def imagenet_config(model: str, *, learning_rate: float, decay_epochs: tuple[int
 # The key groups, in one place. Keys that may change when a run resumes: they decide where, how often
 # and how fast outputs are written, not what is computed. Any other change means a different run.
 RESUME_SAFE_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                    "progress_bar", "data.num_threads", "data.num_workers", "data.prefetch_batches",
+                    "keep_best_metric", "progress_bar", "data.num_threads", "data.num_workers", "data.prefetch_batches",
                     "data.tfds_data_dir", "data.cache_megabytes", "data.placement", "data.device_megabytes",
                     "parallel.steps_per_dispatch",
                     "parallel.strategy", "parallel.num_devices", "model.lowering", "profile_steps")
+
+
+# The metrics `keep_best_metric` may name, each with the direction that is better (orbax's best_mode).
+BEST_METRICS = {"eval_accuracy": "max", "eval_loss": "min", "eval_mean_iou": "max"}
 
 
 # Keys in which the members of one vectorized population may differ: values that need no recompilation
@@ -371,6 +379,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _require(config[key] > 0, f"{key}={config[key]} must be positive")
   _require(config.eval_every_steps >= 0, f"eval_every_steps={config.eval_every_steps} must be >= 0 (0: at the end)")
+  _require(config.keep_best_metric in ("",) + tuple(BEST_METRICS),
+           f"keep_best_metric={config.keep_best_metric!r} is unknown; choose one of {', '.join(BEST_METRICS)} "
+           "(or '' to keep only the newest checkpoints)")
+  _require(not config.keep_best_metric or (
+      config.eval_every_steps > 0 and config.checkpoint_every_steps % config.eval_every_steps == 0),
+           f"keep_best_metric={config.keep_best_metric} scores each checkpoint by the eval at its step: set "
+           f"eval_every_steps > 0 with checkpoint_every_steps={config.checkpoint_every_steps} a multiple of it")
   _require(config.data.image_size >= 0, f"data.image_size={config.data.image_size} must be >= 0 (0: keep)")
   _require(not config.data.random_resized_crop or config.data.image_size > 0,
            "data.random_resized_crop needs data.image_size > 0 (the crop's output size)")

@@ -33,6 +33,11 @@ class CheckpointError(CnnjaxError):
   """A checkpoint that cannot be used for this run."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+  """A checkpoint that a reader (evaluate, predict) asked for and could not read: damaged or unreadable.
+  Reported like a full disk, without Python's shutdown, where orbax's reader threads print tracebacks."""
+
+
 class DiskFullError(CnnjaxError):
   """The disk (or quota) filled up while the run wrote; the last complete checkpoint is kept."""
 

@@ -114,5 +114,9 @@ def open_split(name: str, split: str) -> SegmentationArraySource:
   return SegmentationArraySource(*generate(count, seed))
 
 
+def class_names(name: str) -> tuple[str, ...]:
+  return SHAPE_CLASSES if name == "shapes" else SOLID_CLASSES
+
+
 def num_classes(name: str) -> int:
-  return len(SHAPE_CLASSES if name == "shapes" else SOLID_CLASSES)
+  return len(class_names(name))

@@ -102,6 +102,7 @@ class Dataset:
   task: str = "classification"  # one of cnnjax.data.preprocess.TASKS
   background_class: int = 0  # segmentation: the class of pixels that augmentation pads in
   vocab_size: int = 0  # text: the ids the model's embedding must hold
+  class_names: tuple[str, ...] = ()  # the name of each class, where the dataset names them
 
   @property
   def model_options(self) -> dict[str, Any]:
@@ -426,7 +427,7 @@ def _open_tfds_classification(name: str, data_dir: str, train_split: str, eval_s
     train, evaluation = RenamedSource(train, image_key, label_key), RenamedSource(evaluation, image_key, label_key)
   mean, std = cached_stats(builder.data_dir, train_split, train)
   return Dataset(name, train, evaluation, info.features[label_key].num_classes,
-                 tuple(info.features[image_key].shape), mean, std)
+                 tuple(info.features[image_key].shape), mean, std, class_names=_label_names(info.features[label_key]))
 
 
 def cached_stats(directory: str, split: str,
@@ -482,7 +483,13 @@ def _open_tfds(name, data_dir, train_split, eval_split, mean, std) -> Dataset:
   num_classes = info.features["label"].num_classes
   train, evaluation = (_with_encoded(sources[split], name, data_dir, split, image_shape)
                        for split in (train_split, eval_split))
-  return Dataset(name, train, evaluation, num_classes, image_shape, mean or (), std or ())
+  return Dataset(name, train, evaluation, num_classes, image_shape, mean or (), std or (),
+                 class_names=_label_names(info.features["label"]))
+
+
+def _label_names(feature: Any) -> tuple[str, ...]:
+  """A TFDS ClassLabel's names (an image folder's class folders, for a prepared folder), or () without."""
+  return tuple(str(name) for name in getattr(feature, "names", None) or ())
 
 
 class MaskSource:
@@ -516,7 +523,8 @@ def _open_synthetic(name: str, train_split: str, eval_split: str) -> Dataset:
   train = shapes.open_split(name, train_split)
   mean, std = _estimate_stats(train)
   return Dataset(name, train, shapes.open_split(name, eval_split), shapes.num_classes(name),
-                 tuple(train.images.shape[1:]), mean, std, task="segmentation", background_class=0)
+                 tuple(train.images.shape[1:]), mean, std, task="segmentation", background_class=0,
+                 class_names=shapes.class_names(name))
 
 
 @functools.lru_cache(maxsize=None)
@@ -537,7 +545,7 @@ def _open_tfds_segmentation(name: str, data_dir: str, train_split: str, eval_spl
                        for split in (train_split, eval_split))
   image_shape = tuple(_tfds_info(name, data_dir).features["image"].shape)
   return Dataset(name, train, evaluation, len(spec["classes"]), image_shape, spec["mean"], spec["std"],
-                 task="segmentation", background_class=spec["background_class"])
+                 task="segmentation", background_class=spec["background_class"], class_names=tuple(spec["classes"]))
 
 
 def _open_tfds_text(name: str, data_dir: str, train_split: str, eval_split: str, vocab_size: int,

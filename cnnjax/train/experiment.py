@@ -168,6 +168,15 @@ def dataset_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
               max_length=config.data.max_length, cache_megabytes=config.data.cache_megabytes)
 
 
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """ConfigError unless `init_from` is '' or a file. Only a run that starts from scratch reads it, so only
+  such a run checks it (before writing anything): a resumed run's checkpoints hold its weights, and a
+  deleted weights file must not stop it, nor evaluating or exporting it."""
+  if config.init_from and not os.path.isfile(os.path.expanduser(config.init_from)):
+    raise ConfigError(f"init_from={config.init_from!r} is not a file; download the torchvision weights it names "
+                      "(see the experiment's docstring), or pass --config.init_from= to start from scratch")
+
+
 def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = None,
           host: HostDevices = HostDevices()) -> Experiment:
   """Validates `config` and builds the run; raises a CnnjaxError on any bad input. Writes nothing.
@@ -197,6 +206,9 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
   if config.batch_size > len(dataset.train):
     raise ConfigError(f"batch_size={config.batch_size} exceeds the {len(dataset.train)} training examples of "
                       f"{config.data.name}; use a batch_size of at most {len(dataset.train)}")
+  if config.keep_best_metric == "eval_mean_iou" and dataset.task != "segmentation":
+    raise ConfigError(f"keep_best_metric=eval_mean_iou is for segmentation, and {config.data.name} is "
+                      f"{dataset.task}; use eval_accuracy or eval_loss")
   if dataset.num_classes < 2:
     logging.getLogger("cnnjax").warning(
         "%s has %d class: every prediction is right, so its accuracy of 100%% says nothing; check the labels "
@@ -237,9 +249,6 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
                             weight_decay=config.optimizer.weight_decay, shape=shape,
                             momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
                             b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps)
-  if config.init_from and not os.path.isfile(os.path.expanduser(config.init_from)):
-    raise ConfigError(f"init_from={config.init_from!r} is not a file; download the torchvision weights it names "
-                      "(see the experiment's docstring), or pass --config.init_from= to start from scratch")
   try:
     # CPU devices of one process share its RAM: each holds its own copy of a resident split there.
     local_devices = strategy.layout.local_devices

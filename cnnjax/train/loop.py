@@ -51,7 +51,7 @@ from cnnjax.checkpoint import Checkpointer
 from cnnjax.errors import NonFiniteError
 from cnnjax.models import torchvision_import
 from cnnjax.parallel.host_devices import HostDevices
-from cnnjax.train.experiment import Experiment, build
+from cnnjax.train.experiment import Experiment, build, check_init_from
 from cnnjax.train.preemption import Preemption
 from cnnjax.train.profiling import StepTrace
 from cnnjax.train.rundir import METRICS_FILE, RunDir, check_workdir
@@ -204,6 +204,7 @@ class Member:
     self.log = TrainLog()
     self.error: str | None = None
     self.last_eval: dict[str, float] | None = None
+    self.last_eval_step: int | None = None
     self.host_state: Any = None
     self.data_state: dict[str, Any] | None = None
     self.timing = Timing()  # of the invocations before this one
@@ -239,8 +240,11 @@ class Member:
     return int(self.host_state.step)
 
   def save(self, step: int, host_state: Any, data_state: dict[str, Any], timing: Timing) -> None:
+    # The eval at this step, if there was one, scores the checkpoint for `keep_best_metric`.
+    scored = self.last_eval_step == step and self.last_eval is not None
+    metrics = {f"eval_{key}": value for key, value in self.last_eval.items()} if scored else None
     self.checkpointer.save(step, host_state, data_state, {**self.log.state(), "population": self.population,
-                                                          "timing": dataclasses.asdict(timing)})
+                                                          "timing": dataclasses.asdict(timing)}, metrics=metrics)
 
   def stand_in(self, workdir: str) -> "Member":
     """An inert member in the place of a population member that is not here (it diverged, or was left
@@ -370,7 +374,7 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
     sums = engine.eval_sums(carry["state"], eval_fn, members[0].exp.eval_feed())
     for member, writer, totals in zip(members, writers, sums):
       if member.error is None:
-        member.last_eval = metrics_lib.eval_result(totals)
+        member.last_eval, member.last_eval_step = metrics_lib.eval_result(totals), step
         writer.write({"step": step, "split": "eval", **member.last_eval})
         writer.write_curves()
 
@@ -409,7 +413,8 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
       else:
         timer.count_steps(count)
       log_now = done % config.log_every_steps == 0 or done == total_steps
-      eval_now = bool(config.eval_every_steps) and done % config.eval_every_steps == 0 and done != total_steps
+      # The final eval comes before the final checkpoint, which it scores (`keep_best_metric`).
+      eval_now = (bool(config.eval_every_steps) and done % config.eval_every_steps == 0) or done == total_steps
       stop = done < total_steps and preemption.reached(done, lead.checkpointer)
       save_now = done % config.checkpoint_every_steps == 0 or done == total_steps or stop
       if log_now or eval_now or save_now:
@@ -427,6 +432,7 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
       if eval_now:
         with timer.paused():
           evaluate_alive(done)
+      if eval_now and done != total_steps:  # the final numbers are the summary's
         first_alive = alive()[0][0]
         progress.message(f"step {done}: eval accuracy {first_alive.last_eval['accuracy']:.4f} "
                          f"loss {first_alive.last_eval['loss']:.4f}")
@@ -443,7 +449,8 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
     for feed in feeds:
       feed.close()  # stops data worker processes now, whether training ended, stopped or failed
 
-  evaluate_alive(total_steps)
+  if not any(member.last_eval_step == total_steps for member in members):  # resumed at its last checkpoint
+    evaluate_alive(total_steps)
   final_states = engine.get_states(carry["state"])
   summaries: list[dict[str, Any] | None] = []
   for member, final_state in zip(members, final_states):
@@ -477,6 +484,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[An
   check_workdir(workdir)
   exp = build(config, devices=devices, host=host)
   member = Member(exp, workdir)
+  if fresh or not member.rundir.has_checkpoints():
+    check_init_from(config)
   with member.rundir.lock():
     if fresh:
       moved = member.rundir.set_aside_run()

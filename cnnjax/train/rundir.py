@@ -12,6 +12,7 @@ A workdir holds
   gradient), naming the step;
 * `failure.json`: written by a sweep when a trial failed for another reason;
 * `checkpoints/`: orbax checkpoints (`cnnjax.checkpoint`);
+* `eval/`: reports of `python -m cnnjax.evaluate`, which writes nothing else;
 * `unreadable_checkpoints/`, `damaged_files/`, `replaced-<time>/`: what was set
   aside, never deleted;
 * `.lock`: held (flock) by the process that runs in it.
@@ -55,11 +56,12 @@ ERROR_FILE = "error.json"
 FAILURE_FILE = "failure.json"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_files"
+EVAL_DIR = "eval"  # python -m cnnjax.evaluate's reports (cnnjax.train.scoring)
 LOCK_FILE = ".lock"
 # What a run writes into its workdir; `--fresh` moves these aside, checkpoints first, so that an
 # interrupted `--fresh` never leaves the old checkpoints beside a missing config.json.
 RUN_FILES = (CHECKPOINT_DIR, UNREADABLE_DIR, METRICS_FILE, SUMMARY_FILE, ERROR_FILE, FAILURE_FILE, DAMAGED_DIR,
-             metrics_lib.CURVES_FILE, PROFILE_DIR, CONFIG_FILE)
+             metrics_lib.CURVES_FILE, PROFILE_DIR, EVAL_DIR, CONFIG_FILE)
 # How a run stands, as its directory shows it.
 FINISHED, DIVERGED, FAILED, INCOMPLETE, NOT_STARTED = "finished", "diverged", "failed", "incomplete", "not started"
 
@@ -340,8 +342,10 @@ class RunDir:
   def checkpointer(self, config: ml_collections.ConfigDict, *, read_only: bool = False) -> Checkpointer:
     """The run's checkpoints, checked against `config`'s fingerprint on every restore (`read_only`: for
     readers beside a possibly live run)."""
+    best_metric = config.get("keep_best_metric", "")  # absent from configs saved before the key existed
     return Checkpointer(self.checkpoint_dir, max_to_keep=config.keep_checkpoints,
-                        fingerprint=config_lib.fingerprint(config), read_only=read_only)
+                        fingerprint=config_lib.fingerprint(config), read_only=read_only, best_metric=best_metric,
+                        best_mode=config_lib.BEST_METRICS.get(best_metric, "max"))
 
   def restore_latest(self, config: ml_collections.ConfigDict, template: Any) -> Restored:
     """The newest good checkpoint of a run of `config` (read-only use: analysis, probes)."""

@@ -40,6 +40,8 @@ Batch = dict[str, jax.Array]
 ModelBatch = Callable[[Batch, Any], tuple[jax.Array, jax.Array]]
 # The training metrics the log sums over its window (their means are what the loop logs).
 LOGGED_METRICS = ("loss", "accuracy", "grad_norm", "learning_rate")
+# The k of the top-k accuracy that a detailed evaluation reports (`detail_sums`).
+TOP_K = 5
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
@@ -107,11 +109,12 @@ def train_step(state: TrainState, batch: Batch, data: Any = None, *, model_batch
 
 
 def eval_step(state: TrainState, batch: Batch, data: Any = None, *, model_batch: ModelBatch, model: nn.Module,
-              axis_name: str | None) -> dict[str, jax.Array]:
+              axis_name: str | None, detail: bool = False) -> dict[str, jax.Array]:
   """Sums over the batch and devices: loss and correct predictions over `count` labelled
   positions (one per example, or one per pixel for segmentation) of the `examples` real
   examples (mask); for segmentation also each class's intersection and union of predicted and
-  true pixels (`class_intersection`, `class_union`), from which the loop reports the mean IoU."""
+  true pixels (`class_intersection`, `class_union`), from which the loop reports the mean IoU.
+  `detail` adds `detail_sums` (the confusion matrix and top-k hits) to the same computation."""
   inputs, labels = model_batch(batch, data)
   logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, inputs, train=False)
   # Labels may carry positions (segmentation): every position of a real example counts.
@@ -127,9 +130,23 @@ def eval_step(state: TrainState, batch: Batch, data: Any = None, *, model_batch:
     intersection = jnp.sum(predicted * truth, position_axes)
     sums["class_intersection"] = intersection
     sums["class_union"] = jnp.sum(predicted, position_axes) + jnp.sum(truth, position_axes) - intersection
+  if detail:
+    sums.update(detail_sums(logits, labels, weights))
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   return sums
+
+
+def detail_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+  """Over the weighted positions: `confusion` (true class x predicted class counts) and `top_k_correct`,
+  the positions whose label is among the `TOP_K` highest logits (all of them when there are fewer
+  classes: `cnnjax.train.scoring` then reports no top-k accuracy)."""
+  classes = logits.shape[-1]
+  flat_logits, flat_labels, flat_weights = logits.reshape(-1, classes), labels.reshape(-1), weights.reshape(-1)
+  truth = jax.nn.one_hot(flat_labels, classes) * flat_weights[:, None]
+  confusion = truth.T @ jax.nn.one_hot(jnp.argmax(flat_logits, -1), classes)
+  top = jax.lax.top_k(flat_logits, min(TOP_K, classes))[1]
+  return {"confusion": confusion, "top_k_correct": jnp.sum(jnp.any(top == flat_labels[:, None], -1) * flat_weights)}
 
 
 def empty_log() -> dict[str, np.ndarray]:
