@@ -323,11 +323,12 @@ def test_a_run_starts_from_init_from_once_and_resumes_from_its_own_checkpoints(t
   train.run(config, str(workdir))
   trained = final_state(workdir, config).params["stage1_block1"]["conv1"]["kernel"]
   np.testing.assert_allclose(trained, resnet18_state_dict["layer1.0.conv1.weight"].transpose(2, 3, 1, 0), atol=1e-6)
-  # A missing weights file is refused before anything runs.
+  # A missing weights file is refused before a fresh run writes anything.
   with config.unlocked():
     config.init_from = str(tmp_path / "missing.pth")
   with pytest.raises(ConfigError, match="init_from=.* is not a file"):
-    train.build(config)
+    train.run(config, str(tmp_path / "fresh"))
+  assert not (tmp_path / "fresh").exists()
 
 
 def test_bfloat16_safetensors_read_as_float32(tmp_path):

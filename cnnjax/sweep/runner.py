@@ -179,6 +179,8 @@ def _prepare(runs: Sequence[TrialRun], mode: str, groups: Sequence[Sequence[Any]
         else:
           exp = train.build(run.config, devices=groups[0], host=host)  # every group has the same size
         total_steps[key] = exp.total_steps
+      if not RunDir(run.workdir, is_writer=False).has_checkpoints():
+        train.check_init_from(run.config)
     except ConfigError as e:
       raise ConfigError(f"trial {run.trial.name!r}: {e}") from None
     steps[run.trial.name] = total_steps[key]

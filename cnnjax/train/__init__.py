@@ -5,7 +5,7 @@ members through an engine of their strategy, with resume, evaluation, preemption
 owns one run's directory; `population` trains runs that differ only in scalar hyperparameters as one
 vectorized population."""
 
-from cnnjax.train.experiment import Experiment, build, total_steps
+from cnnjax.train.experiment import Experiment, build, check_init_from, total_steps
 from cnnjax.train.loop import Member, run, train_members
 from cnnjax.train.preemption import Preempted, Preemption
 from cnnjax.train.rundir import RunDir
@@ -13,4 +13,5 @@ from cnnjax.train.state import TrainState, count_params, create_train_state
 from cnnjax.train.step import cross_entropy, eval_step, train_step
 
 __all__ = ["Experiment", "Member", "Preempted", "Preemption", "RunDir", "TrainState", "build", "count_params",
-           "create_train_state", "cross_entropy", "eval_step", "run", "total_steps", "train_members", "train_step"]
+           "check_init_from", "create_train_state", "cross_entropy", "eval_step", "run", "total_steps", "train_members",
+           "train_step"]
