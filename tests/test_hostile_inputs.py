@@ -1,9 +1,11 @@
 """Hostile and broken inputs around a run (issue 26): each ends in success or in one `error:` line with exit
 status 2 that names the problem and the fix, before anything is written where the fix would be refused.
 
-Kinds covered: a run resumed after its `init_from` weights file was deleted.
+Kinds covered: a run resumed after its `init_from` weights file was deleted; an unbiased BatchNorm running
+variance over groups of one value.
 """
 
+import json
 import os
 import shutil
 
@@ -13,6 +15,7 @@ from safetensors.numpy import save_file
 from cnnjax import train
 from cnnjax.errors import ConfigError
 from cnnjax.lab.bench import harness
+from helpers import run_cli
 
 NUM_CLASSES = 10
 
@@ -51,3 +54,30 @@ def test_a_resumed_run_never_reads_its_init_from_file(tmp_path):
   with pytest.raises(ConfigError, match="init_from=.* is not a file"):
     train.run(config, str(workdir), fresh=True)
   assert sorted(os.listdir(workdir)) == before
+
+
+# An MLP's BatchNorm layers see one position per example: with one example per device, `bn_sync=local`
+# leaves one value per channel in each group.
+ONE_EXAMPLE_PER_DEVICE = ["--config=experiments/bn_per_device_batch.py", "--config.model.norm=batch",
+                          "--config.batch_size=8", "--simulate_devices=8", "--config.parallel.strategy=pmap",
+                          "--config.model.bn_sync=local", "--config.num_train_steps=2", "--config.progress_bar=false"]
+
+
+def error_lines(result) -> list[str]:
+  return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_b_an_unbiased_running_variance_of_one_value_is_refused_before_anything_is_written(tmp_path):
+  workdir = tmp_path / "run"
+  refused = run_cli("cnnjax.main", *ONE_EXAMPLE_PER_DEVICE, "--config.model.bn_running_variance=unbiased",
+                    f"--workdir={workdir}")
+  assert refused.returncode == 2, refused.stderr[-2000:]
+  assert "Traceback" not in refused.stderr
+  lines = error_lines(refused)
+  assert len(lines) == 1 and "BatchNorm layer norm0" in lines[0] and "bn_running_variance=biased" in lines[0]
+  assert not workdir.exists()
+  # The fix it names is not refused as a different config: nothing of the refused run was kept.
+  fixed = run_cli("cnnjax.main", *ONE_EXAMPLE_PER_DEVICE, "--config.model.bn_running_variance=biased",
+                  f"--workdir={workdir}")
+  assert fixed.returncode == 0, fixed.stderr[-2000:]
+  assert json.load(open(workdir / "summary.json"))["step"] == 2

@@ -32,6 +32,7 @@ from cnnjax.models import build_model
 from cnnjax.models.validation import InputTooSmallError, TooLargeError, check_input_shape, check_memory
 from cnnjax.nn import RenormClipping, bn_sync
 from cnnjax.parallel.host_devices import HostDevices
+from cnnjax.nn.norm import BatchNorm
 from cnnjax.train.state import TrainState, create_train_state
 from cnnjax.train.step import eval_step, train_step
 
@@ -138,6 +139,42 @@ class Experiment:
     train = resident.split_arrays(self.dataset.train) if self.data_placement.train_on_device else {}
     evaluation = resident.split_arrays(self.dataset.eval) if self.data_placement.eval_on_device else {}
     return train, evaluation
+
+
+def batchnorm_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+  """{layer path: positions per example (the product of its spatial sizes; 1 after flattening)} of each of
+  the model's BatchNorm layers, from an abstract trace (no compute)."""
+  positions: dict[str, int] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, BatchNorm) and context.method_name == "__call__" and args:
+      positions["/".join(context.module.scope.path)] = math.prod(args[0].shape[1:-1])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(input_shape)), train=False))
+  return positions
+
+
+def check_running_variance(config: ml_collections.ConfigDict, model: nn.Module, input_shape: Sequence[int],
+                           grouping: bn_sync.BatchNormGrouping, step_batch: int, num_devices: int,
+                           bn_groups: str) -> None:
+  """ConfigError where `model.bn_running_variance=unbiased` meets a BatchNorm layer whose statistics group
+  holds one value per channel (its m / (m - 1) divides by zero), so that the run is refused before anything
+  is written rather than at its first step. A group holds its examples (`grouping`'s, else the batch the
+  step sees, `step_batch`) on each device it spans, times the layer's positions, as `BatchNorm` counts."""
+  if config.model.bn_running_variance != "unbiased":
+    return
+  examples = grouping.examples_per_group or step_batch
+  if grouping.axis_name is not None and grouping.devices_per_group != 1:
+    examples *= grouping.devices_per_group or num_devices
+  for layer, positions in batchnorm_positions(model, input_shape).items():
+    if examples * positions < 2:
+      raise ConfigError(
+          f"model.bn_running_variance=unbiased needs at least 2 values per channel in each BatchNorm group, but "
+          f"BatchNorm layer {layer} normalizes {bn_groups}: {examples} example(s) of {positions} position(s); "
+          "use model.bn_running_variance=biased, or larger groups (a larger batch_size, model.bn_sync=global, "
+          "or a larger model.bn_group_size)")
 
 
 def _dtype(name: str) -> Any:
@@ -256,6 +293,8 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
         config.data.placement, config.data.device_megabytes, dataset, preprocess,
         copies_per_memory=len(local_devices) if local_devices[0].platform == "cpu" else 1)
     check_input_shape(model, input_shape, config.model.name)
+    check_running_variance(config, model, input_shape, grouping, strategy.layout.per_device_batch
+                           if strategy.per_device_view else config.batch_size, len(selected), bn_groups)
     # Evaluation holds the activations of its own batch (no gradients): the larger batch decides.
     check_memory(model, tx, input_shape, max(strategy.layout.per_device_batch, eval_batch // len(selected)),
                  selected)
