@@ -2,7 +2,7 @@
 status 2 that names the problem and the fix, before anything is written where the fix would be refused.
 
 Kinds covered: a run resumed after its `init_from` weights file was deleted; an unbiased BatchNorm running
-variance over groups of one value.
+variance over groups of one value; a step too large for memory, by its batch key.
 """
 
 import json
@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from cnnjax import train
 from cnnjax.errors import ConfigError
 from cnnjax.lab.bench import harness
-from helpers import run_cli
+from helpers import experiment_config, run_cli, tiny
 
 NUM_CLASSES = 10
 
@@ -81,3 +81,13 @@ def test_b_an_unbiased_running_variance_of_one_value_is_refused_before_anything_
                   f"--workdir={workdir}")
   assert fixed.returncode == 0, fixed.stderr[-2000:]
   assert json.load(open(workdir / "summary.json"))["step"] == 2
+
+
+@pytest.mark.parametrize("overrides,step,key", [
+    ({"eval_batch_size": 8_000_000}, "evaluation step", "eval_batch_size"),
+    ({"data.image_size": 2048}, "training step", "batch_size"),
+])
+def test_f_a_step_that_cannot_fit_memory_names_the_batch_key_that_sets_it(tfds_data_dir, overrides, step, key):
+  config = tiny(experiment_config("lenet5_digits"), batch_size=32, **overrides)
+  with pytest.raises(ConfigError, match=f"the {step} on .* use a smaller data.image_size, {key} or model$"):
+    train.build(config)

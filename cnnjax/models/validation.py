@@ -168,21 +168,23 @@ def device_memory_bytes(devices: Sequence[Any]) -> int:
 
 
 def check_memory(model: nn.Module, tx: Any, input_shape: Sequence[int], per_device_batch: int,
-                 devices: Sequence[Any], *, replicas: int = 1, host_copies: int = 1) -> None:
+                 devices: Sequence[Any], *, replicas: int = 1, host_copies: int = 1, step: str = "training step",
+                 batch_key: str = "batch_size") -> None:
   """Raises TooLargeError when one training step clearly cannot fit the devices' memory.
 
   `replicas`: models each device holds (a vectorized population's members per
   device). On CPU devices, which share the host's RAM, the step of every local
   device and `host_copies` host copies of the state (what a checkpoint saves)
-  must fit the RAM together.
+  must fit the RAM together. The message calls the step `step` and names
+  `batch_key`, the config key that sets `per_device_batch`, as the fix.
   """
   need = step_memory_bytes(model, tx, input_shape, per_device_batch)
   per_device = need["total"] * replicas
-  what = "one training step needs about"
+  what = f"one {step} needs about"
   if devices[0].platform == "cpu":
     local = sum(d.process_index == devices[0].process_index for d in devices)
     per_device = per_device * local + need["saved"] * host_copies
-    what = f"the training step on {local} CPU device(s) needs about" if local > 1 else what
+    what = f"the {step} on {local} CPU device(s) needs about" if local > 1 else what
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   else:
     have = device_memory_bytes(devices)
@@ -191,4 +193,4 @@ def check_memory(model: nn.Module, tx: Any, input_shape: Sequence[int], per_devi
         f"{what} {per_device / GIGABYTE:.1f} GiB (parameters, gradients and optimizer state "
         f"{need['state'] * replicas / GIGABYTE:.1f} GiB, activations of {per_device_batch} examples "
         f"{need['activations'] * replicas / GIGABYTE:.1f} GiB per device) but there is {have / GIGABYTE:.1f} GiB; "
-        "use a smaller data.image_size, batch_size or model")
+        f"use a smaller data.image_size, {batch_key} or model")

@@ -295,9 +295,12 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
     check_input_shape(model, input_shape, config.model.name)
     check_running_variance(config, model, input_shape, grouping, strategy.layout.per_device_batch
                            if strategy.per_device_view else config.batch_size, len(selected), bn_groups)
-    # Evaluation holds the activations of its own batch (no gradients): the larger batch decides.
-    check_memory(model, tx, input_shape, max(strategy.layout.per_device_batch, eval_batch // len(selected)),
-                 selected)
+    check_memory(model, tx, input_shape, strategy.layout.per_device_batch, selected)
+    # Evaluation holds the activations of its own batch (no gradients): a larger one is checked too, naming
+    # its own key.
+    if eval_batch // len(selected) > strategy.layout.per_device_batch:
+      check_memory(model, tx, input_shape, eval_batch // len(selected), selected, step="evaluation step",
+                   batch_key="eval_batch_size")
   except (InputTooSmallError, TooLargeError) as e:
     raise ConfigError(str(e)) from None
   model_batch = functools.partial(resident.model_batch, preprocess)
