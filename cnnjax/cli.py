@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from absl import flags
 
 from cnnjax.errors import (DISK_FULL_TEXTS, EXIT_STATUS_BASE, EXIT_USER_ERROR, CnnjaxError, DiskFullError,
-                           Preempted, UnreadableCheckpointError, is_disk_full)
+                           Preempted, UnreadableCheckpointError, is_disk_full, one_line)
 
 EXIT_PEER_LOST = 3
 # absl's help flags, which print the usage and exit with status 1 (absl's choice); asked-for help is no error.
@@ -21,8 +21,9 @@ HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 
 def fail(message: str) -> None:
-  """Prints `error: message` as one line on stderr and exits with status 2."""
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  """Prints `error: message` as one line on stderr (`errors.one_line`: control characters escaped) and exits
+  with status 2."""
+  print(f"error: {one_line(message)}", file=sys.stderr)
   sys.exit(EXIT_USER_ERROR)
 
 
@@ -193,7 +194,7 @@ def stop_at_once(message: str) -> None:
   """Prints `error: message` and exits with status 2 without Python's shutdown, whose cleanup of a
   checkpoint write that failed half-way prints tracebacks from orbax's threads (the partial write is
   a temporary directory that the next run removes)."""
-  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+  print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(EXIT_USER_ERROR)  # pylint: disable=protected-access
 
@@ -221,7 +222,7 @@ def run_training(config: Any, workdir: str, distributed: dict[str, Any], *, fres
       # A collective failed because a peer process died. Exit now: JAX's shutdown barrier at
       # exit would wait for the dead peer and then abort with a long trace.
       print(f"error: process {jax.process_index()} lost a peer process of this {jax.process_count()}-process run "
-            f"({' '.join(str(e).split())[:200]}); rerun every process with the same command to resume from "
+            f"({one_line(e)[:200]}); rerun every process with the same command to resume from "
             "the last complete checkpoint", file=sys.stderr, flush=True)
       os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
 

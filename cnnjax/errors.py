@@ -68,6 +68,19 @@ class Preempted(BaseException):
     return EXIT_STATUS_BASE + self.signum
 
 
+def printable(text: str) -> str:
+  """`text` with control characters (a terminal's escape codes in a file name) shown escaped, so that an
+  error line stays one plain line."""
+  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def one_line(message: object) -> str:
+  """`message` as one plain line, as every `error:` line is printed: each run of whitespace (newlines
+  included) becomes one space, and any other control character, such as a terminal escape code in a name
+  the user gave, is shown escaped."""
+  return " ".join(printable(word) for word in str(message).split())
+
+
 # errno values that mean the disk (or the user's quota) is full.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")

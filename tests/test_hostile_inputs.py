@@ -2,18 +2,20 @@
 status 2 that names the problem and the fix, before anything is written where the fix would be refused.
 
 Kinds covered: a run resumed after its `init_from` weights file was deleted; an unbiased BatchNorm running
-variance over groups of one value; a step too large for memory, by its batch key.
+variance over groups of one value; a step too large for memory, by its batch key;
+control characters in error lines.
 """
 
 import json
 import os
 import shutil
+import sys
 
 import pytest
 from safetensors.numpy import save_file
 
-from cnnjax import train
-from cnnjax.errors import ConfigError
+from cnnjax import cli, train
+from cnnjax.errors import ConfigError, DiskFullError, one_line
 from cnnjax.lab.bench import harness
 from helpers import experiment_config, run_cli, tiny
 
@@ -91,3 +93,28 @@ def test_f_a_step_that_cannot_fit_memory_names_the_batch_key_that_sets_it(tfds_d
   config = tiny(experiment_config("lenet5_digits"), batch_size=32, **overrides)
   with pytest.raises(ConfigError, match=f"the {step} on .* use a smaller data.image_size, {key} or model$"):
     train.build(config)
+
+
+def test_g_every_error_line_escapes_control_characters(tmp_path, capsys, monkeypatch):
+  assert one_line("a\nb\t c\x1b[31md\x07 \udcffé") == "a b c\\x1b[31md\\x07 \\udcffé"
+  hostile = "run\x1b]0;title\x07\x1b[2J"
+  # Both ways out of `run_reporting_errors`: `fail` (sys.exit), and `stop_at_once` (os._exit, made to raise).
+  monkeypatch.setattr(cli.os, "_exit", sys.exit)
+  for error in (ConfigError(f"{hostile} is a file"), DiskFullError(f"the disk is full ({hostile})")):
+
+    def go(error=error):
+      raise error
+
+    with pytest.raises(SystemExit) as stop:
+      cli.run_reporting_errors(go)
+    assert stop.value.code == 2
+    printed = capsys.readouterr().err
+    assert printed.count("\n") == 1 and "\x1b" not in printed and "\x07" not in printed
+    assert "run\\x1b]0;title\\x07\\x1b[2J" in printed
+  # The same through the entry point, from a name the user gave: a workdir that is a file.
+  workdir = tmp_path / f"file{hostile}"
+  workdir.write_text("")
+  result = run_cli("cnnjax.main", "--config=experiments/lenet5_digits.py", f"--workdir={workdir}")
+  assert result.returncode == 2 and "\x1b" not in result.stderr and "\x07" not in result.stderr
+  lines = error_lines(result)
+  assert len(lines) == 1 and "file" + one_line(hostile) in lines[0], result.stderr[-2000:]

@@ -43,7 +43,7 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
-from cnnjax.errors import CnnjaxError
+from cnnjax.errors import CnnjaxError, printable
 
 # Array kinds a file may hold: bool, signed and unsigned integers, floats.
 NUMERIC_KINDS = "biuf"
@@ -76,12 +76,6 @@ SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 class BadFile(ValueError):
   """What is wrong with a file, in words that follow its path: '<path>: <message>'."""
-
-
-def printable(text: str) -> str:
-  """`text` with control characters (a terminal's escape codes in a file name) shown escaped, so that an
-  error line stays one plain line."""
-  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def short(error: BaseException) -> str:

@@ -15,7 +15,7 @@ import threading
 
 import jax
 
-from cnnjax.errors import EXIT_USER_ERROR, DistributedError
+from cnnjax.errors import EXIT_USER_ERROR, DistributedError, one_line
 
 # JAX's own start-up deadline lies this many seconds beyond --peer_timeout_seconds (ours ends first).
 STARTUP_GRACE_SECONDS = 30
@@ -51,10 +51,11 @@ def check_coordinator_port(coordinator_address: str) -> None:
 
 def _give_up_waiting(coordinator_address: str, num_processes: int, process_id: int, seconds: int) -> None:
   """Ends the process with one line when the other processes never came (JAX would abort with a trace)."""
-  print(f"error: process {process_id} waited {seconds} s at {coordinator_address} for the other "
-        f"{num_processes - 1} of {num_processes} processes, which did not all connect; start every process with "
-        "the same --coordinator_address and --num_processes and its own --process_id (0 listens), or raise "
-        "--peer_timeout_seconds", file=sys.stderr, flush=True)
+  print("error: " + one_line(
+      f"process {process_id} waited {seconds} s at {coordinator_address} for the other "
+      f"{num_processes - 1} of {num_processes} processes, which did not all connect; start every process with "
+      "the same --coordinator_address and --num_processes and its own --process_id (0 listens), or raise "
+      "--peer_timeout_seconds"), file=sys.stderr, flush=True)
   os._exit(EXIT_USER_ERROR)  # pylint: disable=protected-access  (no JAX shutdown: it would wait for the peers)
 
 

@@ -22,6 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cnnjax import cli
+from cnnjax.errors import one_line
 
 cli.define_device_flags()
 FLAGS = flags.FLAGS
@@ -124,9 +125,10 @@ def main(argv: list[str]) -> None:
 
   failed = cli.run_reporting_errors(go)
   if failed:
-    print(f"error: {len(failed)} trial(s) failed: "
-          + "; ".join(f"{row.trial.name} ({row.reason})" for row in failed)
-          + "; the other trials ran; rerun the same command to retry the failed ones", file=sys.stderr)
+    print("error: " + one_line(f"{len(failed)} trial(s) failed: "
+                               + "; ".join(f"{row.trial.name} ({row.reason})" for row in failed)
+                               + "; the other trials ran; rerun the same command to retry the failed ones"),
+          file=sys.stderr)
     sys.exit(EXIT_TRIALS_FAILED)
 
 
