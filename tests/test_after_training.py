@@ -148,7 +148,7 @@ def test_evaluate_refuses_bad_input_in_one_line_and_changes_nothing(run_dir, tmp
   assert not os.path.exists(os.path.join(damaged, "eval"))
 
 
-@pytest.mark.parametrize("module", ["cnnjax.evaluate"])
+@pytest.mark.parametrize("module", ["cnnjax.evaluate", "cnnjax.predict"])
 def test_help_is_no_error(module):
   result = run_cli(module, "--help")
   assert result.returncode == 0 and "--workdir" in result.stdout + result.stderr, result.stderr[-2000:]
@@ -218,3 +218,108 @@ def test_resume_starts_from_the_newest_and_may_change_keep_best_metric(tmp_path,
   assert resumed["param_checksum"] == json.load(open(os.path.join(run_dir, "summary.json")))["param_checksum"]
   records = eval_records(partial)
   assert train.RunDir(partial).checkpoint_steps() == sorted({min(records, key=lambda s: records[s]["loss"]), STEPS})
+
+
+# -- predict -------------------------------------------------------------------------------------------
+
+PREDICTED = 24  # eval digits written as image files
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory, tfds_data_dir):
+  """The first eval digits as 8-bit grayscale PNGs, the first also as 16-bit and as RGBA (converted as the
+  training images were, they are the same image), and a file that is not an image."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from cnnjax.data import open_dataset  # pylint: disable=import-outside-toplevel
+  directory = tmp_path_factory.mktemp("images")
+  evaluation = open_dataset("digits").eval
+  for index in range(PREDICTED):
+    Image.fromarray(np.asarray(evaluation[index]["image"])[..., 0]).save(directory / f"digit{index:02d}.png")
+  first = np.asarray(evaluation[0]["image"])[..., 0]
+  Image.fromarray(first.astype(np.uint16) * 257).save(directory / "other_16bit.png")
+  Image.fromarray(np.stack([first] * 3 + [np.full_like(first, 255)], -1), "RGBA").save(directory / "other_rgba.png")
+  (directory / "other_text.png").write_text("not an image")
+  return directory
+
+
+def eval_logits(run_dir, count):
+  """The model's logits for the first `count` eval examples, computed as the eval step computes them."""
+  from cnnjax.lab.notes.trained import batch_predictor  # pylint: disable=import-outside-toplevel
+  from helpers import final_state  # pylint: disable=import-outside-toplevel
+  config = best_run_config()
+  exp = train.build(config)
+  batch = next(iter(exp.eval_batches()))
+  return np.asarray(batch_predictor(exp, final_state(run_dir, config))(batch))[:count]
+
+
+def test_predict_gives_the_models_eval_predictions_and_names_what_it_cannot_read(run_dir, image_dir):
+  before = run_files(run_dir)
+  result = run_cli("cnnjax.predict", f"--workdir={run_dir}", str(image_dir), "--json", "--top_k=3")
+  assert result.returncode == 2  # one file was not an image
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: {image_dir / 'other_text.png'}: it is not an image"), lines
+  output = json.loads(result.stdout)
+  assert output["step"] == STEPS and output["failed"][0]["path"] == str(image_dir / "other_text.png")
+  by_file = {os.path.basename(p["path"]): p["top"] for p in output["predictions"]}
+  assert len(by_file) == PREDICTED + 2
+  logits = eval_logits(run_dir, PREDICTED)
+  probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+  probabilities /= probabilities.sum(-1, keepdims=True)
+  for index in range(PREDICTED):
+    top = by_file[f"digit{index:02d}.png"]
+    assert [t["class"] for t in top] == list(np.argsort(-probabilities[index], kind="stable")[:3])
+    assert top[0]["name"] == str(top[0]["class"])
+    np.testing.assert_allclose([t["probability"] for t in top], np.sort(probabilities[index])[::-1][:3], atol=1e-5)
+  for converted in ("other_16bit.png", "other_rgba.png"):
+    assert [t["class"] for t in by_file[converted]] == [t["class"] for t in by_file["digit00.png"]]
+    assert [t["probability"] for t in by_file[converted]] == pytest.approx([t["probability"] for t in
+                                                                            by_file["digit00.png"]], abs=1e-6)
+  assert run_files(run_dir) == before
+
+
+def test_predict_without_recorded_names_prints_indices_and_says_so_once(run_dir, image_dir, tmp_path):
+  unnamed = str(tmp_path / "unnamed")
+  shutil.copytree(run_dir, unnamed, ignore=shutil.ignore_patterns("eval"))
+  record = json.load(open(os.path.join(unnamed, "dataset.json")))
+  record["class_names"] = None
+  json.dump(record, open(os.path.join(unnamed, "dataset.json"), "w"))
+  result = run_cli("cnnjax.predict", f"--workdir={unnamed}", str(image_dir / "digit00.png"),
+                   str(image_dir / "digit01.png"), "--top_k=2")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stderr.count("recorded no class names") == 1
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 2 and lines[0].startswith(f"{image_dir / 'digit00.png'}: ")
+  assert all(part.split()[0].isdigit() for part in lines[0].split(": ", 1)[1].split(", "))
+
+
+def test_predict_reads_a_run_without_dataset_json_from_its_dataset(run_dir, image_dir, tmp_path):
+  older = str(tmp_path / "older")
+  shutil.copytree(run_dir, older, ignore=shutil.ignore_patterns("eval"))
+  os.remove(os.path.join(older, "dataset.json"))
+  args = [str(image_dir / "digit00.png"), "--json"]
+  without, with_record = (run_cli("cnnjax.predict", f"--workdir={workdir}", *args) for workdir in (older, run_dir))
+  assert without.returncode == 0 and with_record.returncode == 0, without.stderr[-2000:]
+  assert json.loads(without.stdout)["predictions"] == json.loads(with_record.stdout)["predictions"]
+
+
+def test_predict_refuses_runs_that_do_not_classify_images():
+  from cnnjax.data import Dataset  # pylint: disable=import-outside-toplevel
+  from cnnjax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from cnnjax.train import prediction, restore  # pylint: disable=import-outside-toplevel
+  for task, shape in (("segmentation", (32, 32, 3)), ("text", (256,))):
+    run = restore.InferenceRun("DIR", None, Dataset("x", None, None, 2, shape, (), (), task=task), None, shape, None,
+                               None, 0)
+    with pytest.raises(ConfigError, match=f"is a {task} model; python -m cnnjax.predict classifies images"):
+      prediction.check_classifier(run)
+
+
+def test_predict_refuses_bad_input_in_one_line(run_dir, image_dir, tmp_path):
+  cases = [([f"--workdir={run_dir}"], "give the image files or folders"),
+           ([f"--workdir={run_dir}", str(image_dir), "--top_k=0"], "--top_k=0 must be at least 1"),
+           ([f"--workdir={run_dir}", str(tmp_path / "absent.png")], "is neither a file nor a folder"),
+           ([f"--workdir={run_dir}", str(tmp_path)], "no image files"),
+           ([f"--workdir={tmp_path}", str(image_dir)], "holds no run")]
+  for args, message in cases:
+    result = run_cli("cnnjax.predict", *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (args, result.stderr)

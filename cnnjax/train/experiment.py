@@ -25,12 +25,12 @@ from flax import linen as nn
 
 from cnnjax import config as config_lib
 from cnnjax import data as data_lib
-from cnnjax.data import resident
+from cnnjax.data import gpu_decode, resident
 from cnnjax import optim, parallel
 from cnnjax.errors import ConfigError
 from cnnjax.models import build_model
 from cnnjax.models.validation import InputTooSmallError, TooLargeError, check_input_shape, check_memory
-from cnnjax.nn import RenormClipping, bn_sync
+from cnnjax.nn import BatchNormGrouping, RenormClipping, bn_sync
 from cnnjax.parallel.host_devices import HostDevices
 from cnnjax.nn.norm import BatchNorm
 from cnnjax.train.state import TrainState, create_train_state
@@ -66,6 +66,8 @@ class Experiment:
   eval_step: Callable[..., dict[str, jax.Array]]
   # (batch, resident data or None) -> (model inputs, labels): the device stage of preprocessing.
   model_batch: Callable[..., tuple[jax.Array, jax.Array]]
+  # Who decodes images read encoded, host or gpu (`data.decoder`), and why.
+  decoder: tuple[str, str] = (gpu_decode.HOST, "as set")
 
   def describe(self) -> str:
     """One line of what runs where: backend, devices, processes, strategy, BatchNorm, batches, data, steps."""
@@ -84,8 +86,10 @@ class Experiment:
     if self.data_placement.train_on_device and self.data_placement.eval_on_device:
       return ""  # no host batches
     workers, threads, why = self.host_workers()
+    decoder = (f" | images decoded on the {self.decoder[0]} ({self.decoder[1]})"
+               if hasattr(self.dataset.train, "read_encoded") else "")
     return (f" | host batches in {workers} worker process(es) x {threads} thread(s)" if workers else
-            f" | host batches in {threads} thread(s)") + f" ({why})"
+            f" | host batches in {threads} thread(s)") + f" ({why})" + decoder
 
   def init_state(self) -> TrainState:
     return create_train_state(self.config.seed, self.model, self.tx, self.input_shape)
@@ -102,24 +106,36 @@ class Experiment:
   def train_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """The host path's training batches (host stage done), from step 0; `set_state` moves them."""
     dataset = data_lib.train_dataset(self.dataset.train, self.preprocess, seed=self.config.seed,
-                                     batch=self.train_slice, num_steps=self.total_steps)
-    return self._iterate(dataset)
+                                     batch=self.train_slice, num_steps=self.total_steps, plan_only=self.gpu_decodes)
+    return self._iterate(dataset, plans=self.gpu_decodes)
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """The host path's eval batches (host stage done)."""
-    dataset = data_lib.eval_dataset(self.dataset.eval, self.preprocess, batch=self.eval_slice)
-    return self._iterate(dataset)
+    plans = self.gpu_decodes and hasattr(self.dataset.eval, "read_encoded")
+    dataset = data_lib.eval_dataset(self.dataset.eval, self.preprocess, batch=self.eval_slice, plan_only=plans)
+    return self._iterate(dataset, plans=plans)
+
+  @property
+  def gpu_decodes(self) -> bool:
+    return self.decoder[0] == gpu_decode.GPU
 
   def host_workers(self) -> tuple[int, int, str]:
     """(worker processes, threads in each, why) preparing the host path's batches (`data.num_workers`)."""
-    decodes = hasattr(self.dataset.train, "read_encoded")  # images read encoded are decoded per batch
+    # Images read encoded are decoded per batch, on the host unless the GPU decodes them.
+    decodes = hasattr(self.dataset.train, "read_encoded") and not self.gpu_decodes
     return data_lib.host_workers(self.config.data.num_workers, self.config.data.num_threads, decodes=decodes,
                                  cores=data_lib.usable_cores())
 
-  def _iterate(self, dataset: Any) -> Iterator[dict[str, np.ndarray]]:
+  def _iterate(self, dataset: Any, *, plans: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's batches; `plans` (for the GPU decoder) are decoded on the devices as they are taken."""
     workers, threads, _ = self.host_workers()
-    return data_lib.iterate(dataset, num_threads=threads, prefetch=self.config.data.prefetch_batches,
-                            num_workers=workers)
+    batches = data_lib.iterate(dataset, num_threads=threads, prefetch=self.config.data.prefetch_batches,
+                               num_workers=workers)
+    if not plans:
+      return batches
+    decoder = gpu_decode.DeviceDecoder(self.strategy.layout.local_devices, self.preprocess.image_size,
+                                       self.dataset.image_shape[-1], gpu_decode.gpu_windows())
+    return gpu_decode.DecodedBatches(batches, decoder)
 
   def train_feed(self) -> Any:
     """What the loop steps on: plans into the resident split (`block`), or the host path's batches."""
@@ -214,6 +230,65 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
                       "(see the experiment's docstring), or pass --config.init_from= to start from scratch")
 
 
+def make_preprocess(config: ml_collections.ConfigDict, dataset: data_lib.Dataset
+                    ) -> tuple[data_lib.Preprocess, tuple[int, ...]]:
+  """The run's preprocessing of `dataset`, and the per-example input shape the model is built for."""
+  augment = data_lib.Augment(crop_padding=config.data.crop_padding, flip=config.data.flip,
+                             rotation_degrees=config.data.rotation_degrees)
+  # (H, W, C) images, (D, H, W, C) volumes or (L,) token ids, after resizing.
+  input_shape = dataset.model_input_shape(config.data.image_size, augmented=augment.enabled,
+                                          random_resized_crop=config.data.random_resized_crop)
+  preprocess = data_lib.Preprocess(
+      image_size=config.data.image_size, mean=dataset.mean, std=dataset.std, seed=config.seed,
+      random_resized_crop=config.data.random_resized_crop, augment=augment, task=dataset.task,
+      mask_fill=dataset.background_class)
+  return preprocess, input_shape
+
+
+def make_model(config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
+               grouping: BatchNormGrouping = BatchNormGrouping()) -> nn.Module:
+  """The run's model for `dataset`'s classes (and vocabulary), its BatchNorm layers applying `grouping`
+  (which only training uses)."""
+  norm_options = dict(momentum=config.model.bn_momentum, epsilon=config.model.bn_epsilon,
+                      running_variance=config.model.bn_running_variance,
+                      group_norm_groups=config.model.group_norm_groups, grouping=grouping,
+                      renorm=RenormClipping(
+                          rmax=config.model.renorm_rmax, dmax=config.model.renorm_dmax,
+                          warmup_steps=config.model.renorm_warmup_steps, rmax_steps=config.model.renorm_rmax_steps,
+                          dmax_steps=config.model.renorm_dmax_steps))
+  try:
+    return build_model(config.model.name, num_classes=dataset.num_classes, norm_kind=config.model.norm,
+                       norm_options=norm_options, dtype=_dtype(config.model.dtype), lowering=config.model.lowering,
+                       **{**config_lib.model_options(config), **dataset.model_options})
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int
+                   ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
+  """The run's optimizer for `num_steps` steps, and its learning-rate schedule's shape."""
+  shape = optim.schedule_shape(config.optimizer.schedule, total_steps=num_steps,
+                               warmup_steps=config.optimizer.warmup_steps,
+                               decay_boundaries=tuple(config.optimizer.decay_boundaries),
+                               decay_factor=config.optimizer.decay_factor)
+  tx = optim.make_optimizer(config.optimizer.name, learning_rate=config.optimizer.learning_rate,
+                            weight_decay=config.optimizer.weight_decay, shape=shape,
+                            momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
+                            b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps)
+  return tx, shape
+
+
+def data_record(exp: Experiment) -> dict[str, Any]:
+  """What a run records of its data when it starts (`dataset.json`), so that its model can be rebuilt and
+  applied to new images without the dataset (`cnnjax.train.restore.recorded_dataset`): the class names,
+  shapes, normalization and training split size."""
+  dataset = exp.dataset
+  return {"name": dataset.name, "num_classes": dataset.num_classes, "class_names": list(dataset.class_names) or None,
+          "task": dataset.task, "image_shape": list(dataset.image_shape), "input_shape": list(exp.input_shape),
+          "mean": list(dataset.mean), "std": list(dataset.std), "background_class": dataset.background_class,
+          "vocab_size": dataset.vocab_size, "train_examples": len(dataset.train)}
+
+
 def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = None,
           host: HostDevices = HostDevices()) -> Experiment:
   """Validates `config` and builds the run; raises a CnnjaxError on any bad input. Writes nothing.
@@ -250,42 +325,13 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
     logging.getLogger("cnnjax").warning(
         "%s has %d class: every prediction is right, so its accuracy of 100%% says nothing; check the labels "
         "(or data.num_classes)", config.data.name, dataset.num_classes)
-  augment = data_lib.Augment(crop_padding=config.data.crop_padding, flip=config.data.flip,
-                             rotation_degrees=config.data.rotation_degrees)
-  # (H, W, C) images, (D, H, W, C) volumes or (L,) token ids, after resizing.
-  input_shape = dataset.model_input_shape(config.data.image_size, augmented=augment.enabled,
-                                          random_resized_crop=config.data.random_resized_crop)
-  preprocess = data_lib.Preprocess(
-      image_size=config.data.image_size, mean=dataset.mean, std=dataset.std, seed=config.seed,
-      random_resized_crop=config.data.random_resized_crop, augment=augment, task=dataset.task,
-      mask_fill=dataset.background_class)
-
-  norm_options = dict(momentum=config.model.bn_momentum, epsilon=config.model.bn_epsilon,
-                      running_variance=config.model.bn_running_variance,
-                      group_norm_groups=config.model.group_norm_groups, grouping=grouping,
-                      renorm=RenormClipping(
-                          rmax=config.model.renorm_rmax, dmax=config.model.renorm_dmax,
-                          warmup_steps=config.model.renorm_warmup_steps, rmax_steps=config.model.renorm_rmax_steps,
-                          dmax_steps=config.model.renorm_dmax_steps))
-  try:
-    model = build_model(config.model.name, num_classes=dataset.num_classes, norm_kind=config.model.norm,
-                        norm_options=norm_options, dtype=_dtype(config.model.dtype), lowering=config.model.lowering,
-                        **{**config_lib.model_options(config), **dataset.model_options})
-  except (TypeError, ValueError) as e:
-    raise ConfigError(str(e).splitlines()[0]) from None
-
+  preprocess, input_shape = make_preprocess(config, dataset)
+  model = make_model(config, dataset, grouping)
   num_steps = planned_steps(config, len(dataset.train))
   if num_steps > MAX_STEPS:
     raise ConfigError(f"the run would take {num_steps} steps, more than the step counter holds ({MAX_STEPS}); "
                       "lower num_epochs or num_train_steps")
-  shape = optim.schedule_shape(config.optimizer.schedule, total_steps=num_steps,
-                               warmup_steps=config.optimizer.warmup_steps,
-                               decay_boundaries=tuple(config.optimizer.decay_boundaries),
-                               decay_factor=config.optimizer.decay_factor)
-  tx = optim.make_optimizer(config.optimizer.name, learning_rate=config.optimizer.learning_rate,
-                            weight_decay=config.optimizer.weight_decay, shape=shape,
-                            momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
-                            b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps)
+  tx, shape = make_optimizer(config, num_steps)
   try:
     # CPU devices of one process share its RAM: each holds its own copy of a resident split there.
     local_devices = strategy.layout.local_devices
@@ -304,11 +350,13 @@ def build(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = 
   except (InputTooSmallError, TooLargeError) as e:
     raise ConfigError(str(e)) from None
   model_batch = functools.partial(resident.model_batch, preprocess)
+  decoder = gpu_decode.choose(config.data.decoder, platform=selected[0].platform,
+                              device_kind=selected[0].device_kind, decodes=hasattr(dataset.train, "read_encoded"))
   return Experiment(
       config=config, dataset=dataset, preprocess=preprocess, input_shape=input_shape,
       model=model, tx=tx, schedule_shape=shape, strategy=strategy,
       total_steps=num_steps, placement=placement, data_placement=data_placement, host=host, bn_groups=bn_groups,
-      model_batch=model_batch,
+      model_batch=model_batch, decoder=decoder,
       train_step=functools.partial(train_step, model_batch=model_batch, model=model, tx=tx, schedule_shape=shape,
                                    label_smoothing=config.label_smoothing, axis_name=strategy.axis_name),
       eval_step=functools.partial(eval_step, model_batch=model_batch, model=model, axis_name=strategy.axis_name),

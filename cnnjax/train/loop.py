@@ -51,7 +51,7 @@ from cnnjax.checkpoint import Checkpointer
 from cnnjax.errors import NonFiniteError
 from cnnjax.models import torchvision_import
 from cnnjax.parallel.host_devices import HostDevices
-from cnnjax.train.experiment import Experiment, build, check_init_from
+from cnnjax.train.experiment import Experiment, build, check_init_from, data_record
 from cnnjax.train.preemption import Preemption
 from cnnjax.train.profiling import StepTrace
 from cnnjax.train.rundir import METRICS_FILE, RunDir, check_workdir
@@ -259,6 +259,7 @@ class Member:
     if self.error is not None:  # a stand-in writes nothing
       return metrics_lib.MetricsWriter(self.rundir.path(METRICS_FILE), enabled=False)
     self.rundir.write_config(self.config)
+    self.rundir.write_dataset(data_record(self.exp))
     return self.rundir.metrics_writer(start_step)
 
   def summary(self, final_state: Any, timing: Timing, engine: parallel.Engine) -> dict[str, Any]:
@@ -501,6 +502,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[An
         logging.getLogger("cnnjax").info("%s already finished at step %d; its summary stands (pass --fresh to "
                                          "train it again)", workdir, finished["step"])
         return finished
+      member.rundir.check_writable()
     if member.is_writer:
       logging.getLogger("cnnjax").info("run: %s", exp.describe())
     try:

@@ -1,4 +1,5 @@
-"""Reading a run back: its saved config, one of its checkpoints, and the experiment for data the model fits.
+"""Reading a run back: its saved config and data record, one of its checkpoints, and the model with the
+experiment for data it fits, or with what new images need (`restore_for_inference`).
 
 What `python -m cnnjax.evaluate` and `python -m cnnjax.predict` share. Nothing
 here writes into the run's directory: its files are read through a `RunDir`
@@ -21,14 +22,16 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import linen as nn
 
 from cnnjax import config as config_lib
-from cnnjax.checkpoint import Checkpointer, is_transient
+from cnnjax.checkpoint import Checkpointer, Restored, is_transient
+from cnnjax.data import Dataset, Preprocess
 from cnnjax.errors import CheckpointError, CnnjaxError, ConfigError, UnreadableCheckpointError
 from cnnjax.parallel.host_devices import HostDevices
-from cnnjax.train.experiment import Experiment, build
-from cnnjax.train.rundir import CONFIG_FILE, RunDir
-from cnnjax.train.state import TrainState
+from cnnjax.train.experiment import Experiment, build, make_model, make_optimizer, make_preprocess, planned_steps
+from cnnjax.train.rundir import CONFIG_FILE, DATASET_FILE, RunDir
+from cnnjax.train.state import TrainState, create_train_state
 
 # Which checkpoint to read: the newest, or the best-scoring one kept by `keep_best_metric`.
 LATEST, BEST = "latest", "best"
@@ -95,23 +98,19 @@ def choose_step(checkpointer: Checkpointer, workdir: str, *, step: int | None, c
   return steps[-1]
 
 
-def restore(workdir: str, config: ml_collections.ConfigDict, *, run_config: ml_collections.ConfigDict,
-            step: int | None = None, checkpoint: str = LATEST, host: HostDevices = HostDevices()) -> RestoredRun:
-  """Checkpoint `step` (else the newest, or the best with `checkpoint=BEST`) of the run of `run_config` in
-  `workdir`, with the experiment of `config` (`run_config` with any overrides). Raises a CnnjaxError for
-  every problem: no such checkpoint, a damaged one, data the model does not fit."""
-  exp = build(config, host=host)
+def read_checkpoint(workdir: str, run_config: ml_collections.ConfigDict, template: TrainState, *,
+                    step: int | None, checkpoint: str, misfit: str) -> Restored:
+  """The chosen checkpoint (`choose_step`) of the run of `run_config` in `workdir`, into `template`.
+  `misfit` says what the template was built for, in the error when the checkpoint does not fit it."""
   checkpointer = RunDir(workdir, is_writer=False).checkpointer(run_config, read_only=True)
   try:
     chosen = choose_step(checkpointer, workdir, step=step, checkpoint=checkpoint)
-    template = jax.device_get(exp.init_state())
     try:
       mismatch = checkpointer.mismatch(chosen, template)
       if mismatch:
-        raise ConfigError(
-            f"data.name={config.data.name} ({exp.dataset.num_classes} classes, inputs {exp.input_shape}) does not "
-            f"fit the model of the run in {workdir}: {mismatch}; give data with the run's classes and input shape")
-      restored = checkpointer.restore(chosen, template)
+        raise ConfigError(f"{misfit} does not fit the model of the run in {workdir}: {mismatch}; give data with "
+                          "the run's classes and input shape")
+      return checkpointer.restore(chosen, template)
     except CnnjaxError:
       raise
     except Exception as error:  # pylint: disable=broad-except  (any other failure to read: damaged or unreadable)
@@ -127,4 +126,67 @@ def restore(workdir: str, config: ml_collections.ConfigDict, *, run_config: ml_c
   finally:
     if checkpointer is not None:
       checkpointer.close()
+
+
+def restore(workdir: str, config: ml_collections.ConfigDict, *, run_config: ml_collections.ConfigDict,
+            step: int | None = None, checkpoint: str = LATEST, host: HostDevices = HostDevices()) -> RestoredRun:
+  """Checkpoint `step` (else the newest, or the best with `checkpoint=BEST`) of the run of `run_config` in
+  `workdir`, with the experiment of `config` (`run_config` with any overrides), which opens its data.
+  Raises a CnnjaxError for every problem: no such checkpoint, a damaged one, data the model does not fit."""
+  exp = build(config, host=host)
+  restored = read_checkpoint(
+      workdir, run_config, jax.device_get(exp.init_state()), step=step, checkpoint=checkpoint,
+      misfit=f"data.name={config.data.name} ({exp.dataset.num_classes} classes, inputs {exp.input_shape})")
   return RestoredRun(workdir, exp, restored.state, restored.step)
+
+
+def recorded_dataset(workdir: str) -> tuple[Dataset, tuple[int, ...], int] | None:
+  """(the run's dataset without its splits, the model's input shape, training examples) as the run
+  recorded them when it started (`experiment.data_record`), or None for a run that recorded none."""
+  record = RunDir(workdir, is_writer=False).read_json(DATASET_FILE)
+  if record is None:
+    return None
+  try:
+    dataset = Dataset(record["name"], None, None, record["num_classes"], tuple(record["image_shape"]),
+                      tuple(record["mean"]), tuple(record["std"]), task=record["task"],
+                      background_class=record["background_class"], vocab_size=record["vocab_size"],
+                      class_names=tuple(record["class_names"] or ()))
+    return dataset, tuple(record["input_shape"]), int(record["train_examples"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"{os.path.join(workdir, DATASET_FILE)} is not the record a run writes ({type(e).__name__}: "
+                      f"{e}); move it aside to read the run with its dataset") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceRun:
+  """What applying a run's model to new inputs needs: the model, its eval preprocessing and the state."""
+
+  workdir: str
+  config: ml_collections.ConfigDict
+  dataset: Dataset  # splits absent when rebuilt from `dataset.json`
+  preprocess: Preprocess
+  input_shape: tuple[int, ...]
+  model: nn.Module
+  state: TrainState  # host arrays
+  step: int
+
+
+def restore_for_inference(workdir: str, *, step: int | None = None, checkpoint: str = LATEST) -> InferenceRun:
+  """A checkpoint of the run in `workdir` with its model and eval preprocessing, rebuilt from the run's
+  `dataset.json` without opening the dataset (a run that recorded none opens it, as `restore` does)."""
+  config = load_config(workdir)
+  recorded = recorded_dataset(workdir)
+  if recorded is None:
+    restored = restore(workdir, config, run_config=config, step=step, checkpoint=checkpoint)
+    exp = restored.exp
+    return InferenceRun(workdir, config, exp.dataset, exp.preprocess, exp.input_shape, exp.model, restored.state,
+                        restored.step)
+  config_lib.validate(config)
+  dataset, input_shape, train_examples = recorded
+  preprocess, _ = make_preprocess(config, dataset)
+  model = make_model(config, dataset)
+  tx, _ = make_optimizer(config, planned_steps(config, train_examples))
+  template = jax.device_get(create_train_state(config.seed, model, tx, input_shape))
+  restored = read_checkpoint(workdir, config, template, step=step, checkpoint=checkpoint,
+                             misfit=f"the recorded {DATASET_FILE}")
+  return InferenceRun(workdir, config, dataset, preprocess, input_shape, model, restored.state, restored.step)

@@ -3,6 +3,8 @@
 A workdir holds
 
 * `config.json`: the config the run was started with;
+* `dataset.json`: what the run's data is (class names, shapes, normalization), written when it starts
+  (`cnnjax.train.experiment.data_record`), so that `python -m cnnjax.predict` needs no dataset;
 * `metrics.jsonl`: one JSON object per logged point (train and eval);
 * `events.out.tfevents.*`: the same points for TensorBoard, one file per
   invocation (`cnnjax.metrics.EventLog`), and `curves.png`, drawn from them;
@@ -46,7 +48,7 @@ import numpy as np
 from cnnjax import config as config_lib
 from cnnjax import metrics as metrics_lib
 from cnnjax.checkpoint import UNREADABLE_DIR, Checkpointer, Restored
-from cnnjax.errors import CheckpointError, ConfigError, WorkdirBusyError
+from cnnjax.errors import CheckpointError, ConfigError, WorkdirBusyError, printable
 from cnnjax.train.profiling import PROFILE_DIR
 
 CONFIG_FILE = "config.json"
@@ -56,12 +58,13 @@ ERROR_FILE = "error.json"
 FAILURE_FILE = "failure.json"
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_files"
+DATASET_FILE = "dataset.json"
 EVAL_DIR = "eval"  # python -m cnnjax.evaluate's reports (cnnjax.train.scoring)
 LOCK_FILE = ".lock"
 # What a run writes into its workdir; `--fresh` moves these aside, checkpoints first, so that an
 # interrupted `--fresh` never leaves the old checkpoints beside a missing config.json.
 RUN_FILES = (CHECKPOINT_DIR, UNREADABLE_DIR, METRICS_FILE, SUMMARY_FILE, ERROR_FILE, FAILURE_FILE, DAMAGED_DIR,
-             metrics_lib.CURVES_FILE, PROFILE_DIR, EVAL_DIR, CONFIG_FILE)
+             metrics_lib.CURVES_FILE, PROFILE_DIR, EVAL_DIR, DATASET_FILE, CONFIG_FILE)
 # How a run stands, as its directory shows it.
 FINISHED, DIVERGED, FAILED, INCOMPLETE, NOT_STARTED = "finished", "diverged", "failed", "incomplete", "not started"
 
@@ -251,6 +254,17 @@ class RunDir:
     shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:3])
     return shown + (f" and {len(differences) - 3} more" if len(differences) > 3 else "")
 
+  def check_writable(self) -> None:
+    """Refuses, before a resumed run writes anything, a file of the run held here that this user may not
+    write (a read-only `metrics.jsonl` or event file): resuming rewrites them to the restored step."""
+    names = [name for name in RUN_FILES if os.path.isfile(self.path(name))]
+    names += [os.path.basename(path) for path in metrics_lib.EventLog(self.workdir, enabled=False).event_files()]
+    for name in names:
+      if not os.access(self.path(name), os.W_OK):
+        raise ConfigError(f"{printable(self.path(name))} is read-only for this user, and the run resuming in "
+                          f"{printable(self.workdir)} rewrites it; make it writable (chmod u+w) or use another "
+                          "--workdir")
+
   def check_same_run(self, config: ml_collections.ConfigDict) -> None:
     """Refuses a workdir that holds a run of another config (before anything is read or written)."""
     differences = self.config_differences(config)
@@ -261,6 +275,11 @@ class RunDir:
 
   def write_config(self, config: ml_collections.ConfigDict) -> None:
     self.write_json(CONFIG_FILE, config_lib.as_json(config))
+
+  def write_dataset(self, record: dict[str, Any]) -> None:
+    """Writes `dataset.json` when the run starts; a resumed run keeps the one it started with."""
+    if not os.path.exists(self.path(DATASET_FILE)):
+      self.write_json(DATASET_FILE, record)
 
   def set_aside_run(self) -> str | None:
     """Moves an earlier run's files into `replaced-<time>/` inside the workdir (nothing is deleted)."""
