@@ -21,6 +21,7 @@ import math
 import ml_collections
 
 from cnnjax.data import DATASET_NAMES, is_dataset_name
+from cnnjax.data.gpu_decode import DECODERS
 from cnnjax.data.resident import PLACEMENTS
 from cnnjax.errors import ConfigError
 from cnnjax.models import MODELS
@@ -112,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   # and the splits fit device_megabytes on every device, else on the host) / host / device.
   config.data.placement = "auto"
   config.data.device_megabytes = DEVICE_DATA_MEGABYTES
+  # Who decodes images read encoded (cnnjax.data.gpu_decode): auto (the GPU, with nvImageCodec, on an NVIDIA
+  # GPU where it is installed, else the host) / host / gpu.
+  config.data.decoder = "auto"
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "sgd"  # sgd / adamw
@@ -180,6 +184,7 @@ def imagenet_config(model: str, *, learning_rate: float, decay_epochs: tuple[int
 RESUME_SAFE_KEYS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                     "keep_best_metric", "progress_bar", "data.num_threads", "data.num_workers", "data.prefetch_batches",
                     "data.tfds_data_dir", "data.cache_megabytes", "data.placement", "data.device_megabytes",
+                    "data.decoder",
                     "parallel.steps_per_dispatch",
                     "parallel.strategy", "parallel.num_devices", "model.lowering", "profile_steps")
 
@@ -397,6 +402,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "(-1: chosen from the cores, 0: no worker processes, threads only)")
   _require(config.data.prefetch_batches > 0, f"data.prefetch_batches={config.data.prefetch_batches} must be positive")
   _choice(config.data.placement, PLACEMENTS, "data.placement")
+  _choice(config.data.decoder, DECODERS, "data.decoder")
   _require(config.data.device_megabytes >= 0, f"data.device_megabytes={config.data.device_megabytes} must be >= 0")
   _require(config.parallel.steps_per_dispatch >= 0,
            f"parallel.steps_per_dispatch={config.parallel.steps_per_dispatch} must be >= 0 (0: chosen from the "

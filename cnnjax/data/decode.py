@@ -33,6 +33,12 @@ from cnnjax.errors import DataError
 MODES = {1: "L", 3: "RGB"}
 
 
+def undecodable(reason: object) -> DataError:
+  """The error of an image that cannot be decoded, whichever decoder found it (host or GPU)."""
+  return DataError(f"an image of the dataset cannot be decoded ({' '.join(str(reason).split())[:120]}); prepare the "
+                   "dataset again from good files")
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedImage:
   """An image's encoded bytes and the channels it is decoded to."""
@@ -45,8 +51,7 @@ class EncodedImage:
     try:
       return Image.open(io.BytesIO(self.data))
     except (OSError, ValueError) as e:
-      raise DataError(f"an image of the dataset cannot be decoded ({' '.join(str(e).split())[:120]}); prepare the "
-                      "dataset again from good files") from None
+      raise undecodable(e) from None
 
   @functools.cached_property
   def _header(self) -> Image.Image:
@@ -80,8 +85,7 @@ def decode_window(image: EncodedImage, window: tuple[int, int, int, int], out_he
     opened.load()
     converted = opened if opened.mode == mode else opened.convert(mode)  # convert copies even to its own mode
   except (OSError, ValueError) as e:
-    raise DataError(f"an image of the dataset cannot be decoded ({' '.join(str(e).split())[:120]}); prepare the "
-                    "dataset again from good files") from None
+    raise undecodable(e) from None
   box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
   pixels = np.asarray(converted.resize((out_width, out_height), Image.BILINEAR, box=box))
   return pixels[..., None] if pixels.ndim == 2 else pixels

@@ -32,6 +32,11 @@ positions of a batch are looked up in one vectorized step: grain's per-element
 `index_shuffle` cost more than everything else a small image's preparation
 costs (docs/performance.md, "Measurements behind design choices").
 
+With the GPU decoder (`data.decoder`, `cnnjax.data.gpu_decode`), the
+threads or workers prepare only each batch's plan (its examples' encoded bytes
+and crop windows, labels and draws); the training process decodes it on the
+devices as it takes it.
+
 Evaluation walks the eval split in order in global batches; the last batch is
 padded with copies of example 0 and carries `mask` = 0 on the padding, so every
 eval example counts exactly once and none is dropped.
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import math
 import multiprocessing
 import os
@@ -62,6 +68,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from cnnjax.data import gpu_decode
 from cnnjax.data.preprocess import Preprocess
 from cnnjax.data.sources import RandomAccessSource, read_for_preprocessing
 from cnnjax.errors import DataError
@@ -165,26 +172,30 @@ def eval_examples(batch_index: int, num_examples: int, batch: ProcessSlice) -> t
 
 
 def train_dataset(source: RandomAccessSource, preprocess: Preprocess, *, seed: int,
-                  batch: ProcessSlice, num_steps: int) -> grain.MapDataset:
-  """A MapDataset whose element k is this process's part of training step k's batch."""
+                  batch: ProcessSlice, num_steps: int, plan_only: bool = False) -> grain.MapDataset:
+  """A MapDataset whose element k is this process's part of training step k's batch; with `plan_only`, its
+  plan for the GPU decoder (`gpu_decode.plan_train`: bytes and crop windows, nothing decoded)."""
   plan = TrainPlan(len(source), seed, batch)
+  host_stage = functools.partial(gpu_decode.plan_train, preprocess) if plan_only else preprocess.host_train
 
   def load(step: int) -> dict:
     positions, indices = plan.examples(step)
-    return _to_batch(preprocess.host_train(read_for_preprocessing(source, indices), positions), indices,
+    return _to_batch(host_stage(read_for_preprocessing(source, indices), positions), indices,
                      np.ones(len(indices)))
 
   return grain.MapDataset.range(num_steps).map(load)
 
 
 def eval_dataset(source: RandomAccessSource, preprocess: Preprocess, *,
-                 batch: ProcessSlice) -> grain.MapDataset:
-  """A MapDataset of this process's part of each eval batch, the last one padded and masked."""
+                 batch: ProcessSlice, plan_only: bool = False) -> grain.MapDataset:
+  """A MapDataset of this process's part of each eval batch, the last one padded and masked; with
+  `plan_only`, its plan for the GPU decoder (`gpu_decode.plan_eval`)."""
   num_examples = len(source)
+  host_stage = functools.partial(gpu_decode.plan_eval, preprocess) if plan_only else preprocess.host_eval
 
   def load(batch_index: int) -> dict:
     indices, valid = eval_examples(batch_index, num_examples, batch)
-    return _to_batch(preprocess.host_eval(read_for_preprocessing(source, indices)), indices, valid)
+    return _to_batch(host_stage(read_for_preprocessing(source, indices)), indices, valid)
 
   return grain.MapDataset.range(num_eval_batches(num_examples, batch.global_batch)).map(load)
 

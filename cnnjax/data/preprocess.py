@@ -126,7 +126,7 @@ def resize_shorter_and_center_crop(image: np.ndarray | EncodedImage, size: int, 
   `nearest` copies pixels instead of blending them (class masks).
   """
   if isinstance(image, EncodedImage):
-    return decode_window(image, shorter_side_window(*image.size, size), size, size)
+    return decode_window(image, example_window(*image.size, size, None), size, size)
   height, width = image.shape[:2]
   scale = size / min(height, width)
   new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
@@ -149,15 +149,23 @@ def crop_window(height: int, width: int, uniforms: np.ndarray, area_range: tuple
   return None
 
 
+def example_window(height: int, width: int, size: int, crop_uniforms: np.ndarray | None
+                   ) -> tuple[float, float, float, float]:
+  """The window (top, left, height, width) of an image that becomes a (size, size) example: the random
+  resized crop of `crop_uniforms` (`crop_window`), else (no uniforms, or no try fits) the central square of
+  `shorter_side_window`. The host decoder and the GPU decoder (`cnnjax.data.gpu_decode`) both crop this."""
+  window = None if crop_uniforms is None else crop_window(height, width, crop_uniforms)
+  return shorter_side_window(height, width, size) if window is None else window
+
+
 def random_resized_crop(image: np.ndarray | EncodedImage, size: int, uniforms: np.ndarray) -> np.ndarray:
   """Inception-style crop (`crop_window`) resized to (size, size); the central square when no try fits.
   An encoded image is decoded only as far as the crop needs (`cnnjax.data.decode`)."""
-  height, width = image.size if isinstance(image, EncodedImage) else image.shape[:2]
-  window = crop_window(height, width, uniforms)
+  if isinstance(image, EncodedImage):
+    return decode_window(image, example_window(*image.size, size, uniforms), size, size)
+  window = crop_window(*image.shape[:2], uniforms)
   if window is None:
     return resize_shorter_and_center_crop(image, size)
-  if isinstance(image, EncodedImage):
-    return decode_window(image, window, size, size)
   top, left, crop_h, crop_w = window
   return _pil_resize(image[top:top + crop_h, left:left + crop_w], size, size)
 
@@ -249,7 +257,7 @@ class Preprocess:
     if self.task == "segmentation":
       batch = self._host_segmentation(columns)
     elif self.random_resized_crop:
-      crops = example_uniforms(self.seed, positions, CROP_DRAWS, stream=1)
+      crops = self.crop_uniforms(positions)
       batch = {"input": np.stack([random_resized_crop(image, self.image_size, draws)
                                   for image, draws in zip(columns["image"], crops)]), "label": _labels(columns)}
     else:
@@ -265,6 +273,10 @@ class Preprocess:
     if self.task == "segmentation":
       return self._host_segmentation(columns)
     return {"input": self._one_size(columns["image"]), "label": _labels(columns)}
+
+  def crop_uniforms(self, positions: np.ndarray) -> np.ndarray:
+    """The random resized crops' uniforms (B, CROP_DRAWS) of the examples at these stream positions."""
+    return example_uniforms(self.seed, positions, CROP_DRAWS, stream=1)
 
   def draws(self, positions: np.ndarray) -> np.ndarray:
     """The augmentation draws (B, 4) float32 of the examples at these stream positions."""
