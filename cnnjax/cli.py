@@ -4,6 +4,7 @@ preemption signals, and the run-and-report wrapper around `cnnjax.train.run`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -16,6 +17,8 @@ from cnnjax.errors import (DISK_FULL_TEXTS, EXIT_STATUS_BASE, EXIT_USER_ERROR, C
                            Preempted, UnreadableCheckpointError, is_disk_full, one_line)
 
 EXIT_PEER_LOST = 3
+# errno values of a file this user may not write: permission bits, an immutable file, a read-only mount.
+NO_ACCESS_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 # absl's help flags, which print the usage and exit with status 1 (absl's choice); asked-for help is no error.
 HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull", "--helpxml")
 
@@ -165,9 +168,9 @@ def _quiet_closed_loop(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def run_reporting_errors(fn: Callable[[], Any]) -> Any:
-  """Runs fn; a CnnjaxError, a full disk or an unreadable checkpoint becomes one line on stderr and exit
-  status 2, a preemption
-  (SIGTERM, SIGINT) one line and exit status 128 + the signal."""
+  """Runs fn; a CnnjaxError, a full disk, an unreadable checkpoint or a file this user may not write
+  becomes one line on stderr and exit status 2, a preemption (SIGTERM, SIGINT) one line and exit status
+  128 + the signal."""
   try:
     return fn()
   except (DiskFullError, UnreadableCheckpointError) as e:
@@ -184,6 +187,10 @@ def run_reporting_errors(fn: Callable[[], Any]) -> Any:
           file=sys.stderr, flush=True)
     sys.exit(EXIT_STATUS_BASE + signal.SIGINT)
   except OSError as e:
+    if e.errno in NO_ACCESS_ERRNOS and (e.filename2 or e.filename):
+      # A file made read-only (or immutable, or on a read-only mount) after the run's checks.
+      fail(f"{e.filename2 or e.filename}: {e.strerror}; make it writable for this user (chmod u+w), or use "
+           "another --workdir")
     if not is_disk_full(e):
       raise
     stop_at_once(f"the disk is full ({e.filename or e}); checkpoints are written atomically, so the last good one "

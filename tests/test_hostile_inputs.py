@@ -3,9 +3,10 @@ status 2 that names the problem and the fix, before anything is written where th
 
 Kinds covered: a run resumed after its `init_from` weights file was deleted; an unbiased BatchNorm running
 variance over groups of one value; a step too large for memory, by its batch key;
-control characters in error lines.
+control characters in error lines; a read-only metrics or event file on resume.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -118,3 +119,62 @@ def test_g_every_error_line_escapes_control_characters(tmp_path, capsys, monkeyp
   assert result.returncode == 2 and "\x1b" not in result.stderr and "\x07" not in result.stderr
   lines = error_lines(result)
   assert len(lines) == 1 and "file" + one_line(hostile) in lines[0], result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def incomplete_run(tmp_path_factory, tfds_data_dir):
+  """(config, workdir) of a LeNet-5 run stopped after its checkpoint at step 2 of 4, to resume from."""
+  config = tiny(experiment_config("lenet5_digits"), batch_size=32)
+  workdir = tmp_path_factory.mktemp("incomplete") / "run"
+  train.run(config, str(workdir))
+  os.remove(workdir / "summary.json")
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  return config, workdir
+
+
+def directory_state(directory) -> dict[str, bytes]:
+  """Every file under `directory` (its lock file aside, which each attempt takes) with its bytes."""
+  state = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      if name != ".lock":
+        path = os.path.join(root, name)
+        state[os.path.relpath(path, directory)] = open(path, "rb").read()
+  return state
+
+
+def test_c_a_read_only_metrics_or_event_file_on_resume_is_one_line_naming_it(incomplete_run, tmp_path, capsys,
+                                                                             monkeypatch):
+  config, source = incomplete_run
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  events = [name for name in os.listdir(workdir) if name.startswith("events.out.tfevents")]
+  assert len(events) == 1
+  for name in ("metrics.jsonl", events[0]):
+    read_only = str(workdir / name)
+    os.chmod(read_only, 0o444)
+    if os.geteuid() == 0:  # root may write anywhere: let the check see the file as another user does
+      monkeypatch.setattr(os, "access", lambda path, mode, read_only=read_only: str(path) != read_only)
+    before = directory_state(workdir)
+    with pytest.raises(SystemExit) as stop:
+      cli.run_reporting_errors(lambda: train.run(config, str(workdir)))
+    assert stop.value.code == 2
+    printed = capsys.readouterr().err.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith(f"error: {read_only} is read-only"), printed
+    assert "chmod u+w" in printed[0]
+    assert directory_state(workdir) == before
+    os.chmod(read_only, 0o644)
+    monkeypatch.undo()
+  assert train.run(config, str(workdir))["step"] == 4
+  # A file that turns unwritable after the check (made immutable, a mount remounted read-only) is one line
+  # too, naming the file that the failed call was writing (os.replace's target, not its temporary file).
+  target = str(workdir / "metrics.jsonl")
+
+  def replace_fails():
+    raise PermissionError(errno.EPERM, "Operation not permitted", f"{target}.tmp", None, target)
+
+  with pytest.raises(SystemExit) as stop:
+    cli.run_reporting_errors(replace_fails)
+  assert stop.value.code == 2
+  assert capsys.readouterr().err == (f"error: {target}: Operation not permitted; make it writable for this user "
+                                     "(chmod u+w), or use another --workdir\n")
