@@ -1,5 +1,10 @@
-"""torchvision's pretrained weights as cnnjax variables: ResNet-18/34/50/101/152, VGG with and without
-BatchNorm, AlexNet and GoogLeNet.
+"""torchvision's layout both ways for ResNet-18/34/50/101/152, VGG with and without BatchNorm, AlexNet
+and GoogLeNet: torchvision's pretrained weights as cnnjax variables (`convert_state_dict`, `init_from`),
+and cnnjax variables as a torchvision state dict (`to_state_dict`, what `python -m cnnjax.export` writes).
+
+One mapping serves both directions: `torchvision_key` names the state-dict key
+of every cnnjax variable, and `change_layout` turns an array into either
+framework's layout, each direction undoing the other.
 
 The weights file is one the user downloaded: torchvision's own `.pth` (the URL
 is in torchvision's docs of each model's weights enum, for example
@@ -40,6 +45,13 @@ What the conversion does:
 * `num_batches_tracked` counters and GoogLeNet's auxiliary heads (`aux1`,
   `aux2`: cnnjax's GoogLeNet has none) are dropped.
 
+The export does the inverse of each step, the running variance included: it
+is written as it is stored, whatever `model.bn_running_variance` the run
+trained with, so that PyTorch's eval mode normalizes with the variance
+cnnjax's eval mode used and the logits agree. Each BatchNorm also gets a
+`num_batches_tracked` (the steps trained), so the keys are exactly those of
+torchvision's `state_dict()` (GoogLeNet's built with `aux_logits=False`).
+
 Every parameter of the cnnjax model must be found with the same shape, and
 every other weight in the file must have a place in the model, else a
 `CheckpointError` names the first one that does not fit. The one exception is
@@ -64,7 +76,7 @@ import re
 import struct
 import warnings
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax.numpy as jnp
 import ml_collections
@@ -482,6 +494,47 @@ def torch_module_name(name: str, module_path: tuple[str, ...], params: Mapping[t
 # cnnjax leaf -> torchvision tensor name, per collection.
 PARAM_LEAVES = {"kernel": "weight", "bias": "bias", "scale": "weight"}
 STAT_LEAVES = {"mean": "running_mean", "var": "running_var"}
+LEAVES = {"params": PARAM_LEAVES, "batch_stats": STAT_LEAVES}
+# torchvision's BatchNorm counter of the batches its running statistics saw, which cnnjax does not keep.
+BATCHES_TRACKED = "num_batches_tracked"
+# The linear layer whose inputs are the flattened pooled grid (FLATTENED_GRIDS).
+FIRST_LINEAR = ("fc6",)
+
+
+def check_architecture(name: str, problem: str) -> None:
+  """ConfigError, `problem` and the models that have torchvision's layout, unless `name` is one of them."""
+  if name not in ARCHITECTURES:
+    raise ConfigError(f"model {name!r} {problem}; the models with torchvision's layout: {', '.join(ARCHITECTURES)}")
+
+
+def torchvision_key(name: str, collection: str, path: tuple[str, ...], params: Mapping[tuple[str, ...], Any]) -> str:
+  """torchvision's state-dict key of the cnnjax variable at `path` of `collection` ('params' or
+  'batch_stats'), e.g. ('stage1_block1', 'norm1', 'var') -> 'layer1.0.bn1.running_var'; KeyError where
+  torchvision's layout has no such variable. `params`: the model's flattened params (VGG's positions)."""
+  return f"{torch_module_name(name, path[:-1], params)}.{LEAVES[collection][path[-1]]}"
+
+
+def flat_variables(variables: Mapping[str, Any]) -> dict[str, dict[tuple[str, ...], Any]]:
+  """{collection: {path: leaf}} of a model's variables."""
+  return {collection: traverse_util.flatten_dict(nn.unbox(dict(leaves))) for collection, leaves in variables.items()}
+
+
+def keyed_leaves(name: str, flat: Mapping[str, Mapping[tuple[str, ...], Any]], error: type[Exception]
+                 ) -> Iterator[tuple[str, tuple[str, ...], Any, str]]:
+  """(collection, path, leaf, torchvision key) of every params and batch_stats leaf of `flat`; `error`,
+  one line, for a variable that torchvision's layout has no place for."""
+  params = flat.get("params", {})
+  for collection, leaves in flat.items():
+    if collection not in LEAVES:
+      continue
+    for path, value in leaves.items():
+      try:
+        key = torchvision_key(name, collection, path, params)
+      except KeyError:
+        raise error(f"{name}: cnnjax variable {collection}/{'/'.join(path)} has no place in torchvision's layout "
+                    "(a model option that torchvision lacks, such as another normalization); build the model "
+                    "as torchvision builds it") from None
+      yield collection, path, value, key
 
 
 def torchvision_shape(leaf: str, cnnjax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -495,22 +548,35 @@ def torchvision_shape(leaf: str, cnnjax_shape: tuple[int, ...]) -> tuple[int, ..
   return cnnjax_shape
 
 
-def _to_cnnjax_layout(array: np.ndarray, leaf: str, module_path: tuple[str, ...], name: str,
-                      expected_shape: tuple[int, ...]) -> np.ndarray:
-  """A torchvision tensor in cnnjax's layout (for kernels), or as it is."""
-  if leaf != "kernel":
+def _reorder_flattened_inputs(matrix: np.ndarray, grid: int, *, to_torchvision: bool) -> np.ndarray:
+  """An out x in matrix whose inputs are a flattened grid x grid x channels map, reordered from cnnjax's
+  (H, W, C) flatten order to torchvision's (C, H, W), or back."""
+  outputs, channels = matrix.shape[0], matrix.shape[1] // (grid * grid)
+  if to_torchvision:
+    return matrix.reshape(outputs, grid, grid, channels).transpose(0, 3, 1, 2).reshape(outputs, -1)
+  return matrix.reshape(outputs, channels, grid, grid).transpose(0, 2, 3, 1).reshape(outputs, -1)
+
+
+# Convolution kernels: torchvision's O x I x kH x kW from cnnjax's kH x kW x I x O, and back.
+TO_TORCHVISION_AXES, TO_CNNJAX_AXES = (3, 2, 0, 1), (2, 3, 1, 0)
+
+
+def change_layout(array: np.ndarray, leaf: str, module_path: tuple[str, ...], name: str, *, to_torchvision: bool,
+                  expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
+  """A variable in the other framework's layout: convolution kernels OIHW <-> HWIO, linear weights
+  transposed (out x in <-> in x out), and the inputs of VGG's and AlexNet's first linear layer reordered
+  between the flatten orders; everything else as it is. Each direction undoes the other.
+  `expected_shape` (importing): cnnjax's shape, so that a tensor of another shape is left to the shape
+  check, which names it."""
+  if leaf != "kernel" or array.ndim not in (2, 4):
     return array
-  if array.ndim == 4:  # O x I x kH x kW -> kH x kW x I x O
-    return array.transpose(2, 3, 1, 0)
-  if array.ndim != 2:
-    return array
-  first_linear = name in FLATTENED_GRIDS and module_path == ("fc6",)
-  if first_linear and array.shape[1] == expected_shape[0]:
-    grid = FLATTENED_GRIDS[name]
-    channels = array.shape[1] // (grid * grid)
-    # Inputs flattened as (C, H, W) by torchvision, (H, W, C) by cnnjax.
-    array = array.reshape(array.shape[0], channels, grid, grid).transpose(0, 2, 3, 1).reshape(array.shape[0], -1)
-  return array.T
+  if array.ndim == 4:
+    return array.transpose(TO_TORCHVISION_AXES if to_torchvision else TO_CNNJAX_AXES)
+  matrix = array.T if to_torchvision else array  # out x in
+  if (name in FLATTENED_GRIDS and module_path == FIRST_LINEAR
+      and (expected_shape is None or matrix.shape[1] == expected_shape[0])):
+    matrix = _reorder_flattened_inputs(matrix, FLATTENED_GRIDS[name], to_torchvision=to_torchvision)
+  return matrix if to_torchvision else matrix.T
 
 
 def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any], *,
@@ -524,48 +590,52 @@ def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray], template
     replace_classifier: keep the template's classifier where its shape differs
       from the file's (another number of classes); otherwise that is an error.
   """
-  if name not in ARCHITECTURES:
-    raise ConfigError(f"model {name!r} has no torchvision weights to import; "
-                      f"importable models: {', '.join(ARCHITECTURES)}")
-  flat = {collection: traverse_util.flatten_dict(nn.unbox(dict(variables)))
-          for collection, variables in template.items()}
-  params = flat.get("params", {})
-  result, used = {}, set()
-  for collection, leaves in flat.items():
-    if collection not in ("params", "batch_stats"):
-      result[collection] = leaves
-      continue
-    converted = {}
-    for path, value in leaves.items():
-      module_path, leaf = path[:-1], path[-1]
-      table = PARAM_LEAVES if collection == "params" else STAT_LEAVES
-      try:
-        key = f"{torch_module_name(name, module_path, params)}.{table[leaf]}"
-      except KeyError:
-        raise CheckpointError(f"{name}: cnnjax parameter {'/'.join(path)} has no torchvision counterpart "
-                              "(a model option that torchvision's layout lacks?); build the model with "
-                              "torchvision's layout") from None
-      if key not in state_dict:
-        raise CheckpointError(f"the weights file has no {key} for {name}'s {'/'.join(path)}; "
-                              f"is it another architecture's file?")
-      used.add(key)
-      array = _to_cnnjax_layout(np.asarray(state_dict[key]), leaf, module_path, name, tuple(value.shape))
-      if array.shape != tuple(value.shape):
-        if replace_classifier and module_path == (CLASSIFIERS[name],):
-          converted[path] = value
-          continue
-        hint = (" (another number of classes: start a new classifier with replace_classifier=True, "
-                f"config key {REPLACE_CLASSIFIER_KEY})" if module_path == (CLASSIFIERS[name],) else "")
-        raise CheckpointError(f"{key} has shape {tuple(state_dict[key].shape)} where {name}'s {'/'.join(path)} "
-                              f"needs {torchvision_shape(leaf, tuple(value.shape))} in torchvision's layout "
-                              f"({tuple(value.shape)} in cnnjax's){hint}")
-      converted[path] = jnp.asarray(array, dtype=value.dtype)
-    result[collection] = converted
+  check_architecture(name, "has no torchvision weights to import")
+  flat = flat_variables(template)
+  result = {collection: {} if collection in LEAVES else leaves for collection, leaves in flat.items()}
+  used = set()
+  for collection, path, value, key in keyed_leaves(name, flat, CheckpointError):
+    module_path, leaf = path[:-1], path[-1]
+    if key not in state_dict:
+      raise CheckpointError(f"the weights file has no {key} for {name}'s {'/'.join(path)}; "
+                            f"is it another architecture's file?")
+    used.add(key)
+    array = change_layout(np.asarray(state_dict[key]), leaf, module_path, name, to_torchvision=False,
+                          expected_shape=tuple(value.shape))
+    if array.shape != tuple(value.shape):
+      if replace_classifier and module_path == (CLASSIFIERS[name],):
+        result[collection][path] = value
+        continue
+      hint = (" (another number of classes: start a new classifier with replace_classifier=True, "
+              f"config key {REPLACE_CLASSIFIER_KEY})" if module_path == (CLASSIFIERS[name],) else "")
+      raise CheckpointError(f"{key} has shape {tuple(state_dict[key].shape)} where {name}'s {'/'.join(path)} "
+                            f"needs {torchvision_shape(leaf, tuple(value.shape))} in torchvision's layout "
+                            f"({tuple(value.shape)} in cnnjax's){hint}")
+    result[collection][path] = jnp.asarray(array, dtype=value.dtype)
   unused = sorted(key for key in state_dict if key not in used and not IGNORED_KEYS.search(key))
   if unused:
     raise CheckpointError(f"the weights file holds {len(unused)} tensors that {name} has no place for "
                           f"(first: {unused[0]}); is it another architecture's file?")
   return {collection: traverse_util.unflatten_dict(leaves) for collection, leaves in result.items()}
+
+
+def to_state_dict(name: str, variables: Mapping[str, Any], *, batches_tracked: int = 0) -> dict[str, np.ndarray]:
+  """torchvision's state dict of a cnnjax model's `params` and `batch_stats`: the inverse of
+  `convert_state_dict`, so that `convert_state_dict(name, to_state_dict(name, v), v)` gives back `v`.
+
+  Every array keeps its dtype (float32 for cnnjax's parameters and statistics), in torchvision's axis
+  order; each BatchNorm also gets `num_batches_tracked` = `batches_tracked` (int64), as torchvision's
+  state dicts hold it. Raises ConfigError, one line, for a model without torchvision's layout or a
+  variable that has no place in it (another normalization, Batch Renorm's step counter).
+  """
+  check_architecture(name, "has no torchvision counterpart to export to")
+  state_dict = {}
+  for collection, path, value, key in keyed_leaves(name, flat_variables(variables), ConfigError):
+    state_dict[key] = np.ascontiguousarray(change_layout(np.asarray(value), path[-1], path[:-1], name,
+                                                         to_torchvision=True))
+    if collection == "batch_stats":
+      state_dict[f"{key.rsplit('.', 1)[0]}.{BATCHES_TRACKED}"] = np.asarray(batches_tracked, np.int64)
+  return state_dict
 
 
 def load_torchvision_weights(name: str, template: Mapping[str, Any], path: str, *,
