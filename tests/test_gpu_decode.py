@@ -16,6 +16,9 @@ from PIL import Image
 from cnnjax.data import Augment, Preprocess, ProcessSlice, eval_dataset, gpu_decode, iterate, train_dataset
 from cnnjax.data.sources import EncodedImageSource
 from cnnjax.errors import ConfigError, DataError
+from cnnjax import parallel
+from cnnjax.train.experiment import build as experiment_build
+from helpers import experiment_config, tiny
 from test_decode import jpeg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,18 +127,23 @@ def corrupt_source():
                          ids=["host_windows", "canvas"])
 def test_a_corrupt_jpeg_is_the_host_paths_data_error(decode):
   prep = preprocess()
+
+  def first(dataset, decoder=None):
+    # Through the threaded pipeline, as a run reads it: the error in the training process, not a crash in a thread.
+    batches = iterate(dataset, num_threads=2, prefetch=2)
+    with batches if decoder is None else gpu_decode.DecodedBatches(batches, decoder) as it:
+      return next(it)
+
+  options = dict(seed=5, batch=ProcessSlice(4), num_steps=2)
   with pytest.raises(DataError, match="cannot be decoded") as host_error:
-    batches(corrupt_source(), prep, plan_only=False, steps=1)
-  dataset = train_dataset(corrupt_source(), prep, seed=5, batch=ProcessSlice(4), num_steps=2, plan_only=True)
-  # Decoded in the training process, through the threaded pipeline: the error, not a crash in a thread.
-  with gpu_decode.DecodedBatches(iterate(dataset, num_threads=2, prefetch=2), device_decoder(decode)) as decoded:
-    with pytest.raises(DataError, match="cannot be decoded; prepare the dataset again|cannot be decoded \\("):
-      next(decoded)
-  assert str(host_error.value).startswith("an image of the dataset cannot be decoded")
+    first(train_dataset(corrupt_source(), prep, **options))
+  with pytest.raises(DataError, match="cannot be decoded") as gpu_error:
+    first(train_dataset(corrupt_source(), prep, plan_only=True, **options), device_decoder(decode))
+  assert str(host_error.value).startswith("an image of the dataset cannot be decoded (")
+  assert str(gpu_error.value).startswith("an image of the dataset cannot be decoded (")
   # A header that does not parse is found by the plan, on the host, as on the host path.
-  broken = encoded_source([b"not a jpeg"] * 4)
   with pytest.raises(DataError, match="cannot be decoded"):
-    train_dataset(broken, prep, seed=5, batch=ProcessSlice(4), num_steps=1, plan_only=True)[0]
+    first(train_dataset(encoded_source([b"not a jpeg"] * 4), prep, plan_only=True, **options))
 
 
 def nvimgcodec_or_skip():
@@ -207,3 +215,46 @@ def test_decoder_gpu_here_is_a_one_line_error_exit_2_and_nothing_written(tmp_pat
   expected = "this run's devices are cpu" if package else "pip install 'cnnjax[cuda]'"
   assert expected in lines[0] and "Traceback" not in result.stderr
   assert not workdir.exists()
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory):
+  from cnnjax.lab.bench import datasets  # pylint: disable=import-outside-toplevel
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  datasets.prepare_imagenet_jpeg(data_dir, num_train=32, num_eval=8)
+  return data_dir
+
+
+def imagenet_config(data_dir, **overrides):
+  return tiny(experiment_config("resnet50_imagenet"), **{
+      "model.name": "simple_cnn", "data.tfds_data_dir": data_dir, "data.image_size": SIZE, "batch_size": 16,
+      "num_train_steps": 2, "eval_every_steps": 0, "parallel.strategy": "jit", **overrides})
+
+
+def test_a_run_feeds_the_gpu_decoders_batches_as_the_host_decoders(imagenet_dir, monkeypatch):
+  host = experiment_build(imagenet_config(imagenet_dir))
+  assert host.decoder == ("host", "auto: no NVIDIA GPU")
+  assert "images decoded on the host (auto: no NVIDIA GPU)" in host.describe()
+  # The GPU path (plan in grain's threads, decode in the training process, a jax.Array on the 8 devices) with
+  # the host decoder in nvImageCodec's place: the same batches, the same model inputs.
+  monkeypatch.setattr(gpu_decode, "choose", lambda *a, **k: ("gpu", "a CPU decoder in the GPU's place"))
+  monkeypatch.setattr(gpu_decode, "gpu_windows", lambda: gpu_decode.host_windows)
+  gpu = experiment_build(imagenet_config(imagenet_dir))
+  assert "images decoded on the gpu (a CPU decoder in the GPU's place)" in gpu.describe()
+  assert "decoding" not in gpu.host_workers()[2]  # the host only plans: no worker processes for decoding
+  for feeds in ((host.train_batches(), gpu.train_batches()), (host.eval_batches(), gpu.eval_batches())):
+    with feeds[0], feeds[1]:
+      for expected, got in zip(*feeds):
+        assert isinstance(got["input"], jax.Array)
+        for key, value in expected.items():
+          np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
+  np.testing.assert_array_equal(np.asarray(gpu.model_inputs(got)), np.asarray(host.model_inputs(expected)))
+  # The loop places a decoded batch as it places a host batch (jit: as it is; pmap: a device axis added).
+  for strategy in ("jit", "pmap"):
+    host = experiment_build(imagenet_config(imagenet_dir, **{"parallel.strategy": strategy}))
+    gpu = experiment_build(imagenet_config(imagenet_dir, **{"parallel.strategy": strategy}))
+    with host.train_batches() as host_feed, gpu.train_batches() as gpu_feed:
+      expected, got = (feed.strategy.put_batch(parallel.device_part(next(batches)))
+                       for feed, batches in ((host, host_feed), (gpu, gpu_feed)))
+    assert got["input"].sharding.is_equivalent_to(expected["input"].sharding, got["input"].ndim), strategy
+    np.testing.assert_array_equal(np.asarray(got["input"]), np.asarray(expected["input"]))
