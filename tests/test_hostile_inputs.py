@@ -3,7 +3,8 @@ status 2 that names the problem and the fix, before anything is written where th
 
 Kinds covered: a run resumed after its `init_from` weights file was deleted; an unbiased BatchNorm running
 variance over groups of one value; a step too large for memory, by its batch key;
-control characters in error lines; a read-only metrics or event file on resume.
+control characters in error lines; a read-only metrics or event file on resume; a damaged
+ArrayRecord chunk met while training.
 """
 
 import errno
@@ -12,6 +13,7 @@ import os
 import shutil
 import sys
 
+import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
@@ -178,3 +180,53 @@ def test_c_a_read_only_metrics_or_event_file_on_resume_is_one_line_naming_it(inc
   assert stop.value.code == 2
   assert capsys.readouterr().err == (f"error: {target}: Operation not permitted; make it writable for this user "
                                      "(chmod u+w), or use another --workdir\n")
+
+
+@pytest.fixture(scope="module")
+def damaged_array_record(tmp_path_factory):
+  """(TFDS data directory, the damaged file) of an image folder prepared as `my_noise`, whose training
+  ArrayRecord file was then damaged in its middle: its first record reads, others do not."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from cnnjax.data import open_dataset  # pylint: disable=import-outside-toplevel
+  from cnnjax.data.prepare import prepare  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("damaged_array_record")
+  rng = np.random.default_rng(0)
+  # Random pixels do not compress: 300 images make a file of many ArrayRecord chunks.
+  for split, count in (("train", 150), ("val", 4)):
+    for cls in ("a", "b"):
+      folder = root / "images" / split / cls
+      folder.mkdir(parents=True)
+      for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)).save(folder / f"{i}.png")
+  data_dir = str(root / "tfds")
+  version_dir = prepare("my_noise", data_dir=data_dir, source_dir=str(root / "images"))
+  open_dataset("my_noise", tfds_data_dir=data_dir)  # its normalization statistics, computed once and cached
+  damaged = next(os.path.join(version_dir, name) for name in os.listdir(version_dir)
+                 if name.startswith("my_noise-train.array_record"))
+  data = bytearray(open(damaged, "rb").read())
+  middle = len(data) // 2
+  data[middle:middle + 4096] = bytes(b ^ 0xA5 for b in data[middle:middle + 4096])
+  open(damaged, "wb").write(bytes(data))
+  return data_dir, damaged
+
+
+# Training reads the split on the host, record by record, in grain's threads or worker processes.
+READS_WHILE_TRAINING = ["--config=experiments/lenet5_digits.py", "--config.data.name=my_noise",
+                        "--config.num_train_steps=20", "--config.progress_bar=false", "--config.data.placement=host",
+                        "--config.data.cache_megabytes=0"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_d_a_damaged_array_record_chunk_met_while_training_is_one_line_naming_the_file(damaged_array_record,
+                                                                                       tmp_path, workers):
+  data_dir, damaged = damaged_array_record
+  workdir = tmp_path / "run"
+  result = run_cli("cnnjax.main", *READS_WHILE_TRAINING, f"--config.data.tfds_data_dir={data_dir}",
+                   f"--config.data.num_workers={workers}", f"--workdir={workdir}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert (workdir / "config.json").exists()  # met while training, not when the dataset opened
+  lines = error_lines(result)
+  assert len(lines) == 1 and lines[0].startswith(f"error: {damaged}: record "), result.stderr[-2000:]
+  assert "the file is damaged" in lines[0] and "prepare the dataset again" in lines[0]
+  # Nothing after the line: no traceback, and no shared memory that worker processes left behind.
+  assert result.stderr.rstrip().endswith(lines[0]), result.stderr[-2000:]

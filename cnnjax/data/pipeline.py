@@ -183,7 +183,7 @@ def train_dataset(source: RandomAccessSource, preprocess: Preprocess, *, seed: i
     return _to_batch(host_stage(read_for_preprocessing(source, indices), positions), indices,
                      np.ones(len(indices)))
 
-  return grain.MapDataset.range(num_steps).map(load)
+  return grain.MapDataset.range(num_steps).map(_errors_as_elements(load))
 
 
 def eval_dataset(source: RandomAccessSource, preprocess: Preprocess, *,
@@ -197,7 +197,26 @@ def eval_dataset(source: RandomAccessSource, preprocess: Preprocess, *,
     indices, valid = eval_examples(batch_index, num_examples, batch)
     return _to_batch(host_stage(read_for_preprocessing(source, indices)), indices, valid)
 
-  return grain.MapDataset.range(num_eval_batches(num_examples, batch.global_batch)).map(load)
+  return grain.MapDataset.range(num_eval_batches(num_examples, batch.global_batch)).map(_errors_as_elements(load))
+
+
+# The key of an element that stands for a batch that could not be read: its value is the DataError's message.
+ERROR_KEY = "cnnjax_data_error"
+
+
+def _errors_as_elements(load: Any) -> Any:
+  """`load`, but a DataError it raises (a damaged record met in a thread or worker process) comes back as an
+  element, `{ERROR_KEY: message}`, that `Batches` raises again in step order. An error raised in a worker
+  would make grain stop the other workers with their batches still in shared memory, which Python then
+  reports as leaked after the one-line error."""
+
+  def load_or_error(index: int) -> dict:
+    try:
+      return load(index)
+    except DataError as e:
+      return {ERROR_KEY: str(e)}
+
+  return load_or_error
 
 
 def num_eval_batches(num_examples: int, global_batch: int) -> int:
@@ -280,6 +299,9 @@ class Batches:
           f"(/dev/shm holds about {SHARED_BATCHES_PER_WORKER} batches per worker; give a container "
           "--shm-size or --ipc=host), or killed; lower data.num_workers, data.prefetch_batches or batch_size, "
           "and rerun to resume") from None
+    if ERROR_KEY in element:
+      self.close()
+      raise DataError(element[ERROR_KEY])
     if self._num_workers:
       _unlink_shared_memory(element)
     self._next_index += 1

@@ -203,14 +203,57 @@ class EncodedImageSource:
             "label": np.asarray([record[self.label_key] for record in records])}
 
 
+class CheckedSource:
+  """A TFDS data source whose failing reads are one DataError naming the file and the fix.
+
+  A damaged ArrayRecord chunk in the middle of a split passes the check of its
+  first record and fails only when training reaches it, in the grain thread or
+  worker process that reads it; the DataError raised there is what the entry
+  point reports (`cnnjax.data.pipeline.Batches` passes it on from the workers).
+  """
+
+  def __init__(self, source: Any, name: str, split: str, data_dir: str):
+    self.source, self.name, self.split, self.data_dir = source, name, split, data_dir
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    try:
+      return self.source[index]
+    except Exception as e:  # pylint: disable=broad-except  (riegeli, protobuf and image decoders raise many kinds)
+      path = self.record_file(index)
+      raise DataError(
+          f"{readers.printable(path)}: record {index} of split {self.split!r} cannot be read, the file is damaged "
+          f"({readers.printable(readers.short(e))}); prepare the dataset again: delete "
+          f"{readers.printable(os.path.dirname(path))} and rerun python -m cnnjax.prepare {self.name} "
+          f"--data_dir={readers.printable(self.data_dir)} as it was prepared, or point data.tfds_data_dir at a "
+          "good copy") from None
+
+  def record_file(self, index: int) -> str:
+    """The ArrayRecord file that holds record `index`, from array_record's reader layout (not public:
+    where it differs, the dataset's directory)."""
+    records = getattr(self.source, "data_source", None)
+    try:
+      reader, _ = records._reader_idx_and_position(index)  # pylint: disable=protected-access
+      return str(records._read_instructions[reader].filename)  # pylint: disable=protected-access
+    except Exception:  # pylint: disable=broad-except
+      return os.path.join(self.data_dir, self.name, f"{self.name}-{self.split}.array_record")
+
+
+def _data_source(tfds: Any, name: str, split: str, data_dir: str, **options: Any) -> CheckedSource:
+  """`tfds.data_source` of one split, its reads checked (`CheckedSource`); never reaches for the network."""
+  return CheckedSource(tfds.data_source(name, split=split, data_dir=data_dir, download=False, **options), name,
+                       split, data_dir)
+
+
 def _with_encoded(source: RandomAccessSource, name: str, data_dir: str, split: str, image_shape: tuple,
                   image_key: str = "image", label_key: str = "label") -> RandomAccessSource:
   """`source` as an `EncodedImageSource` when its images vary in size (they are cropped on the host)."""
   if None not in tuple(image_shape[:2]) or image_shape[-1] not in MODES:
     return source
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  encoded = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                             decoders={image_key: tfds.decode.SkipDecoding()})
+  encoded = _data_source(tfds, name, split, data_dir, decoders={image_key: tfds.decode.SkipDecoding()})
   return EncodedImageSource(source, encoded, image_shape[-1], image_key, label_key)
 
 
@@ -305,17 +348,12 @@ def _tfds_sources(name: str, data_dir: str, splits: Sequence[str]) -> dict[str, 
   sources = {}
   for split in splits:
     try:
-      # download=False: never reach for the network while training.
-      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+      source = _data_source(tfds, name, split, data_dir)
     except Exception as e:  # pylint: disable=broad-except  (TFDS raises many kinds; say which case it is)
       raise _diagnose_tfds(tfds, name, data_dir, split, e) from None
     if len(source) == 0:
       raise DataError(f"split {split!r} of dataset {name!r} selects no examples; choose a split that selects some")
-    try:
-      source[0]  # pylint: disable=pointless-statement  (the first record: damaged files fail here, not later)
-    except Exception as e:  # pylint: disable=broad-except
-      raise DataError(f"split {split!r} of dataset {name!r} in {data_dir} is damaged ({_short(e)}); prepare it "
-                      "again, or point data.tfds_data_dir at a good copy") from None
+    source[0]  # pylint: disable=pointless-statement  (the first record: damaged files fail here, not later)
     sources[split] = source
   return sources
 
