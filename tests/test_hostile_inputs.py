@@ -1,10 +1,11 @@
-"""Hostile and broken inputs around a run (issue 26): each ends in success or in one `error:` line with exit
-status 2 that names the problem and the fix, before anything is written where the fix would be refused.
+"""Hostile and broken inputs around a run (issue 26): each ends in success (with one warning line where the
+run would do less than asked) or in one `error:` line with exit status 2 that names the problem and the
+fix, before anything is written that would make the fix be refused.
 
-Kinds covered: a run resumed after its `init_from` weights file was deleted; an unbiased BatchNorm running
-variance over groups of one value; a step too large for memory, by its batch key;
-control characters in error lines; a read-only metrics or event file on resume; a damaged
-ArrayRecord chunk met while training.
+Kinds covered (the letters in the test names): (a) a run resumed after its `init_from` weights file was
+deleted; (b) an unbiased BatchNorm running variance over groups of one value; (c) a read-only metrics or
+event file on resume; (d) a damaged ArrayRecord chunk met while training; (e) a warmup or profile window
+past the run; (f) a step too large for memory, by its batch key; (g) control characters in error lines.
 """
 
 import errno
@@ -20,6 +21,7 @@ from safetensors.numpy import save_file
 from cnnjax import cli, train
 from cnnjax.errors import ConfigError, DiskFullError, one_line
 from cnnjax.lab.bench import harness
+from cnnjax.train.experiment import warn_past_the_run
 from helpers import experiment_config, run_cli, tiny
 
 NUM_CLASSES = 10
@@ -230,3 +232,33 @@ def test_d_a_damaged_array_record_chunk_met_while_training_is_one_line_naming_th
   assert "the file is damaged" in lines[0] and "prepare the dataset again" in lines[0]
   # Nothing after the line: no traceback, and no shared memory that worker processes left behind.
   assert result.stderr.rstrip().endswith(lines[0]), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("warmup,profile_steps,expected", [
+    (100, (10, 5), ["optimizer.warmup_steps=100 is not shorter than the run's 4 steps: the learning rate rises for "
+                    "the whole run and never reaches optimizer.learning_rate=0.002; lower optimizer.warmup_steps",
+                    "profile_steps=10,5 traces steps 11-15, after the run's last step 4: no profile will be written; "
+                    "choose a START below 4"]),
+    (4, (2, 5), ["optimizer.warmup_steps=4 is not shorter than the run's 4 steps: the learning rate rises for the "
+                 "whole run and never reaches optimizer.learning_rate=0.002; lower optimizer.warmup_steps",
+                 "profile_steps=2,5 reaches past the run's last step 4: only steps 3-4 will be traced"]),
+    (3, (1, 3), []),
+    (0, (4, 0), []),
+])
+def test_e_a_warmup_or_profile_window_past_the_run_is_one_warning_line_each(caplog, warmup, profile_steps,
+                                                                            expected):
+  config = tiny(experiment_config("lenet5_digits"), **{"optimizer.warmup_steps": warmup,
+                                                       "profile_steps": profile_steps})
+  with caplog.at_level("WARNING", logger="cnnjax"):
+    warn_past_the_run(config, 4)
+  assert [record.getMessage() for record in caplog.records] == expected
+
+
+def test_e_a_run_starting_from_scratch_gives_those_warnings(tmp_path, tfds_data_dir, caplog):
+  config = tiny(experiment_config("lenet5_digits"), batch_size=32, num_train_steps=2, profile_steps=(10, 5))
+  with caplog.at_level("WARNING", logger="cnnjax"):
+    train.run(config, str(tmp_path / "run"))
+  messages = [record.getMessage() for record in caplog.records]
+  assert sum(message.startswith("optimizer.warmup_steps=50 is not shorter") for message in messages) == 1
+  assert sum(message.startswith("profile_steps=10,5 traces steps 11-15") for message in messages) == 1
+  assert not (tmp_path / "run" / "plugins").exists()

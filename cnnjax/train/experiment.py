@@ -193,6 +193,25 @@ def check_running_variance(config: ml_collections.ConfigDict, model: nn.Module, 
           "or a larger model.bn_group_size)")
 
 
+def warn_past_the_run(config: ml_collections.ConfigDict, total_steps: int) -> None:
+  """Warns, one line each, of settings that reach past the run's `total_steps` steps and so would do less
+  than they say without a word: a learning-rate warmup that never ends, a profile window after the last
+  step (nothing traced) or across it (traced only up to it)."""
+  logger = logging.getLogger("cnnjax")
+  warmup = config.optimizer.warmup_steps
+  if warmup >= total_steps:
+    logger.warning("optimizer.warmup_steps=%d is not shorter than the run's %d steps: the learning rate rises "
+                   "for the whole run and never reaches optimizer.learning_rate=%g; lower optimizer.warmup_steps",
+                   warmup, total_steps, config.optimizer.learning_rate)
+  start, count = (int(value) for value in config.profile_steps)
+  if count and start >= total_steps:
+    logger.warning("profile_steps=%d,%d traces steps %d-%d, after the run's last step %d: no profile will be "
+                   "written; choose a START below %d", start, count, start + 1, start + count, total_steps, total_steps)
+  elif count and start + count > total_steps:
+    logger.warning("profile_steps=%d,%d reaches past the run's last step %d: only steps %d-%d will be traced",
+                   start, count, total_steps, start + 1, total_steps)
+
+
 def _dtype(name: str) -> Any:
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 

@@ -51,7 +51,7 @@ from cnnjax.checkpoint import Checkpointer
 from cnnjax.errors import NonFiniteError
 from cnnjax.models import torchvision_import
 from cnnjax.parallel.host_devices import HostDevices
-from cnnjax.train.experiment import Experiment, build, check_init_from, data_record
+from cnnjax.train.experiment import Experiment, build, check_init_from, data_record, warn_past_the_run
 from cnnjax.train.preemption import Preemption
 from cnnjax.train.profiling import StepTrace
 from cnnjax.train.rundir import METRICS_FILE, RunDir, check_workdir
@@ -305,6 +305,8 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
                                   allow_bar=config.progress_bar)
   if lead.resumed:
     progress.message(f"resuming from step {start_step} ({lead.checkpointer.directory})")
+  elif lead.is_writer:
+    warn_past_the_run(config, total_steps)
 
   # Every member trains on the same dataset (a population differs in seeds and scalars only): one copy.
   train_arrays, eval_arrays = exp.resident_data()
