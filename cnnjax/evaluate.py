@@ -38,6 +38,7 @@ def main(argv: list[str]) -> None:
   def go():
     from cnnjax.train import restore, scoring  # pylint: disable=import-outside-toplevel  (jax after flags)
     run_config = restore.load_config(FLAGS.workdir)
+    scoring.check_report_directory(FLAGS.workdir)
     host = cli.configure_host_devices(FLAGS.simulate_devices, FLAGS.config, deterministic=FLAGS.deterministic)
     restored = restore.restore(FLAGS.workdir, FLAGS.config, run_config=run_config, step=FLAGS.step,
                                checkpoint=FLAGS.checkpoint, host=host)

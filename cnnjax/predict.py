@@ -48,8 +48,9 @@ def main(argv: list[str]) -> None:
     def report(path: str, error: str) -> None:
       print(f"error: {printable(path)}: {error}", file=sys.stderr, flush=True)
 
+    files = prediction.image_files(paths)
     run = restore.restore_for_inference(FLAGS.workdir, step=FLAGS.step, checkpoint=FLAGS.checkpoint)
-    return (run, *prediction.classify(run, paths, top_k=FLAGS.top_k, on_failure=report))
+    return (run, *prediction.classify(run, files, top_k=FLAGS.top_k, on_failure=report))
 
   run, predictions, failed = cli.run_reporting_errors(go)
   named = bool(run.dataset.class_names)

@@ -130,16 +130,33 @@ def test_evaluate_refuses_bad_input_in_one_line_and_changes_nothing(run_dir, tmp
   saved = json.load(open(os.path.join(no_best, "config.json")))
   saved["keep_best_metric"] = ""  # resume-safe: the checkpoints are still this run's
   json.dump(saved, open(os.path.join(no_best, "config.json"), "w"))
-  cases = [
-      ([f"--workdir={tmp_path / 'absent'}"], "is not a directory"),
-      ([f"--workdir={tmp_path}"], "holds no run"),
-      ([f"--workdir={run_dir}", "--step=5"], "has no checkpoint at step 5"),
-      ([f"--workdir={no_best}", "--checkpoint=best"], "keeps no best checkpoint"),
+  blocked = str(tmp_path / "blocked")
+  shutil.copytree(run_dir, blocked, ignore=shutil.ignore_patterns("eval"))
+  open(os.path.join(blocked, "eval"), "w").close()
+  from cnnjax.errors import CnnjaxError  # pylint: disable=import-outside-toplevel
+  from cnnjax.train import restore, scoring  # pylint: disable=import-outside-toplevel
+  run_config = restore.load_config(run_dir)
+  shapes = restore.load_config(run_dir)
+  shapes.data.name = "shapes"
+  library_cases = [
+      (lambda: restore.load_config(str(tmp_path / "absent")), "is not a directory"),
+      (lambda: restore.load_config(str(tmp_path)), "holds no run: its config.json is missing"),
+      (lambda: scoring.check_report_directory(blocked), "eval is a file, where python -m cnnjax.evaluate writes"),
+      (lambda: restore.restore(no_best, run_config, run_config=restore.load_config(no_best), checkpoint=restore.BEST),
+       "keeps no best checkpoint"),
+      (lambda: restore.restore(run_dir, shapes, run_config=run_config),
+       r"data.name=shapes \(4 classes, inputs \(32, 32, 3\)\) does not fit the model of the run .*params.c1.kernel"),
+  ]
+  for call, message in library_cases:
+    with pytest.raises(CnnjaxError, match=message):
+      call()
+  # As users meet them: one line, exit status 2 (a damaged checkpoint ends the process at once).
+  cli_cases = [
+      ([f"--workdir={run_dir}", "--step=5"], "has no checkpoint at step 5; it keeps steps 2, 6"),
       ([f"--workdir={damaged}"], f"checkpoint {newest} in .* is damaged or unreadable"),
-      ([f"--workdir={run_dir}", "--config.data.name=shapes"], "does not fit the model of the run"),
       ([f"--workdir={run_dir}", "--config.data.nokey=1"], "unknown config key 'data.nokey'"),
   ]
-  for args, message in cases:
+  for args, message in cli_cases:
     result = run_cli("cnnjax.evaluate", *args)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
@@ -242,17 +259,22 @@ def image_dir(tmp_path_factory, tfds_data_dir):
   return directory
 
 
-def eval_logits(run_dir, count):
-  """The model's logits for the first `count` eval examples, computed as the eval step computes them."""
+@pytest.fixture(scope="module")
+def eval_probabilities(run_dir):
+  """The model's class probabilities for the first eval examples (those written as images), from logits
+  computed as the eval step computes them."""
   from cnnjax.lab.notes.trained import batch_predictor  # pylint: disable=import-outside-toplevel
   from helpers import final_state  # pylint: disable=import-outside-toplevel
   config = best_run_config()
   exp = train.build(config)
   batch = next(iter(exp.eval_batches()))
-  return np.asarray(batch_predictor(exp, final_state(run_dir, config))(batch))[:count]
+  logits = np.asarray(batch_predictor(exp, final_state(run_dir, config))(batch), np.float64)[:PREDICTED]
+  probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+  return probabilities / probabilities.sum(-1, keepdims=True)
 
 
-def test_predict_gives_the_models_eval_predictions_and_names_what_it_cannot_read(run_dir, image_dir):
+def test_predict_gives_the_models_eval_predictions_and_names_what_it_cannot_read(run_dir, image_dir,
+                                                                                 eval_probabilities):
   before = run_files(run_dir)
   result = run_cli("cnnjax.predict", f"--workdir={run_dir}", str(image_dir), "--json", "--top_k=3")
   assert result.returncode == 2  # one file was not an image
@@ -262,9 +284,7 @@ def test_predict_gives_the_models_eval_predictions_and_names_what_it_cannot_read
   assert output["step"] == STEPS and output["failed"][0]["path"] == str(image_dir / "other_text.png")
   by_file = {os.path.basename(p["path"]): p["top"] for p in output["predictions"]}
   assert len(by_file) == PREDICTED + 2
-  logits = eval_logits(run_dir, PREDICTED)
-  probabilities = np.exp(logits - logits.max(-1, keepdims=True))
-  probabilities /= probabilities.sum(-1, keepdims=True)
+  probabilities = eval_probabilities
   for index in range(PREDICTED):
     top = by_file[f"digit{index:02d}.png"]
     assert [t["class"] for t in top] == list(np.argsort(-probabilities[index], kind="stable")[:3])
@@ -292,14 +312,17 @@ def test_predict_without_recorded_names_prints_indices_and_says_so_once(run_dir,
   assert all(part.split()[0].isdigit() for part in lines[0].split(": ", 1)[1].split(", "))
 
 
-def test_predict_reads_a_run_without_dataset_json_from_its_dataset(run_dir, image_dir, tmp_path):
+def test_predict_reads_a_run_without_dataset_json_from_its_dataset(run_dir, image_dir, tmp_path,
+                                                                    eval_probabilities):
   older = str(tmp_path / "older")
   shutil.copytree(run_dir, older, ignore=shutil.ignore_patterns("eval"))
   os.remove(os.path.join(older, "dataset.json"))
-  args = [str(image_dir / "digit00.png"), "--json"]
-  without, with_record = (run_cli("cnnjax.predict", f"--workdir={workdir}", *args) for workdir in (older, run_dir))
-  assert without.returncode == 0 and with_record.returncode == 0, without.stderr[-2000:]
-  assert json.loads(without.stdout)["predictions"] == json.loads(with_record.stdout)["predictions"]
+  result = run_cli("cnnjax.predict", f"--workdir={older}", str(image_dir / "digit01.png"), "--json", "--top_k=2")
+  assert result.returncode == 0, result.stderr[-2000:]
+  top = json.loads(result.stdout)["predictions"][0]["top"]
+  assert [t["class"] for t in top] == list(np.argsort(-eval_probabilities[1], kind="stable")[:2])
+  assert [t["name"] for t in top] == [str(t["class"]) for t in top]  # the names the dataset gives
+  np.testing.assert_allclose([t["probability"] for t in top], np.sort(eval_probabilities[1])[::-1][:2], atol=1e-5)
 
 
 def test_predict_refuses_runs_that_do_not_classify_images():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,17 +43,24 @@ class Prediction:
                                        for index, name, probability in self.top]}
 
 
-def image_paths(paths: Sequence[str]) -> Iterator[str]:
-  """The files named, and the image files under each folder named (sorted, recursively)."""
+def image_files(paths: Sequence[str]) -> list[str]:
+  """The files named, and the image files under each folder named (sorted, recursively). ConfigError for
+  a path that does not exist, or when there is no file at all."""
+  missing = [path for path in paths if not (os.path.isfile(path) or os.path.isdir(path))]
+  if missing:
+    raise ConfigError(f"{readers.printable(missing[0])} is neither a file nor a folder; give image files or folders")
+  files = []
   for path in paths:
-    if os.path.isdir(path):
-      for root, folders, names in os.walk(path):
-        folders.sort()
-        for name in sorted(names):
-          if name.lower().endswith(IMAGE_SUFFIXES):
-            yield os.path.join(root, name)
-    else:
-      yield path
+    if not os.path.isdir(path):
+      files.append(path)
+      continue
+    for root, folders, names in os.walk(path):
+      folders.sort()
+      files += [os.path.join(root, name) for name in sorted(names) if name.lower().endswith(IMAGE_SUFFIXES)]
+  if not files:
+    raise ConfigError(f"no image files (ending in {', '.join(IMAGE_SUFFIXES)}) in "
+                      f"{', '.join(readers.printable(path) for path in paths)}")
+  return files
 
 
 def check_classifier(run: InferenceRun) -> None:
@@ -108,26 +115,20 @@ def predict(run: InferenceRun, images: Sequence[np.ndarray], *, top_k: int, batc
   return results
 
 
-def classify(run: InferenceRun, paths: Sequence[str], *, top_k: int,
+def classify(run: InferenceRun, files: Sequence[str], *, top_k: int,
              on_failure: Callable[[str, str], None]) -> tuple[list[Prediction], list[dict[str, str]]]:
-  """The predictions for the image files named and under the folders named, and {'path', 'error'} of each
-  file that could not be read (`on_failure(path, error)` is told at once). ConfigError for a run that does
-  not classify images, a path that does not exist, or folders without image files."""
+  """The predictions for `files` (`image_files`), and {'path', 'error'} of each file that could not be
+  read as an image (`on_failure(path, error)` is told at once). ConfigError for a run that does not
+  classify images."""
   check_classifier(run)
-  missing = [path for path in paths if not (os.path.isfile(path) or os.path.isdir(path))]
-  if missing:
-    raise ConfigError(f"{readers.printable(missing[0])} is neither a file nor a folder; give image files or folders")
   images, read, failed = [], [], []
-  for path in image_paths(paths):
+  for path in files:
     try:
       images.append(read_image(path, run))
       read.append(path)
     except readers.BadFile as e:
       failed.append({"path": path, "error": str(e)})
       on_failure(path, str(e))
-  if not read and not failed:
-    raise ConfigError(f"no image files (ending in {', '.join(IMAGE_SUFFIXES)}) in "
-                      f"{', '.join(readers.printable(path) for path in paths)}")
   tops = predict(run, images, top_k=min(top_k, run.dataset.num_classes),
                  batch_size=run.config.eval_batch_size or run.config.batch_size)
   return [Prediction(path, top) for path, top in zip(read, tops)], failed

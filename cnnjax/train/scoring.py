@@ -29,7 +29,8 @@ import numpy as np
 from cnnjax import metrics as metrics_lib
 from cnnjax import parallel
 from cnnjax.train.restore import RestoredRun
-from cnnjax.train.rundir import EVAL_DIR
+from cnnjax.errors import ConfigError
+from cnnjax.train.rundir import EVAL_DIR, check_workdir
 from cnnjax.train.step import TOP_K
 
 # The confusion matrix's picture: inches per class, within bounds, and its resolution.
@@ -84,6 +85,19 @@ def report_stem(result: dict[str, Any]) -> str:
   """`<dataset>-<split>-<step>`, with characters other than letters, digits, '.', '_' and '-' as '_'
   (a split such as 'train[:10%]')."""
   return re.sub(r"[^A-Za-z0-9._-]", "_", f"{result['dataset']}-{result['split']}-{result['step']}")
+
+
+def check_report_directory(workdir: str) -> None:
+  """ConfigError unless the reports can be written into `workdir/eval/` (checked before anything is
+  computed: a run on a read-only mount, or a file where the directory goes)."""
+  directory = os.path.join(workdir, EVAL_DIR)
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ConfigError(f"{directory} is a file, where python -m cnnjax.evaluate writes its reports; move it out of "
+                      "the way")
+  try:
+    check_workdir(directory, flag="the report directory")
+  except ConfigError as e:
+    raise ConfigError(f"python -m cnnjax.evaluate writes its report into {directory}: {e}") from None
 
 
 def write_report(result: dict[str, Any], workdir: str) -> str:
