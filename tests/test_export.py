@@ -12,10 +12,12 @@ import functools
 import hashlib
 import os
 import re
+import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -70,15 +72,23 @@ class Run:
     return np.asarray(jax.jit(functools.partial(self.model.apply, train=False))(variables, inputs))
 
 
+class Runs:
+  """{convention: Run}, each trained on first use: the same run (seed, data, steps) in each running-variance
+  convention. Lazily, so that a test worker trains only the runs its tests read."""
+
+  def __init__(self, root):
+    self.root, self.trained = root, {}
+
+  def __getitem__(self, convention: str) -> Run:
+    if convention not in self.trained:
+      workdir, config = tiny_run(self.root / convention, convention)
+      self.trained[convention] = Run(workdir, config, final_state(workdir, config), train.build(config).model)
+    return self.trained[convention]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """{convention: Run}: the same run (seed, data, steps) in each running-variance convention."""
-  root = tmp_path_factory.mktemp("export")
-  trained = {}
-  for convention in CONVENTIONS:
-    workdir, config = tiny_run(root / convention, convention)
-    trained[convention] = Run(workdir, config, final_state(workdir, config), train.build(config).model)
-  return trained
+  return Runs(tmp_path_factory.mktemp("export"))
 
 
 def snapshot(directory) -> dict[str, str]:
@@ -164,7 +174,7 @@ def test_stablehlo_export_runs_in_plain_jax_as_cnnjax_apply(runs, tmp_path):
     served = jax.export.deserialize(bytearray(f.read()))
   for count in (1, 3):  # any batch size
     inputs = images(count)
-    np.testing.assert_allclose(served.call(inputs), run.logits(inputs), rtol=1e-5, atol=1e-5)
+    assert relative_error(served.call(inputs), run.logits(inputs)) < LOGITS_RTOL
   assert exported.input_shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and "normalized with mean" in exported.describe()
 
 
@@ -179,6 +189,12 @@ def test_a_model_that_computes_otherwise_than_torchvisions_is_not_exported_to_it
   export.check_torchvision_model(name, build_model(name, num_classes=NUM_CLASSES))  # as torchvision builds it
   with pytest.raises(CnnjaxError, match=re.escape(match)):
     export.check_torchvision_model(name, build_model(name, num_classes=NUM_CLASSES, **options))
+
+
+def largest_array_file(workdir: str, step: int) -> str:
+  state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+  return max((os.path.join(root, name) for root, _, names in os.walk(state_dir) for name in names),
+             key=os.path.getsize)
 
 
 def assert_refused(args, match: str, run_dir: str) -> None:
@@ -209,13 +225,28 @@ def test_bad_inputs_are_one_line_and_leave_the_run_byte_identical(runs, tmp_path
   assert snapshot(workdir) == before
   with open(output, "rb") as f:
     assert f.read() == b"keep"
+  # The data is read where the overrides say (here: nowhere); a step without a checkpoint and a damaged one
+  # are named.
+  moved = ml_collections.ConfigDict(runs["biased"].config.to_dict())
+  moved.data.train_path = str(tmp_path / "moved.npz")
+  with pytest.raises(CnnjaxError, match=re.escape(moved.data.train_path)):
+    export.export(workdir, "torchvision", str(tmp_path / "new.safetensors"), config=moved)
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(workdir, damaged)
+  with open(largest_array_file(damaged, STEPS), "r+b") as f:
+    f.seek(8)
+    f.write(b"garbage!")
+  with pytest.raises(CnnjaxError, match="has no checkpoint at step 7"):
+    export.export(workdir, "torchvision", str(tmp_path / "new.safetensors"), step=7)
   # Through the command: one line, exit status 2, the run's directory byte-identical.
-  assert_refused(["--to=torchvision", f"--workdir={workdir}", f"--output={tmp_path / 'new.safetensors'}",
-                  "--step=7"], "has no checkpoint at step 7", workdir)
+  assert_refused(["--to=torchvision", f"--workdir={damaged}", f"--output={tmp_path / 'new.safetensors'}"],
+                 f"checkpoint {STEPS} in {damaged}/checkpoints is damaged or unreadable", damaged)
+  shutil.rmtree(damaged)
   empty = tmp_path / "empty"
   empty.mkdir()
   assert_refused(["--to=stablehlo", f"--workdir={empty}", f"--output={tmp_path / 'x.stablehlo'}"],
                  "holds no run", str(empty))
+  assert snapshot(workdir) == before
   assert sorted(os.listdir(tmp_path)) == ["empty", "out.safetensors"]  # nothing else written
 
 
@@ -230,15 +261,19 @@ def test_a_model_without_a_torchvision_counterpart_is_one_line_naming_those_with
 
 
 def test_overwrite_replaces_the_output_and_the_command_says_what_it_wrote(runs, tmp_path):
-  workdir = runs["unbiased"].workdir
+  run = runs["unbiased"]
   output = tmp_path / "resnet18.safetensors"
   output.write_bytes(b"old")
-  result = run_cli("cnnjax.export", f"--workdir={workdir}", "--to=torchvision", f"--output={output}", "--overwrite",
-                   f"--step={STEPS}")
+  data = tmp_path / "data"  # the run's arrays moved: the overrides say where they are now
+  shutil.copytree(os.path.dirname(run.config.data.train_path), data, ignore=shutil.ignore_patterns("run"))
+  overrides = [f"--config.data.{role}_path={data / os.path.basename(run.config.data[role + '_path'])}"
+               for role in ("train", "eval")]
+  result = run_cli("cnnjax.export", f"--workdir={run.workdir}", "--to=torchvision", f"--output={output}",
+                   "--overwrite", f"--step={STEPS}", *overrides)
   assert result.returncode == 0, result.stderr
   assert f"wrote {output}: resnet18 at step {STEPS} as torchvision" in result.stdout
   assert len(load_file(str(output))) == len(torch_models.build("resnet18", NUM_CLASSES).state_dict())
-  assert sorted(os.listdir(tmp_path)) == ["resnet18.safetensors"]  # no temporary file left beside it
+  assert sorted(os.listdir(tmp_path)) == ["data", "resnet18.safetensors"]  # no temporary file left beside it
 
 
 def test_help_exits_zero_and_offers_the_librarys_choices():
