@@ -99,7 +99,7 @@ def test_a_window_resampled_on_the_canvas_equals_the_host_resize_of_the_same_pix
   rng = np.random.default_rng(0)
   pixels = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
   window = (3.5, 7.25, 30.0, 36.5)  # fractional, as shorter_side_window gives
-  box, within = gpu_decode.regions(np.asarray([window]))
+  box, within = gpu_decode.regions(np.asarray([window]), np.asarray([[40, 50]]))
   top, left, bottom, right = box[0]
   canvas = np.zeros((1, 64, 64, 3), np.uint8)
   canvas[0, :bottom - top, :right - left] = pixels[top:bottom, left:right]
@@ -110,6 +110,12 @@ def test_a_window_resampled_on_the_canvas_equals_the_host_resize_of_the_same_pix
   # Inside the region the two resamplers agree to rounding; PIL may reach past the region's edge.
   assert np.abs(got - expected)[2:-2, 2:-2].max() <= 1.0
   assert np.abs(got - expected).mean() < 1.0
+
+
+def test_a_region_ends_within_its_image():
+  # A window computed in floating point may end a hair past its image's edge.
+  box, _ = gpu_decode.regions(np.asarray([[0.0, 10.5, 64.00000000001, 20.0]]), np.asarray([[64, 40]]))
+  assert box.tolist() == [[0, 10, 64, 31]]
 
 
 def test_canvas_sides_take_few_values():
@@ -258,3 +264,13 @@ def test_a_run_feeds_the_gpu_decoders_batches_as_the_host_decoders(imagenet_dir,
                        for feed, batches in ((host, host_feed), (gpu, gpu_feed)))
     assert got["input"].sharding.is_equivalent_to(expected["input"].sharding, got["input"].ndim), strategy
     np.testing.assert_array_equal(np.asarray(got["input"]), np.asarray(expected["input"]))
+
+
+def test_a_run_may_resume_with_the_other_decoder():
+  from cnnjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  saved, resumed = experiment_config("resnet50_imagenet"), experiment_config("resnet50_imagenet", **{
+      "data.decoder": "gpu"})
+  assert config_lib.fingerprint(saved) == config_lib.fingerprint(resumed)
+  assert config_lib.resume_differences(config_lib.as_json(saved), resumed) == []
+  with pytest.raises(ConfigError, match="data.decoder"):
+    config_lib.validate(experiment_config("resnet50_imagenet", **{"data.decoder": "nvjpeg"}))

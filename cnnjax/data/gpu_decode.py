@@ -58,14 +58,14 @@ import numpy as np
 
 from cnnjax.data.decode import MODES, EncodedImage, decode_window, undecodable
 from cnnjax.data.preprocess import Preprocess, example_window
-from cnnjax.errors import ConfigError
+from cnnjax.errors import ConfigError, DataError
 
 DECODERS = ("auto", "host", "gpu")
 AUTO, HOST, GPU = DECODERS
 PACKAGE = "nvidia.nvimgcodec"
 INSTALL = "pip install 'cnnjax[cuda]'"
 # The plan's keys, which the work replaces by 'input' before the batch goes to the devices.
-PLAN_KEYS = ("encoded", "encoded_end", "window")
+PLAN_KEYS = ("encoded", "encoded_end", "window", "image_size")
 # Canvas sides are rounded up to the next of 2^k and 1.5 * 2^k (at least this): few compiled resizes, at
 # most a third of a canvas side unused.
 MIN_CANVAS = 64
@@ -116,6 +116,7 @@ def _pack(images: Sequence[EncodedImage], windows: np.ndarray, labels: Any) -> d
   ends = np.cumsum([len(image.data) for image in images], dtype=np.int64)
   return {"encoded": np.frombuffer(b"".join(image.data for image in images), np.uint8), "encoded_end": ends,
           "window": np.asarray(windows, np.float64).reshape(len(images), 4),
+          "image_size": np.asarray([image.size for image in images], np.int64).reshape(len(images), 2),
           "label": np.asarray(labels, np.int32)}
 
 
@@ -148,10 +149,12 @@ def encoded_bytes(plan: dict[str, np.ndarray]) -> list[bytes]:
 
 # -- the work: in the training process, on the devices -----------------------------------------------------
 
-def regions(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(integer regions (b, 4) top, left, bottom, right to decode, the windows within them (b, 4))."""
+def regions(windows: np.ndarray, image_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(integer regions (b, 4) top, left, bottom, right to decode, the windows within them (b, 4)); a region
+  ends within its image (b, 2: height, width) where rounding would take it a pixel past."""
   top, left = np.floor(windows[:, 0]), np.floor(windows[:, 1])
-  bottom, right = np.ceil(windows[:, 0] + windows[:, 2]), np.ceil(windows[:, 1] + windows[:, 3])
+  bottom = np.minimum(np.ceil(windows[:, 0] + windows[:, 2]), image_sizes[:, 0])
+  right = np.minimum(np.ceil(windows[:, 1] + windows[:, 3]), image_sizes[:, 1])
   within = np.stack([windows[:, 0] - top, windows[:, 1] - left, windows[:, 2], windows[:, 3]], axis=1)
   return np.stack([top, left, bottom, right], axis=1).astype(np.int64), within.astype(np.float32)
 
@@ -190,16 +193,18 @@ def resize_windows(canvas: jax.Array, within: jax.Array, extents: jax.Array, *, 
 
 
 class WindowDecoder(Protocol):
-  """Decodes the windows of some examples to (b, size, size, channels) uint8 on one device."""
+  """Decodes the windows (b, 4) of some examples, in images of (b, 2) sizes, to (b, size, size, channels)
+  uint8 on one device."""
 
-  def __call__(self, encoded: Sequence[bytes], windows: np.ndarray, size: int, channels: int,
-               device: jax.Device) -> jax.Array: ...
+  def __call__(self, encoded: Sequence[bytes], windows: np.ndarray, image_sizes: np.ndarray, size: int,
+               channels: int, device: jax.Device) -> jax.Array: ...
 
 
-def host_windows(encoded: Sequence[bytes], windows: np.ndarray, size: int, channels: int,
-                 device: jax.Device) -> jax.Array:
+def host_windows(encoded: Sequence[bytes], windows: np.ndarray, image_sizes: np.ndarray, size: int,
+                 channels: int, device: jax.Device) -> jax.Array:
   """The host decoder (`decode.decode_window`) in the GPU decoder's place: the reference the plan is
   tested with (its batches are the host path's, bit for bit)."""
+  del image_sizes  # read from each header again
   pixels = np.stack([decode_window(EncodedImage(data, channels), tuple(window), size, size)
                      for data, window in zip(encoded, windows)])
   return jax.device_put(pixels, device)
@@ -212,9 +217,9 @@ RegionFiller = Callable[[Sequence[bytes], np.ndarray, tuple[int, ...], int, jax.
 def canvas_windows(fill: RegionFiller) -> WindowDecoder:
   """A WindowDecoder that decodes regions with `fill` into a canvas on the device, then `resize_windows`."""
 
-  def decode(encoded: Sequence[bytes], windows: np.ndarray, size: int, channels: int,
+  def decode(encoded: Sequence[bytes], windows: np.ndarray, image_sizes: np.ndarray, size: int, channels: int,
              device: jax.Device) -> jax.Array:
-    boxes, within = regions(np.asarray(windows, np.float64))
+    boxes, within = regions(np.asarray(windows, np.float64), np.asarray(image_sizes))
     extents = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1)
     shape = (len(encoded), canvas_side(int(extents[:, 0].max())), canvas_side(int(extents[:, 1].max())), channels)
     canvas = fill(encoded, boxes, shape, channels, device)
@@ -277,13 +282,37 @@ class NvImageCodecRegions:
                in enumerate(boxes)]
     images = [codec.as_image(view) for view in views]
     decoded = self._decoder(device).decode(streams, images=images, params=params, cuda_stream=0)
-    for row, image in enumerate(decoded):
+    interface = "__array_interface__" if self._cpu else "__cuda_array_interface__"
+    for row, (image, view) in enumerate(zip(decoded, views)):
       if image is None:
         raise undecodable(f"nvImageCodec could not decode example {row} of the batch")
+      if getattr(image, interface)["data"][0] != getattr(view, interface)["data"][0]:
+        # nvImageCodec decoded into a buffer of its own rather than the canvas: copy it there.
+        _copy_into(view, image, cpu=self._cpu)
     if self._cpu:
       return jax.device_put(canvas, device)
     _synchronize(device, decoded)
     return canvas
+
+
+def _copy_into(view: Any, image: Any, *, cpu: bool) -> None:
+  if cpu:
+    view[...] = np.asarray(image).reshape(view.shape)
+    return
+  runtime = _cuda_runtime()
+  if runtime is None:
+    raise RuntimeError("nvImageCodec decoded outside the canvas and the CUDA runtime library (libcudart) that "
+                       "copies it there was not found")
+  source, target = image.__cuda_array_interface__, view.__cuda_array_interface__
+  height, width, channels = target["shape"]
+  source_pitch = (source.get("strides") or (width * channels,))[0]
+  device_to_device = 3  # cudaMemcpyDeviceToDevice
+  status = runtime.cudaMemcpy2DAsync(
+      ctypes.c_void_p(target["data"][0]), ctypes.c_size_t(target["strides"][0]), ctypes.c_void_p(source["data"][0]),
+      ctypes.c_size_t(source_pitch), ctypes.c_size_t(width * channels), ctypes.c_size_t(height), device_to_device,
+      ctypes.c_void_p(image.cuda_stream or 0))
+  if status != 0:
+    raise RuntimeError(f"cudaMemcpy2DAsync into the decode canvas failed with CUDA error {status}")
 
 
 class _DeviceView:
@@ -350,10 +379,11 @@ class DeviceDecoder:
 
   def __call__(self, plan: dict[str, Any]) -> dict[str, Any]:
     """The batch of a plan: its other keys unchanged, PLAN_KEYS replaced by 'input'."""
-    encoded, windows = encoded_bytes(plan), np.asarray(plan["window"])
+    encoded, windows, sizes = encoded_bytes(plan), np.asarray(plan["window"]), np.asarray(plan["image_size"])
     per_device = len(encoded) // len(self.devices)
-    parts = [self.decode(encoded[i * per_device:(i + 1) * per_device], windows[i * per_device:(i + 1) * per_device],
-                         self.size, self.channels, device) for i, device in enumerate(self.devices)]
+    rows = [slice(i * per_device, (i + 1) * per_device) for i in range(len(self.devices))]
+    parts = [self.decode(encoded[part], windows[part], sizes[part], self.size, self.channels, device)
+             for part, device in zip(rows, self.devices)]
     shape = (len(encoded), self.size, self.size, self.channels)
     inputs = parts[0] if len(parts) == 1 else jax.make_array_from_single_device_arrays(shape, self._sharding, parts)
     return {**{k: v for k, v in plan.items() if k not in PLAN_KEYS}, "input": inputs}
@@ -370,7 +400,11 @@ class DecodedBatches:
     return self
 
   def __next__(self) -> dict[str, Any]:
-    return self._decoder(next(self._plans))
+    try:
+      return self._decoder(next(self._plans))
+    except DataError:
+      self.close()  # as the host path's iterator does on a bad batch
+      raise
 
   def get_state(self) -> dict[str, int]:
     return self._plans.get_state()
