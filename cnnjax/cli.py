@@ -111,6 +111,22 @@ def define_device_flags() -> None:
                     "deterministic either way. A value already in XLA_FLAGS wins.")
 
 
+def define_run_reading_flags() -> None:
+  """The flags of the tools that read a trained run back (evaluate, predict, export): its directory and
+  which checkpoint."""
+  flags.DEFINE_string("workdir", None, "The run's directory (what python -m cnnjax.main was given).")
+  flags.DEFINE_integer("step", None, "The checkpoint's step (default: the newest, or the best with "
+                       "--checkpoint=best).")
+  flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
+                    "Without --step: the newest checkpoint, or the best-scoring one kept by keep_best_metric.")
+
+
+def check_checkpoint_flags(values: Any) -> None:
+  """One line and exit status 2 when both --step and --checkpoint=best are given."""
+  if values.step is not None and values.checkpoint == "best":
+    fail("give either --step=N or --checkpoint=best, not both")
+
+
 def configure_host_devices(simulate_devices: int, config: Any, *, sweep: bool = False,
                            deterministic: bool = True) -> Any:
   """Sets the CPU device count and GPU determinism before JAX starts (see `cnnjax.parallel.host_devices`);

@@ -20,10 +20,7 @@ from absl import app, flags
 from cnnjax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The run's directory (what python -m cnnjax.main was given).")
-flags.DEFINE_integer("step", None, "The checkpoint's step (default: the newest, or the best with --checkpoint=best).")
-flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
-                  "Without --step: the newest checkpoint, or the best-scoring one kept by keep_best_metric.")
+cli.define_run_reading_flags()
 flags.DEFINE_bool("json", False, "Print the whole report as JSON instead of a summary line.")
 cli.define_device_flags()
 
@@ -31,8 +28,7 @@ cli.define_device_flags()
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected argument {argv[1]!r}; python -m cnnjax.evaluate takes flags only (--workdir=DIR)")
-  if FLAGS.step is not None and FLAGS.checkpoint == "best":
-    cli.fail("give either --step=N or --checkpoint=best, not both")
+  cli.check_checkpoint_flags(FLAGS)
   cli.configure_logging()
 
   def go():

@@ -23,12 +23,9 @@ from cnnjax import cli
 from cnnjax.errors import EXIT_USER_ERROR
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The run's directory (what python -m cnnjax.main was given).")
+cli.define_run_reading_flags()
 flags.DEFINE_integer("top_k", 5, "Classes to print per image, best first (at most the run's classes).")
 flags.DEFINE_bool("json", False, "Print one JSON object: the predictions, and the files that failed.")
-flags.DEFINE_integer("step", None, "The checkpoint's step (default: the newest, or the best with --checkpoint=best).")
-flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
-                  "Without --step: the newest checkpoint, or the best-scoring one kept by keep_best_metric.")
 
 
 def main(argv: list[str]) -> None:
@@ -37,8 +34,7 @@ def main(argv: list[str]) -> None:
     cli.fail("give the image files or folders to classify: python -m cnnjax.predict --workdir=DIR PATH...")
   if FLAGS.top_k < 1:
     cli.fail(f"--top_k={FLAGS.top_k} must be at least 1")
-  if FLAGS.step is not None and FLAGS.checkpoint == "best":
-    cli.fail("give either --step=N or --checkpoint=best, not both")
+  cli.check_checkpoint_flags(FLAGS)
   cli.configure_logging()
 
   def go():

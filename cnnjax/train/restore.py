@@ -35,7 +35,6 @@ from cnnjax.train.state import TrainState, create_train_state
 
 # Which checkpoint to read: the newest, or the best-scoring one kept by `keep_best_metric`.
 LATEST, BEST = "latest", "best"
-CHECKPOINT_CHOICES = (LATEST, BEST)
 TRAIN_HINT = "give the --workdir of a run trained with python -m cnnjax.main"
 
 
