@@ -244,10 +244,11 @@ def test_bad_inputs_are_one_line_and_leave_the_run_byte_identical(runs, tmp_path
   shutil.rmtree(damaged)
   empty = tmp_path / "empty"
   empty.mkdir()
-  assert_refused(["--to=stablehlo", f"--workdir={empty}", f"--output={tmp_path / 'x.stablehlo'}"],
-                 "holds no run", str(empty))
+  with pytest.raises(CnnjaxError, match="holds no run: its config.json is missing"):
+    export.export(str(empty), "stablehlo", str(tmp_path / "x.stablehlo"))
   assert snapshot(workdir) == before
   assert sorted(os.listdir(tmp_path)) == ["empty", "out.safetensors"]  # nothing else written
+  assert not os.listdir(empty)
 
 
 def test_a_model_without_a_torchvision_counterpart_is_one_line_naming_those_with_one(tmp_path):
