@@ -251,14 +251,24 @@ def test_bad_inputs_are_one_line_and_leave_the_run_byte_identical(runs, tmp_path
   assert not os.listdir(empty)
 
 
-def test_a_model_without_a_torchvision_counterpart_is_one_line_naming_those_with_one(tmp_path):
+def test_a_model_without_a_torchvision_counterpart_is_one_line_naming_those_with_one_and_exports_to_stablehlo(
+    tmp_path):
   config = harness.case_config(harness.Case("lenet5", BATCH, IMAGE_SIZE, 3, NUM_CLASSES, "none", "float32",
                                             "cifar"), str(tmp_path))
-  run_dir = tmp_path / "lenet5"
-  train.RunDir(str(run_dir)).write_config(config)
+  config.num_train_steps = config.checkpoint_every_steps = STEPS
+  config.progress_bar = False
+  run_dir = str(tmp_path / "lenet5")
+  train.run(config, run_dir)
   assert_refused(["--to=torchvision", f"--workdir={run_dir}", f"--output={tmp_path / 'lenet5.safetensors'}"],
                  f"has no torchvision counterpart to export to; the models with torchvision's layout: "
-                 f"{', '.join(tvi.ARCHITECTURES)}", str(run_dir))
+                 f"{', '.join(tvi.ARCHITECTURES)}", run_dir)
+  path = str(tmp_path / "lenet5.stablehlo")
+  export.export(run_dir, "stablehlo", path, platforms=("cpu",))
+  with open(path, "rb") as f:
+    served = jax.export.deserialize(bytearray(f.read()))
+  lenet = Run(run_dir, config, final_state(run_dir, config), train.build(config).model)
+  inputs = images(2)
+  assert relative_error(served.call(inputs), lenet.logits(inputs)) < LOGITS_RTOL
 
 
 def test_overwrite_replaces_the_output_and_the_command_says_what_it_wrote(runs, tmp_path):
