@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 
 from cnnjax import cli
-from cnnjax.errors import EXIT_USER_ERROR
+from cnnjax.errors import EXIT_USER_ERROR, one_line
 
 FLAGS = flags.FLAGS
 cli.define_run_reading_flags()
@@ -38,11 +38,10 @@ def main(argv: list[str]) -> None:
   cli.configure_logging()
 
   def go():
-    from cnnjax.data.readers import printable  # pylint: disable=import-outside-toplevel  (jax after flags)
-    from cnnjax.train import prediction, restore  # pylint: disable=import-outside-toplevel
+    from cnnjax.train import prediction, restore  # pylint: disable=import-outside-toplevel  (jax after flags)
 
     def report(path: str, error: str) -> None:
-      print(f"error: {printable(path)}: {error}", file=sys.stderr, flush=True)
+      print(f"error: {one_line(path)}: {one_line(error)}", file=sys.stderr, flush=True)
 
     files = prediction.image_files(paths)
     run = restore.restore_for_inference(FLAGS.workdir, step=FLAGS.step, checkpoint=FLAGS.checkpoint)
@@ -57,7 +56,7 @@ def main(argv: list[str]) -> None:
     if not named:
       print(f"note: the run in {run.workdir} recorded no class names; classes are given by index", file=sys.stderr)
     for p in predictions:
-      print(f"{p.path}: " + ", ".join(f"{name if name is not None else index} {probability:.4f}"
+      print(f"{one_line(p.path)}: " + ", ".join(f"{name if name is not None else index} {probability:.4f}"
                                       for index, name, probability in p.top))
   if failed:
     sys.exit(EXIT_USER_ERROR)

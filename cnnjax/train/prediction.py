@@ -24,7 +24,7 @@ from PIL import Image
 from cnnjax.data import readers
 from cnnjax.data.preprocess import resize_shorter_and_center_crop
 from cnnjax.data.resident import model_batch
-from cnnjax.errors import ConfigError
+from cnnjax.errors import ConfigError, printable
 from cnnjax.train.restore import InferenceRun
 
 # What a folder's files must end with to be read (a file named on the command line is always tried).
@@ -48,7 +48,7 @@ def image_files(paths: Sequence[str]) -> list[str]:
   a path that does not exist, or when there is no file at all."""
   missing = [path for path in paths if not (os.path.isfile(path) or os.path.isdir(path))]
   if missing:
-    raise ConfigError(f"{readers.printable(missing[0])} is neither a file nor a folder; give image files or folders")
+    raise ConfigError(f"{printable(missing[0])} is neither a file nor a folder; give image files or folders")
   files = []
   for path in paths:
     if not os.path.isdir(path):
@@ -59,7 +59,7 @@ def image_files(paths: Sequence[str]) -> list[str]:
       files += [os.path.join(root, name) for name in sorted(names) if name.lower().endswith(IMAGE_SUFFIXES)]
   if not files:
     raise ConfigError(f"no image files (ending in {', '.join(IMAGE_SUFFIXES)}) in "
-                      f"{', '.join(readers.printable(path) for path in paths)}")
+                      f"{', '.join(printable(path) for path in paths)}")
   return files
 
 
