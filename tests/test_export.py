@@ -216,6 +216,8 @@ def test_bad_inputs_are_one_line_and_leave_the_run_byte_identical(runs, tmp_path
               ({"output": str(tmp_path / "out.pt")}, "ending in .safetensors"),
               ({"output": str(tmp_path)}, "is a directory"),
               ({}, "pass --overwrite"),
+              ({"to": "stablehlo", "output": os.path.join(workdir, "config.json"), "overwrite": True},
+               "a file of the run"),
               ({"to": "stablehlo", "output": str(tmp_path / "x.stablehlo"), "platforms": ("gpu",)}, "unknown gpu")]
   before = snapshot(workdir)
   for overrides, match in refusals:

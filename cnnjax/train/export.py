@@ -85,9 +85,10 @@ def _numbers(values: tuple[float, ...]) -> str:
 # Checks made before anything is read or written.
 
 
-def check_output(path: str, to: str, *, overwrite: bool) -> str:
+def check_output(path: str, to: str, *, workdir: str, overwrite: bool) -> str:
   """The absolute output path; ConfigError unless it can be written as asked (its directory exists and
-  is writable, it is not a directory, it exists only with `overwrite`, it ends as the format's files do)."""
+  is writable, it is not a directory, it exists only with `overwrite` and is none of the run's own files
+  in `workdir`, it ends as the format's files do)."""
   if not path or not path.strip():
     raise ConfigError(f"--output is empty; give the file to write, e.g. --output=model{SUFFIXES[to]}")
   absolute = os.path.abspath(os.path.expanduser(path))
@@ -103,6 +104,10 @@ def check_output(path: str, to: str, *, overwrite: bool) -> str:
   if os.path.lexists(absolute) and not overwrite:
     raise ConfigError(f"--output={path} exists; pass --overwrite to replace it (in one rename) or give another "
                       "path")
+  run = os.path.realpath(workdir) + os.sep if workdir else None
+  if run and os.path.lexists(absolute) and os.path.realpath(absolute).startswith(run):
+    raise ConfigError(f"--output={path} is a file of the run in {workdir}, which an export never replaces; give "
+                      "another path")
   check_workdir(directory, "--output's directory")  # writable, tried for real
   return absolute
 
@@ -201,7 +206,7 @@ def export(workdir: str, to: str, output: str, *, config: ml_collections.ConfigD
   if to == STABLEHLO and (unknown or not platforms):
     raise ConfigError(f"--platforms={','.join(platforms)}: {'unknown ' + unknown[0] if unknown else 'none given'}; "
                       f"choose among {', '.join(PLATFORMS)}")
-  path = check_output(output, to, overwrite=overwrite)
+  path = check_output(output, to, workdir=workdir, overwrite=overwrite)
   run_config = restore.load_config(workdir)
   if to == TORCHVISION:
     tvi.check_architecture(run_config.model.name, "has no torchvision counterpart to export to")
