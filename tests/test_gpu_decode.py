@@ -172,6 +172,31 @@ def test_nvimgcodec_cpu_backend_decodes_the_planned_regions(source):
     decode(batches(corrupt_source(), prep, plan_only=True, steps=1)[0])
 
 
+# Mean absolute difference, in uint8 levels, allowed between nvJPEG on the GPU and libjpeg-turbo (nvImageCodec's
+# CPU backend) decoding the same regions: two IDCT implementations and chroma upsamplings.
+NVJPEG_LEVELS = 2.0
+
+
+def test_nvimgcodec_on_the_gpu_decodes_as_its_cpu_backend(source):
+  """Runs on an NVIDIA GPU only (the GPU check's GPU tests)."""
+  nvimgcodec_or_skip()
+  gpus = [device for device in jax.devices() if device.platform == "gpu"]
+  if not gpus:
+    pytest.skip("no GPU here: this test runs in the GPU check (scripts/gpu_check.sh)")
+  prep = preprocess()
+  on_gpu = gpu_decode.DeviceDecoder(gpus[:1], SIZE, 3, gpu_decode.gpu_windows())
+  on_cpu = gpu_decode.DeviceDecoder(gpus[:1], SIZE, 3, gpu_decode.canvas_windows(
+      gpu_decode.NvImageCodecRegions(cpu=True)))
+  for plan in batches(source, prep, plan_only=True):
+    got = on_gpu(plan)["input"]
+    assert got.devices() == {gpus[0]} and got.dtype == np.uint8
+    difference = np.abs(np.asarray(got).astype(float) - np.asarray(on_cpu(plan)["input"]))
+    print(f"nvJPEG vs libjpeg-turbo: mean |difference| {difference.mean():.2f}, max {difference.max():.0f} levels")
+    assert difference.mean() < NVJPEG_LEVELS
+  with pytest.raises(DataError, match="cannot be decoded"):
+    on_gpu(batches(corrupt_source(), prep, plan_only=True, steps=1)[0])
+
+
 def test_the_decoder_choice():
   choose = gpu_decode.choose
   assert choose("host", platform="gpu", device_kind="NVIDIA H200", decodes=True) == ("host", "as set")

@@ -251,6 +251,21 @@ class NvImageCodecRegions:
     from nvidia import nvimgcodec  # pylint: disable=import-outside-toplevel
     self._codec, self._cpu = nvimgcodec, cpu
     self._decoders: dict[Any, Any] = {}
+    self._streams: dict[Any, int] = {}
+
+  def _stream(self, device: jax.Device) -> int:
+    """A non-blocking CUDA stream of the device's own for its decodes: not CUDA's legacy default stream,
+    which would wait for the train step's work on other blocking streams (0 where the CUDA runtime library
+    is not found)."""
+    if device not in self._streams:
+      runtime, stream = _cuda_runtime(), ctypes.c_void_p(0)
+      if runtime is not None:
+        runtime.cudaSetDevice(device.local_hardware_id)
+        non_blocking = 1  # cudaStreamNonBlocking
+        if runtime.cudaStreamCreateWithFlags(ctypes.byref(stream), non_blocking) != 0:
+          stream = ctypes.c_void_p(0)
+      self._streams[device] = stream.value or 0
+    return self._streams[device]
 
   def _decoder(self, device: jax.Device) -> Any:
     codec = self._codec
@@ -280,22 +295,23 @@ class NvImageCodecRegions:
       canvas = jnp.zeros(shape, jnp.uint8, device=device).block_until_ready()
       views = [_DeviceView(canvas, row, bottom - top, right - left) for row, (top, left, bottom, right)
                in enumerate(boxes)]
-    images = [codec.as_image(view) for view in views]
-    decoded = self._decoder(device).decode(streams, images=images, params=params, cuda_stream=0)
+    stream = 0 if self._cpu else self._stream(device)
+    images = [codec.as_image(view, stream) for view in views]
+    decoded = self._decoder(device).decode(streams, images=images, params=params, cuda_stream=stream)
     interface = "__array_interface__" if self._cpu else "__cuda_array_interface__"
     for row, (image, view) in enumerate(zip(decoded, views)):
       if image is None:
         raise undecodable(f"nvImageCodec could not decode example {row} of the batch")
       if getattr(image, interface)["data"][0] != getattr(view, interface)["data"][0]:
         # nvImageCodec decoded into a buffer of its own rather than the canvas: copy it there.
-        _copy_into(view, image, cpu=self._cpu)
+        _copy_into(view, image, cpu=self._cpu, stream=stream)
     if self._cpu:
       return jax.device_put(canvas, device)
-    _synchronize(device, decoded)
+    _synchronize(device, stream, decoded)
     return canvas
 
 
-def _copy_into(view: Any, image: Any, *, cpu: bool) -> None:
+def _copy_into(view: Any, image: Any, *, cpu: bool, stream: int) -> None:
   if cpu:
     view[...] = np.asarray(image).reshape(view.shape)
     return
@@ -310,7 +326,7 @@ def _copy_into(view: Any, image: Any, *, cpu: bool) -> None:
   status = runtime.cudaMemcpy2DAsync(
       ctypes.c_void_p(target["data"][0]), ctypes.c_size_t(target["strides"][0]), ctypes.c_void_p(source["data"][0]),
       ctypes.c_size_t(source_pitch), ctypes.c_size_t(width * channels), ctypes.c_size_t(height), device_to_device,
-      ctypes.c_void_p(image.cuda_stream or 0))
+      ctypes.c_void_p(stream))
   if status != 0:
     raise RuntimeError(f"cudaMemcpy2DAsync into the decode canvas failed with CUDA error {status}")
 
@@ -331,12 +347,12 @@ class _DeviceView:
                                      "stream": None}
 
 
-def _synchronize(device: jax.Device, decoded: Sequence[Any]) -> None:
-  """Waits until the decodes issued on CUDA's default stream of `device` are written."""
+def _synchronize(device: jax.Device, stream: int, decoded: Sequence[Any]) -> None:
+  """Waits until the decodes (and copies) issued on `stream` of `device` are written."""
   runtime = _cuda_runtime()
   if runtime is not None:
     runtime.cudaSetDevice(device.local_hardware_id)
-    if runtime.cudaStreamSynchronize(ctypes.c_void_p(0)) == 0:
+    if runtime.cudaStreamSynchronize(ctypes.c_void_p(stream)) == 0:
       return
   # Without the CUDA runtime library: copying the smallest image to the host waits for the same stream.
   min(decoded, key=lambda image: image.height * image.width).cpu()
