@@ -20,7 +20,7 @@ import math
 
 import ml_collections
 
-from cnnjax.data import DATASET_NAMES, is_dataset_name
+from cnnjax.data import AUTO_WORKERS, DATASET_NAMES, is_dataset_name
 from cnnjax.data.gpu_decode import DECODERS
 from cnnjax.data.resident import PLACEMENTS
 from cnnjax.errors import ConfigError
@@ -103,10 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.rotation_degrees = 0.0  # random rotation in [-r, r] degrees; 0: off
   config.data.vocab_size = 20_000  # text only: vocabulary ids from the training split, padding and unknown included
   config.data.max_length = 256  # text only: tokens per example (longer ones cut, shorter ones padded)
-  config.data.num_threads = 4  # host threads preparing batches (in each worker process when there are some)
+  # Host threads preparing batches (in each worker process when there are some, except that the workers
+  # num_workers=-1 starts have one thread each).
+  config.data.num_threads = 4
   # Worker processes preparing batches, beside the threads (grain multiprocessing): 0 prepares them in this
-  # process; -1 (auto) chooses from the cores and whether the host decodes images (`data.host_workers`).
-  config.data.num_workers = -1
+  # process; AUTO_WORKERS (-1) chooses from the cores and whether the host decodes (`data.host_workers`).
+  config.data.num_workers = AUTO_WORKERS
   config.data.cache_megabytes = 1024  # decode fixed-size image datasets into RAM once when they fit; 0: never
   config.data.prefetch_batches = 8
   # Where the splits live (cnnjax.data.resident): auto (on the devices when the preprocessing can run there
@@ -398,8 +400,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.data.rotation_degrees >= 0, f"data.rotation_degrees={config.data.rotation_degrees} must be >= 0")
   _require(config.data.cache_megabytes >= 0, f"data.cache_megabytes={config.data.cache_megabytes} must be >= 0")
   _require(config.data.num_threads > 0, f"data.num_threads={config.data.num_threads} must be positive")
-  _require(config.data.num_workers >= -1, f"data.num_workers={config.data.num_workers} must be >= -1 "
-           "(-1: chosen from the cores, 0: no worker processes, threads only)")
+  _require(config.data.num_workers >= AUTO_WORKERS, f"data.num_workers={config.data.num_workers} must be "
+           f">= {AUTO_WORKERS} ({AUTO_WORKERS}: chosen from the cores, 0: no worker processes, "
+           "threads only)")
   _require(config.data.prefetch_batches > 0, f"data.prefetch_batches={config.data.prefetch_batches} must be positive")
   _choice(config.data.placement, PLACEMENTS, "data.placement")
   _choice(config.data.decoder, DECODERS, "data.decoder")

@@ -74,7 +74,7 @@ def time_steps(step, state, batch, warmup: int, timed: int):
   import jax  # pylint: disable=import-outside-toplevel
   for _ in range(warmup):
     state, _ = step(state, batch)
-  jax.block_until_ready(state)
+    jax.block_until_ready(state)  # untimed: one program at a time (see parallel.waits_for_each_program)
   durations = []
   cpu_start = os.times()
   for _ in range(timed):

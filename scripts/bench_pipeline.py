@@ -4,8 +4,9 @@ Command:
   python scripts/bench_pipeline.py [--json=docs/results/pipeline_workers.json] [--repeats=3]
       [--settings=0x1,0x2,0x4,1x1,2x1,3x1,4x1,2x2] [--batch=64] [--seconds=10]
 Expected: for each setting WxT (W worker processes, T threads in each; W=0: T threads in the training
-process, no workers), the median images per second of `resnet50_imagenet`'s data recipe (TFDS JPEG
-decode, random_resized_crop to 224, flip, normalization, batching) and the CPU seconds it spends per
+process, no workers), the median images per second of `resnet50_imagenet`'s host data recipe (TFDS JPEG
+read, decode at the crop's DCT scale, random_resized_crop to 224 in uint8, batching; flip and normalization
+run on the devices) and the CPU seconds it spends per
 image (the training process and its workers); then the rate of one core (images per CPU second) and,
 derived from it, the cores that ResNet-50's 3,000 images/s on one H100 would need.
 Cost: about 8 minutes on 2 CPU cores (every setting 3 times, each starting its workers afresh).
@@ -30,6 +31,10 @@ from cnnjax import cli
 TARGET_IMAGES_PER_SECOND = 3000
 WARMUP_BATCHES = 3
 MIN_TIMED_BATCHES = 10
+
+# What the host does to each image, as the results file records it.
+RECIPE = ("resnet50_imagenet's host stage: TFDS JPEG read, PIL decode at the coarsest DCT scale the crop allows, "
+          "random_resized_crop to 224, uint8 batches (flip and normalization run on the devices)")
 
 flags.DEFINE_string("json", os.path.join("docs", "results", "pipeline_workers.json"), "Where to write the results.")
 flags.DEFINE_list("settings", ["0x1", "0x2", "0x4", "1x1", "2x1", "3x1", "4x1", "2x2"],
@@ -96,8 +101,7 @@ def measure_all(root: str) -> dict:
       values["over_one_thread"] = values["images_per_second"] / baseline
   return {**harness.provenance(),
           "load_average_at_end": os.getloadavg(), "data": data,
-          "pipeline": {"recipe": "resnet50_imagenet: TFDS JPEG decode (PIL), random_resized_crop to 224, flip, "
-                                 "normalization, float32 batches", "batch": FLAGS.batch,
+          "pipeline": {"recipe": RECIPE, "batch": FLAGS.batch,
                        "prefetch_batches": config.data.prefetch_batches, "seconds_per_measurement": FLAGS.seconds,
                        "warmup_batches": WARMUP_BATCHES, "repeats": FLAGS.repeats},
           "settings": summary, "rounds": rounds, "derived": derived}

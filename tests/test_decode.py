@@ -76,3 +76,14 @@ def test_an_examples_header_is_parsed_once_for_its_window_and_its_decode(monkeyp
   assert batch["input"].shape == (3, 64, 64, 3) and len(opened) == 3
   again = decode_window(images[0], (0, 0, 480, 640), 16, 16)  # a second decode opens the image anew
   assert again.shape == (16, 16, 3) and len(opened) == 4
+
+
+def test_a_copy_or_pickle_of_an_image_carries_its_bytes_only():
+  import copy  # pylint: disable=import-outside-toplevel
+  import pickle  # pylint: disable=import-outside-toplevel
+  image = EncodedImage(jpeg(480, 640), 3)
+  assert image.size == (480, 640)  # opens the header
+  for twin in (copy.copy(image), pickle.loads(pickle.dumps(image))):
+    assert twin == image and "_header" not in twin.__dict__
+    np.testing.assert_array_equal(decode_window(twin, (10, 20, 300, 400), 64, 64),
+                                  decode_window(EncodedImage(image.data, 3), (10, 20, 300, 400), 64, 64))

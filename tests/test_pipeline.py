@@ -262,17 +262,28 @@ def test_more_threads_than_prefetched_batches_start_without_grain_warning(caplog
 
 
 def test_worker_processes_are_chosen_from_the_cores_where_the_host_decodes():
-  auto = data.AUTO_WORKERS
-  assert data.host_workers(3, 2, decodes=True, cores=64)[:2] == (3, 2)  # as set, whatever the host
-  assert data.host_workers(0, 16, decodes=True, cores=64)[:2] == (0, 16)
-  limit = pipeline.THREAD_SCALING_CORES
-  assert data.host_workers(auto, 16, decodes=True, cores=limit)[:2] == (0, 16)  # threads while they scale
-  assert data.host_workers(auto, 16, decodes=True, cores=limit + 1)[:2] == (limit + 1, 1)  # a process per core
-  assert data.host_workers(auto, 4, decodes=False, cores=64)[:2] == (0, 4)  # small arrays: threads
-  assert "auto" in data.host_workers(auto, 4, decodes=False, cores=2)[2]
+  auto, limit = data.AUTO_WORKERS, pipeline.THREAD_SCALING_CORES
+  batch = 256 * 224 * 224 * 3
+  plenty = 64 * pipeline.SHARED_BATCHES_PER_WORKER * batch
+
+  def choice(workers, threads, **host):
+    return data.host_workers(workers, threads, **{"decodes": True, "cores": 64, "batch_bytes": batch,
+                                                  "shared_memory": plenty, **host})
+
+  assert choice(3, 2)[:2] == (3, 2) and choice(0, 16)[:2] == (0, 16)  # as set, whatever the host
+  assert choice(auto, 16, cores=limit)[:2] == (0, 16)  # threads while they scale
+  assert choice(auto, 16, cores=limit + 1)[:2] == (limit + 1, 1)  # then a process per core
+  assert choice(auto, 4, decodes=False)[:2] == (0, 4)  # arrays in memory: threads
+  # As many workers as /dev/shm holds the batches of (a container's default 64 MB holds none of ImageNet's).
+  assert choice(auto, 16, shared_memory=5 * pipeline.SHARED_BATCHES_PER_WORKER * batch)[:2] == (5, 1)
+  few = choice(auto, 16, shared_memory=64 * 2 ** 20)
+  assert few[:2] == (0, 16) and "--shm-size" in few[2]
+  assert choice(auto, 16, shared_memory=None)[:2] == (64, 1)  # no /dev/shm to measure
+  with open(os.path.join(REPO_ROOT, "docs", "data.md")) as f:
+    assert f"decodes records on more than {limit} cores" in " ".join(f.read().split())
 
 
-def test_the_start_line_names_who_prepares_host_batches(tmp_path, tfds_data_dir):
+def test_the_start_line_names_who_prepares_host_batches(tfds_data_dir):
   config = experiment_config("lenet5_digits")
   config.data.placement = "host"
   line = train.build(config).describe()

@@ -218,12 +218,30 @@ def test_the_loop_reads_the_devices_only_where_it_logs_or_checkpoints_and_places
     assert before.count("put") == min(index + loop_lib.DEVICE_PREFETCH, 20)
 
 
-def test_several_cpu_devices_run_one_program_at_a_time():
+def test_several_cpu_devices_run_one_program_at_a_time(tmp_path, tfds_data_dir, monkeypatch):
   # XLA's CPU client deadlocks collectives when programs queue on several CPU devices (a flaky abort that
   # took a LeNet-5 run on 8 devices); one device, or an accelerator, queues freely.
   devices = jax.devices()
   assert len(devices) == 8 and parallel.waits_for_each_program(devices)
   assert not parallel.waits_for_each_program(devices[:1])
+  previous, queued = [], {"train": 0, "eval": 0}
+  original_compile, original_eval = parallel.SingleEngine.compile_train_step, parallel.SingleEngine.eval_step_fn
+
+  def watched(kind, compiled):
+    def dispatch(*args):
+      queued[kind] += any(not leaf.is_ready() for leaf in jax.tree.leaves(previous))
+      previous[:] = [compiled(*args)]
+      return previous[0]
+    return dispatch
+
+  monkeypatch.setattr(parallel.SingleEngine, "compile_train_step",
+                      lambda self, *args: watched("train", original_compile(self, *args)))
+  monkeypatch.setattr(parallel.SingleEngine, "eval_step_fn",
+                      lambda self, data=None: watched("eval", original_eval(self, data)))
+  config = augmented_config(**{"num_train_steps": 12, "log_every_steps": 6, "checkpoint_every_steps": 12,
+                               "eval_every_steps": 6, "parallel.strategy": "jit"})
+  train.run(config, str(tmp_path))
+  assert queued == {"train": 0, "eval": 0}
 
 
 def test_steps_per_dispatch_and_where_dispatches_end():

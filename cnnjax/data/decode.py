@@ -11,10 +11,10 @@ decoded-array path; the pixels differ from it only where a coarser DCT scale
 was taken, and by rounding. An example's header is parsed once, for its window
 and its decode.
 
-PIL was kept over the other reduced-scale JPEG decoders measured (OpenCV's
-`IMREAD_REDUCED_*`, simplejpeg's `min_height`/`min_width`): they saved a small
-share of the CPU time per image, for a large extra dependency and, with
-OpenCV, a truncated file decoded with a warning instead of refused.
+PIL is kept over the other reduced-scale JPEG decoders (OpenCV's
+`IMREAD_REDUCED_*`, simplejpeg's `min_height`/`min_width`), which scale the
+DCT the same way through libjpeg-turbo: either is another large dependency,
+and OpenCV decodes a truncated file with a warning instead of refusing it.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ class EncodedImage:
   @functools.cached_property
   def _header(self) -> Image.Image:
     return self.open()
+
+  def __getstate__(self) -> dict:
+    # A copy or a pickle carries the bytes only: an opened header is one decode's, and holds its pixels.
+    return {key: value for key, value in self.__dict__.items() if key != "_header"}
 
   def take_opened(self) -> Image.Image:
     """The image opened to read its size, handed to one decode (decoding consumes it), else opened anew:

@@ -59,6 +59,7 @@ import functools
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import threading
 import weakref
@@ -225,9 +226,9 @@ def num_eval_batches(num_examples: int, global_batch: int) -> int:
 
 # `data.num_workers` when the count is left to cnnjax (`host_workers`).
 AUTO_WORKERS = -1
-# Threads of one process stop adding throughput to JPEG decoding and cropping at about this many cores, so
-# past it a host's cores are used through worker processes (issue 22's measurements on a 16-core GPU host,
-# where worker processes outran threads; on 2 cores threads cost less per image).
+# Threads of one process stop adding throughput to JPEG decoding and cropping somewhere past this many cores,
+# where the GIL-holding parts of their work meet (issue 22 saw it on a 16-core GPU host; no results file of
+# this project measures more than 2 cores), so past it a host's cores are used through worker processes.
 THREAD_SCALING_CORES = 8
 
 
@@ -236,19 +237,32 @@ def usable_cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def host_workers(num_workers: int, num_threads: int, *, decodes: bool, cores: int) -> tuple[int, int, str]:
+def shared_memory_free() -> int | None:
+  """Free bytes in /dev/shm, where worker processes hand their batches over (None where there is none)."""
+  return shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
+
+
+def host_workers(num_workers: int, num_threads: int, *, decodes: bool, cores: int, batch_bytes: int,
+                 shared_memory: int | None) -> tuple[int, int, str]:
   """(worker processes, threads in each process, why) for the host path's batches.
 
-  An explicit `num_workers` (>= 0) stands. `AUTO_WORKERS` prepares batches in threads of the training
-  process, which cost fewer CPU ms per image than workers (docs/results/pipeline_workers.json), unless the
-  host decodes images (`decodes`) on more than THREAD_SCALING_CORES cores: then one single-threaded
-  worker process per core.
+  An explicit `num_workers` (>= 0) stands. `AUTO_WORKERS` prepares batches in `num_threads` threads of the
+  training process, which cost fewer CPU ms per image than workers (docs/results/pipeline_workers.json),
+  unless the host decodes records (`decodes`) on more than THREAD_SCALING_CORES cores: then one
+  single-threaded worker process per core, as many as `shared_memory` bytes hold the batches of
+  (`batch_bytes` each, SHARED_BATCHES_PER_WORKER per worker), and threads when that is fewer than two.
   """
   if num_workers != AUTO_WORKERS:
     return num_workers, num_threads, "as set"
-  if decodes and cores > THREAD_SCALING_CORES:
-    return cores, 1, f"auto: {cores} cores decoding images, more than threads scale to"
-  return 0, num_threads, f"auto: {cores} cores" + (" decoding images" if decodes else "")
+  if not decodes or cores <= THREAD_SCALING_CORES:
+    return 0, num_threads, f"auto: {cores} cores" + (" decode" if decodes else "")
+  room = cores if shared_memory is None else shared_memory // (SHARED_BATCHES_PER_WORKER * max(batch_bytes, 1))
+  workers = min(cores, room)
+  if workers < 2:
+    return 0, num_threads, (f"auto: {cores} cores decode, but /dev/shm has room for the batches of {room} worker "
+                            "process(es); give a container --shm-size or --ipc=host")
+  return workers, 1, (f"auto: {cores} cores decode; threads stop scaling past {THREAD_SCALING_CORES}" +
+                      (f"; /dev/shm has room for {workers} workers' batches" if workers < cores else ""))
 
 
 def iterate(dataset: grain.MapDataset, *, num_threads: int, prefetch: int, num_workers: int = 0) -> Batches:

@@ -169,6 +169,12 @@ def read_columns(source: RandomAccessSource, indices: np.ndarray) -> dict[str, A
   return out
 
 
+def decodes_per_read(source: RandomAccessSource) -> bool:
+  """Whether reading `source` decodes its records (TFDS files, encoded images), rather than indexing arrays
+  held in memory (`columns`)."""
+  return getattr(source, "columns", None) is None
+
+
 def read_for_preprocessing(source: RandomAccessSource, indices: np.ndarray) -> dict[str, Any]:
   """The records at `indices` as the host stage of preprocessing takes them: encoded images where the
   source keeps them (`EncodedImageSource`), else `read_columns`."""

@@ -442,11 +442,15 @@ def _eval_sums(engine: SingleEngine | PopulationEngine, state: PyTree, eval_fn: 
         total[key] = total.get(key, 0.0) + value
 
   # A batch's sums are read only once EVAL_BATCHES_IN_FLIGHT later batches are dispatched, so the devices
-  # never wait for the host, and no more batches than that wait on the devices.
-  ahead = 0 if waits_for_each_program(engine.strategy.layout.devices) else EVAL_BATCHES_IN_FLIGHT
+  # never wait for the host, and no more batches than that wait on the devices; on several CPU devices each
+  # batch is waited for on every device (reading its sums waits only for the device they are read from).
+  one_at_a_time = waits_for_each_program(engine.strategy.layout.devices)
+  ahead = 0 if one_at_a_time else EVAL_BATCHES_IN_FLIGHT
   in_flight: collections.deque = collections.deque()
   for batch in batches:
     in_flight.append(eval_fn(state, engine.strategy.put_eval_batch(device_part(batch))))
+    if one_at_a_time:
+      jax.block_until_ready(in_flight[-1])
     if len(in_flight) > ahead:
       add(in_flight.popleft())
   while in_flight:

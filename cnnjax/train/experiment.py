@@ -121,10 +121,12 @@ class Experiment:
 
   def host_workers(self) -> tuple[int, int, str]:
     """(worker processes, threads in each, why) preparing the host path's batches (`data.num_workers`)."""
-    # Images read encoded are decoded per batch, on the host unless the GPU decodes them.
-    decodes = hasattr(self.dataset.train, "read_encoded") and not self.gpu_decodes
+    # Records are decoded per batch, on the host unless the GPU decodes them.
+    decodes = data_lib.decodes_per_read(self.dataset.train) and not self.gpu_decodes
+    example_bytes = math.prod(self.input_shape) * np.dtype(np.uint8).itemsize  # host batches are uint8
     return data_lib.host_workers(self.config.data.num_workers, self.config.data.num_threads, decodes=decodes,
-                                 cores=data_lib.usable_cores())
+                                 cores=data_lib.usable_cores(), shared_memory=data_lib.shared_memory_free(),
+                                 batch_bytes=self.train_slice.local_batch * example_bytes)
 
   def _iterate(self, dataset: Any, *, plans: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """The dataset's batches; `plans` (for the GPU decoder) are decoded on the devices as they are taken."""

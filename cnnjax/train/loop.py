@@ -321,7 +321,7 @@ def train_members(members: Sequence[Member], engine: parallel.Engine, *, start_s
     for feed in feeds:
       feed.set_state({"next_index": start_step})
   per_dispatch = steps_per_dispatch(config, on_device, exp.strategy.layout.devices[0].platform)
-  one_at_a_time = parallel.waits_for_each_program(exp.strategy.layout.devices)
+  one_at_a_time = parallel.waits_for_each_program(engine.strategy.layout.devices)
   eval_fn = engine.eval_step_fn(eval_data)
   trace = StepTrace(lead.workdir, config.profile_steps, start_step=start_step, enabled=lead.is_writer)
   timer = Throughput(engine.global_batch * engine.num_members)

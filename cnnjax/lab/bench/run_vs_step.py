@@ -114,7 +114,7 @@ def case_config(case: Case, checkout: str, data_dir: str) -> Any:
 def bare_step_images_per_second(config: Any, steps: int) -> float:
   """The run's compiled train step, back to back on its first batch placed on the device."""
   import jax  # pylint: disable=import-outside-toplevel
-  from cnnjax import train  # pylint: disable=import-outside-toplevel
+  from cnnjax import parallel, train  # pylint: disable=import-outside-toplevel
   exp = train.build(config)
   batches = exp.train_batches()
   host_batch = {key: value for key, value in next(batches).items() if key != "index"}
@@ -124,9 +124,12 @@ def bare_step_images_per_second(config: Any, steps: int) -> float:
   step = exp.train_step_fn()
   state, metrics = step(state, batch)  # compiles
   jax.block_until_ready((state, metrics))
+  one_at_a_time = parallel.waits_for_each_program(exp.strategy.layout.devices)  # as the run does
   start = time.perf_counter()
   for _ in range(steps):
     state, metrics = step(state, batch)
+    if one_at_a_time:
+      jax.block_until_ready(state)
   jax.block_until_ready((state, metrics))
   return steps * config.batch_size / (time.perf_counter() - start)
 

@@ -51,7 +51,7 @@ def time_train_step(exp: Experiment, *, warmup_steps: int, timed_steps: int) -> 
   compile_seconds = time.perf_counter() - start
   for _ in range(warmup_steps):
     state, metrics = step(state, batch)
-  jax.block_until_ready(state)
+    jax.block_until_ready(state)  # untimed: one program at a time (see parallel.waits_for_each_program)
   durations = []
   for _ in range(timed_steps):
     start = time.perf_counter()
