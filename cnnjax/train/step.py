@@ -14,8 +14,8 @@ augmentation draws) or as a plan into a split resident on the devices (`data`);
 
 `advance` runs one step, or several in a loop on the devices over a block of
 plans, and adds each step's metrics into a log that stays on the devices (`empty_log`):
-the loop reads it only where it logs, evaluates or checkpoints, so the host
-never waits for the devices between steps. The log also keeps the first step
+the loop reads it only where it logs, evaluates or checkpoints, so no step
+waits for a value to come back to the host. The log also keeps the first step
 whose loss, gradients or parameters were not finite, with its loss and
 gradient norm.
 """
