@@ -22,15 +22,11 @@ from cnnjax import cli
 FORMATS = ("torchvision", "stablehlo")  # cnnjax.train.export.FORMATS, without importing JAX for --help
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The run's directory (what python -m cnnjax.main was given).")
+cli.define_run_reading_flags()
 flags.DEFINE_enum("to", None, FORMATS, "torchvision: a .safetensors state dict in torchvision's layout; "
                   "stablehlo: the eval-mode forward pass serialized by jax.export.")
 flags.DEFINE_string("output", None, "The file to write (FILE.safetensors for --to=torchvision); its directory "
                     "must exist.")
-flags.DEFINE_integer("step", None, "The checkpoint's step (default: the newest, or the best with "
-                     "--checkpoint=best).")
-flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
-                  "Without --step: the newest checkpoint, or the best-scoring one kept by keep_best_metric.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output (in one rename) instead of refusing.")
 flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "--to=stablehlo: the platforms the program is lowered "
                   "for (any of cpu, cuda, rocm, tpu).")
@@ -40,8 +36,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected argument {argv[1]!r}; python -m cnnjax.export takes flags only "
              "(--workdir=DIR --to=torchvision|stablehlo --output=FILE)")
-  if FLAGS.step is not None and FLAGS.checkpoint == "best":
-    cli.fail("give either --step=N or --checkpoint=best, not both")
+  cli.check_checkpoint_flags(FLAGS)
   cli.configure_logging()
 
   def go():

@@ -46,12 +46,13 @@ NARROW = {name: {"classifier_features": 64} for name in tvi.VGGS + ("alexnet",)}
 
 def tiny_run(directory, convention: str):
   """Trains ResNet-18 for two steps on random 32x32 arrays (10 classes) with BatchNorm's running variance in
-  `convention`; returns (workdir, config)."""
+  `convention`, keeping the best checkpoint; returns (workdir, config)."""
   os.makedirs(directory)
   config = harness.case_config(harness.Case("resnet18", BATCH, IMAGE_SIZE, 3, NUM_CLASSES, "none", "float32",
                                             "cifar"), str(directory))
-  config.num_train_steps = config.checkpoint_every_steps = STEPS
+  config.num_train_steps = config.checkpoint_every_steps = config.eval_every_steps = STEPS
   config.log_every_steps, config.progress_bar = 1, False
+  config.keep_best_metric = "eval_accuracy"  # its one checkpoint is the best, for --checkpoint=best
   config.model.bn_running_variance = convention
   workdir = str(directory / "run")
   train.run(config, workdir)
@@ -117,7 +118,7 @@ def test_torchvision_export_gives_the_twin_cnnjax_eval_logits_in_either_variance
   run = runs[convention]
   path = str(tmp_path / "resnet18.safetensors")
   before = snapshot(run.workdir)
-  exported = export.export(run.workdir, "torchvision", path)
+  exported = export.export(run.workdir, "torchvision", path, checkpoint="best")
   assert snapshot(run.workdir) == before
   assert exported.step == STEPS
   twin = torch_models.build("resnet18", NUM_CLASSES).eval()
