@@ -3,13 +3,14 @@
 Command (on the GPU machine, through scripts/gpu_check.sh, which installs the
 carried wheels first):
   bash scripts/gpu_check.sh [--json=gpu_check.json] [--log=gpu_check.log] [--budget_seconds=540] [--dry_run]
-                            [--sections=throughput,full_run,gpu_tests,torch_compiled,bn_sync,simulated_tests]
+                            [--sections=throughput,full_run,gpu_decode,gpu_tests,torch_compiled,bn_sync,simulated_tests]
 Expected: the GPU and package versions; ResNet-50 (batch 256, 224x224, bfloat16)
 and ResNet-20 (batch 512, 32x32) images per second, compile time and peak device
 memory, next to PyTorch (bf16 autocast, channels_last, eager and torch.compile)
 with the ratios and the issue's goals; whole runs (ResNet-20 on CIFAR-shaped
 arrays, ResNet-50 on synthetic JPEGs) against their bare steps and a PyTorch
-DataLoader peer; the GPU subset of the tests; bn_sync
+DataLoader peer; the JPEG run with the host decoder and the GPU decoder (nvImageCodec)
+side by side, with the host CPU ms per image of each; the GPU subset of the tests; bn_sync
 global against local (none on one GPU; the 8-simulated-device measure beside it).
 Cost: under 10 minutes on one H100 (the budget cuts what does not fit, and says
 so in the JSON); --dry_run, tiny sizes on any host: about 2 minutes on 2 CPU cores.

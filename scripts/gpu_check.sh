@@ -11,6 +11,9 @@
 # and their dependencies that are not on it, pinned to the versions the tests pass with); they are
 # installed with --no-index --no-deps into a private folder that goes first on PYTHONPATH, so the
 # machine's own packages are left as they are. PYTHON chooses the interpreter (default python3).
+# The GPU decoder's wheels (nvImageCodec and nvJPEG, about 29 MB, `fetch` puts them in .whl/gpu_decode/)
+# go into a second private folder, nvJPEG beside nvImageCodec: a nvidia/cu13 folder ahead of the
+# machine's would hide JAX's own CUDA libraries, which JAX loads from the first nvidia/cu13 on the path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -28,12 +31,17 @@ PINNED=(grain==0.2.18 array_record==0.8.6 tensorflow-datasets==4.9.10 ml_collect
         toml==0.10.2 portpicker==1.6.0 importlib_resources==6.5.2)
 # promise (a TFDS dependency) has no wheel on PyPI; its pure-Python wheel is built from the sdist.
 BUILT=(promise==2.3)
+# The GPU decoder (data.decoder=gpu, the gpu_decode section): what `pip install 'cnnjax[cuda]'` adds to JAX.
+DECODE_WHEELS="$WHEELS/gpu_decode"
+DECODE_SITE="${CNNJAX_DECODE_SITE:-${TMPDIR:-/tmp}/cnnjax-gpu-decode-site}"
+DECODE=(nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43)
 
 if [[ "${1:-}" == "fetch" ]]; then
   mkdir -p "$WHEELS"
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: "${TARGET[@]}" -d "$WHEELS" "${PINNED[@]}"
   "$PYTHON" -m pip wheel -q --no-deps -w "$WHEELS" "${BUILT[@]}"
-  du -sh "$WHEELS"
+  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: "${TARGET[@]}" -d "$DECODE_WHEELS" "${DECODE[@]}"
+  du -sh "$WHEELS" "$DECODE_WHEELS"
   exit 0
 fi
 
@@ -44,5 +52,15 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
 else
   echo "no wheels in $WHEELS/: using the interpreter's own packages" >&2
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if compgen -G "$DECODE_WHEELS/*.whl" > /dev/null; then
+  rm -rf "$DECODE_SITE"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$DECODE_SITE" \
+    "$DECODE_WHEELS"/*.whl
+  mv "$DECODE_SITE"/nvidia/cu13/lib/libnvjpeg.so.* "$DECODE_SITE"/nvidia/nvimgcodec/  # its RUNPATH has $ORIGIN
+  rm -rf "$DECODE_SITE"/nvidia/cu13
+  export PYTHONPATH="$DECODE_SITE:$PYTHONPATH"
+else
+  echo "no wheels in $DECODE_WHEELS/: the GPU decoder runs only if the interpreter has nvImageCodec" >&2
 fi
 exec "$PYTHON" scripts/gpu_check.py "$@"

@@ -18,13 +18,20 @@ THROUGHPUT_FIELDS = ("model", "batch", "image_size", "dtype", "strategy", "jax",
 TEST_FIELDS = ("selection", "where", "status")
 GOAL_FIELDS = ("resnet50_images_per_second", "resnet50_at_least_3000_images_per_second", "resnet50_at_least_torch",
                "resnet20_at_least_torch", "ratio_vs_faster_torch", "resnet20_runs_at_least_0_9_of_step",
-               "resnet50_jpeg_run_at_least_3000_images_per_second", "note")
+               "resnet50_jpeg_run_at_least_3000_images_per_second", "gpu_decode_run_over_step",
+               "gpu_decode_run_at_least_0_9_of_step", "gpu_decode_host_cpu_per_image_over_host_decoder",
+               "gpu_decode_host_cpu_at_least_5x_lower", "note")
 FULL_RUN_FIELDS = ("name", "model", "batch", "dtype", "data", "steps", "run", "run_over_step", "torch_loader",
                    "run_over_torch_loader")
+GPU_DECODE_FIELDS = ("decoder", "model", "batch", "dtype", "data", "steps", "run", "run_over_step",
+                     "host_cpu_ms_per_image")
 
 
 def assert_every_field(payload):
-  assert set(payload) == {"check", "environment", "throughput", "full_run", "tests", "bn_sync", "goals"}
+  assert set(payload) == {"check", "environment", "throughput", "full_run", "gpu_decode", "tests", "bn_sync", "goals"}
+  assert [entry["decoder"] for entry in payload["gpu_decode"]] == ["host", "gpu"]
+  for entry in payload["gpu_decode"]:
+    assert all(field in entry for field in GPU_DECODE_FIELDS) and "status" in entry["run"], sorted(entry)
   assert [entry["name"] for entry in payload["full_run"]] == list(gpu_check.DRY_RUN.full_runs)
   for entry in payload["full_run"]:
     assert all(field in entry for field in FULL_RUN_FIELDS), sorted(entry)
@@ -67,6 +74,11 @@ def test_dry_run_on_cpu_writes_every_field_and_the_log(tmp_path):
   for entry in payload["full_run"]:
     assert entry["run"]["status"] == "ok" and entry["run_over_step"] > 0, entry["run"]
     assert entry["torch_loader"]["status"] == "ok" and entry["run_over_torch_loader"] > 0, entry["torch_loader"]
+  host_decoder, gpu_decoder = (entry["run"] for entry in payload["gpu_decode"])
+  assert host_decoder["status"] == "ok" and host_decoder["run_over_step"] > 0, host_decoder
+  assert host_decoder["host_cpu_ms_per_image"] > 0 and host_decoder["decoder"] == ["host", "as set"]
+  # No NVIDIA GPU here (and in CI no nvImageCodec): the GPU decoder's row says why it did not run.
+  assert gpu_decoder["status"].startswith("skipped: data.decoder=gpu"), gpu_decoder
   for record in payload["tests"].values():
     assert record["status"] == "ok" and record["passed"] > 0 and record["failed"] == record["errors"] == 0
   simulated = payload["bn_sync"]["simulated_devices"]
@@ -74,6 +86,7 @@ def test_dry_run_on_cpu_writes_every_field_and_the_log(tmp_path):
   assert payload["goals"]["resnet50_at_least_3000_images_per_second"] is None  # a dry run is held to nothing
   log = log_path.read_text()
   assert "resnet50" in log and "tests on" in log and "bn_sync" in log and "full run resnet50_jpeg" in log
+  assert "gpu_decode host decoder" in log and "gpu_decode gpu decoder" in log
 
 
 def test_a_spent_budget_still_writes_every_field_saying_why(tmp_path):
@@ -84,6 +97,7 @@ def test_a_spent_budget_still_writes_every_field_saying_why(tmp_path):
   assert payload["environment"]["status"] == "skipped: the budget ran out"
   assert payload["throughput"][0]["jax"]["status"] == "skipped: the budget ran out"
   assert payload["tests"]["gpu"]["status"] == "skipped: the budget ran out"
+  assert all(entry["run"]["status"] == "skipped: the budget ran out" for entry in payload["gpu_decode"])
 
 
 def test_sections_limit_the_check_to_the_parts_asked_for(tmp_path):
@@ -115,3 +129,10 @@ def test_goals_are_read_against_the_faster_pytorch():
   goals = gpu_check.goals(payload)
   assert goals["resnet20_runs_at_least_0_9_of_step"] is False  # the bfloat16 run falls short
   assert goals["resnet50_jpeg_run_at_least_3000_images_per_second"] is True
+  assert goals["gpu_decode_run_over_step"] is None and goals["gpu_decode_host_cpu_at_least_5x_lower"] is None
+  payload["gpu_decode"] = [{"decoder": "host", "run_over_step": 0.3, "host_cpu_ms_per_image": 8.0},
+                           {"decoder": "gpu", "run_over_step": 0.92, "host_cpu_ms_per_image": 2.0}]
+  goals = gpu_check.goals(payload)
+  assert goals["gpu_decode_run_at_least_0_9_of_step"] is True and goals["gpu_decode_run_over_step"] == 0.92
+  assert goals["gpu_decode_host_cpu_per_image_over_host_decoder"] == 0.25
+  assert goals["gpu_decode_host_cpu_at_least_5x_lower"] is False  # 4x lower, not 5x

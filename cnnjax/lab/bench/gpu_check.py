@@ -25,7 +25,14 @@ which calls `run`. Within `budget_seconds` it measures, in this order:
    in bfloat16) and ResNet-50 in bfloat16 on the pipeline benchmark's synthetic
    JPEG ImageNet through the host path, each with `run / step` and a PyTorch
    `DataLoader` peer on the same data (`cnnjax.lab.bench.torch_loaders`);
-5. `bn_sync=global` against `local`: one GPU has no peers, so the two are the
+5. the GPU decoder (`gpu_decode`, `data.decoder`): ResNet-50 in bfloat16 at
+   batch 256 on the same synthetic JPEG ImageNet as `cnnjax.main` runs it, with
+   the host decoder and with the GPU decoder (nvImageCodec) side by side, each
+   against its bare step, with the host CPU ms per image of each run's feed
+   (this process and its data workers, `cnnjax.lab.bench.pipeline.measure`) and
+   the GPU decoder's pixels against the host decoder's on the same batch; the
+   GPU row is skipped, saying why, without nvImageCodec or an NVIDIA GPU;
+6. `bn_sync=global` against `local`: one GPU has no peers, so the two are the
    same computation there and nothing is measured; beside it the
    simulated-device measure (`scripts/bench_parallel.py`, strategy jit on 8
    CPU devices).
@@ -74,6 +81,8 @@ GOAL_RESNET50_IMAGES_PER_SECOND = 3000.0
 # A whole run's share of its bare step's speed that the full-run section holds ResNet-20 to.
 GOAL_RUN_OVER_STEP = 0.9
 GOAL_RATIO_VS_TORCH = 1.0
+# The GPU decoder's host CPU per image at most 1 / this of the host decoder's (issue 23).
+GOAL_DECODE_CPU_FACTOR = 5.0
 # Packages whose versions the environment section records (distribution names).
 PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin", "flax", "optax",
             "orbax-checkpoint", "numpy", "ml-dtypes", "torch", "triton", "grain", "tensorflow-datasets",
@@ -81,7 +90,8 @@ PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12
 # On the GPU: one device is enough for each of these (node ids or files under tests/).
 GPU_TESTS = ("tests/test_lowering.py", "tests/test_norm.py", "tests/test_precision.py",
              "tests/test_reliability.py::test_sigkill_anywhere_then_resume_is_bit_identical",
-             "tests/test_reliability.py::test_unreadable_latest_checkpoint_is_reported_skipped_and_kept")
+             "tests/test_reliability.py::test_unreadable_latest_checkpoint_is_reported_skipped_and_kept",
+             "tests/test_gpu_decode.py::test_nvimgcodec_on_the_gpu_decodes_as_its_cpu_backend")
 # The GPU subset's -k filter: the SIGKILL test's pmap case needs several devices.
 GPU_TESTS_FILTER = "not pmap"
 # Eight devices: on one GPU host they can only be simulated CPU devices.
@@ -123,6 +133,9 @@ class Sizes:
   run_jpeg_examples: int = 1024
   loader_warmup_steps: int = 5
   loader_workers: int = 8
+  # The gpu_decode section: batches of each run's feed timed for the host CPU per image (after warm-up; the
+  # batches prefetched before the clock starts, at most data.prefetch_batches, are not counted).
+  decode_feed_batches: int = 40
 
 
 FULL = Sizes()
@@ -136,7 +149,7 @@ DRY_RUN = Sizes(resnet50_batch=2, resnet50_image_size=32, resnet20_batch=4, warm
                 # One CIFAR-shaped row and the JPEG row, with a smaller ResNet: the plumbing, not the speed.
                 full_runs=("resnet20_float32", "resnet50_jpeg"), run_resnet20_batch=4, run_resnet20_steps=2,
                 run_cifar_examples=16, run_imagenet_model="resnet18", run_resnet50_steps=2, run_jpeg_examples=8,
-                loader_warmup_steps=1, loader_workers=0)
+                loader_warmup_steps=1, loader_workers=0, decode_feed_batches=2)
 
 # (section name, cap in seconds) in the order they run; the budget cuts from the end.
 SECTION_SECONDS = {"environment": 60, "jax_resnet50": 180, "jax_fastest_resnet50": 150, "torch_eager_resnet50": 90,
@@ -145,9 +158,13 @@ SECTION_SECONDS = {"environment": 60, "jax_resnet50": 180, "jax_fastest_resnet50
                    "torch_compiled_resnet20": 150, "bn_sync_simulated": 120, "simulated_tests": 240,
                    "full_run_resnet20_float32": 90, "full_run_resnet20_bfloat16": 90, "full_run_resnet50_jpeg": 150,
                    "torch_loader_resnet20_float32": 60, "torch_loader_resnet20_bfloat16": 60,
-                   "torch_loader_resnet50_jpeg": 90}
+                   "torch_loader_resnet50_jpeg": 90, "gpu_decode_host": 200, "gpu_decode_gpu": 240}
 # The parts a run can be limited to (--sections), in the order they run; the environment always comes first.
-SECTIONS = ("throughput", "full_run", "gpu_tests", "torch_compiled", "bn_sync", "simulated_tests")
+SECTIONS = ("throughput", "full_run", "gpu_decode", "gpu_tests", "torch_compiled", "bn_sync", "simulated_tests")
+# The decoders the gpu_decode section sets side by side (`data.decoder`), and the batches of each run's feed
+# not timed (worker start-up, the GPU decoder's first resize compiles).
+DECODERS = ("host", "gpu")
+DECODE_WARMUP_BATCHES = 2
 NO_PEERS = ("one GPU has no peers: bn_sync=global and local normalize over the same examples with no collective, "
             "the same computation, so there is no cost to measure on this machine; the simulated-device measure "
             "is beside it")
@@ -158,6 +175,8 @@ class Check:
 
   def __init__(self, json_path: str, log_path: str, budget_seconds: float, dry_run: bool):
     self.json_path, self.log_path, self.dry_run = json_path, log_path, dry_run
+    # Stand-in data the sections share (the synthetic JPEG ImageNet is written once); removed by `run`.
+    self.data_dir = tempfile.mkdtemp(prefix="cnnjax-gpu-check-data-")
     self.start = time.monotonic()
     self.deadline = self.start + budget_seconds
     self.payload: dict[str, Any] = {"check": {
@@ -363,7 +382,8 @@ def full_run_record(spec: dict[str, Any]) -> dict[str, Any]:
   """In a child: the run and its bare step (`cnnjax.lab.bench.run_vs_step.measure_round`)."""
   from cnnjax.lab.bench import run_vs_step  # pylint: disable=import-outside-toplevel
   case = spec["case"]
-  overrides = {"model.name": case["model"], "batch_size": case["batch"], "model.dtype": case["dtype"]}
+  overrides = {"model.name": case["model"], "batch_size": case["batch"], "model.dtype": case["dtype"],
+               **spec.get("overrides", {})}
   if case["data"] == "imagenet_jpeg":
     overrides["data.image_size"] = case["image_size"]
   measured = run_vs_step.measure_round(
@@ -397,28 +417,111 @@ def torch_loader_record(spec: dict[str, Any]) -> dict[str, Any]:
 def full_run_section(check: Check, sizes: Sizes) -> None:
   """Whole runs (data, loop, step) against their bare steps and a PyTorch DataLoader peer, on one device."""
   entries = check.payload.setdefault("full_run", [])
-  with tempfile.TemporaryDirectory() as data_dir:
-    for case in full_run_cases(sizes):
-      entry = {key: case[key] for key in ("name", "model", "batch", "dtype", "data", "steps")}
-      entries.append(entry)
-      entry["run"] = _child_record(check, f"full run {case['name']}", f"full_run_{case['name']}",
-                                   {"what": "full_run", "deterministic": True, "case": case, "data_dir": data_dir})
-      entry["run_over_step"] = entry["run"].get("run_over_step")
-      check.write()
-      entry["torch_loader"] = _child_record(
-          check, f"torch loader {case['name']}", f"torch_loader_{case['name']}",
-          {"what": "torch_loader", "case": case, "data_dir": data_dir, "warmup_steps": sizes.loader_warmup_steps,
-           "workers": sizes.loader_workers})
-      torch_rate = entry["torch_loader"].get("images_per_second")
-      entry["run_over_torch_loader"] = (entry["run"]["run_images_per_second"] / torch_rate
-                                        if entry["run"].get("status") == "ok" and torch_rate else None)
-      run = entry["run"]
-      check.say(f"full run {case['name']} b{case['batch']} {case['dtype']}: " + (
-          f"run {run['run_images_per_second']:,.0f} img/s, bare step {run['step_images_per_second']:,.0f}, "
-          f"run/step {run['run_over_step']:.2f}" if run.get("status") == "ok" else f"{run.get('status')} "
-          f"{run.get('error', '')}") + "; PyTorch DataLoader " + (
-          f"{torch_rate:,.0f} img/s" if torch_rate else f"{entry['torch_loader'].get('status')}"))
-      check.write()
+  data_dir = check.data_dir
+  for case in full_run_cases(sizes):
+    entry = {key: case[key] for key in ("name", "model", "batch", "dtype", "data", "steps")}
+    entries.append(entry)
+    # The JPEG row measures the host path: where the GPU decoder is installed, auto would choose it.
+    decoder = {"data.decoder": "host"} if case["data"] == "imagenet_jpeg" else {}
+    entry["run"] = _child_record(check, f"full run {case['name']}", f"full_run_{case['name']}",
+                                 {"what": "full_run", "deterministic": True, "case": case, "data_dir": data_dir,
+                                  "overrides": decoder})
+    entry["run_over_step"] = entry["run"].get("run_over_step")
+    check.write()
+    entry["torch_loader"] = _child_record(
+        check, f"torch loader {case['name']}", f"torch_loader_{case['name']}",
+        {"what": "torch_loader", "case": case, "data_dir": data_dir, "warmup_steps": sizes.loader_warmup_steps,
+         "workers": sizes.loader_workers})
+    torch_rate = entry["torch_loader"].get("images_per_second")
+    entry["run_over_torch_loader"] = (entry["run"]["run_images_per_second"] / torch_rate
+                                      if entry["run"].get("status") == "ok" and torch_rate else None)
+    run = entry["run"]
+    check.say(f"full run {case['name']} b{case['batch']} {case['dtype']}: " + (
+        f"run {run['run_images_per_second']:,.0f} img/s, bare step {run['step_images_per_second']:,.0f}, "
+        f"run/step {run['run_over_step']:.2f}" if run.get("status") == "ok" else f"{run.get('status')} "
+        f"{run.get('error', '')}") + "; PyTorch DataLoader " + (
+        f"{torch_rate:,.0f} img/s" if torch_rate else f"{entry['torch_loader'].get('status')}"))
+    check.write()
+
+
+def gpu_decode_record(spec: dict[str, Any]) -> dict[str, Any]:
+  """In a child: the JPEG run with one decoder (`spec['decoder']`) beside its bare step, its feed's host CPU
+  per image, and for the GPU decoder its pixels against the host decoder's on the first batch."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from cnnjax import train  # pylint: disable=import-outside-toplevel
+  from cnnjax.data import gpu_decode  # pylint: disable=import-outside-toplevel
+  from cnnjax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import pipeline as pipeline_bench  # pylint: disable=import-outside-toplevel
+  from cnnjax.lab.bench import run_vs_step  # pylint: disable=import-outside-toplevel
+  decoder, case = spec["decoder"], spec["case"]
+  device = jax.devices()[0]
+  try:
+    gpu_decode.choose(decoder, platform=device.platform, device_kind=device.device_kind, decodes=True)
+  except ConfigError as e:
+    return {"status": f"skipped: {e}"}
+  record = full_run_record({**spec, "overrides": {"data.decoder": decoder}})
+
+  def build(chosen: str) -> Any:
+    """The run's experiment with the `chosen` decoder, long enough to feed the timed batches."""
+    overrides = {"model.name": case["model"], "batch_size": case["batch"], "model.dtype": case["dtype"],
+                 "data.image_size": case["image_size"], "data.decoder": chosen}
+    steps = max(case["steps"], 1 + DECODE_WARMUP_BATCHES + spec["feed_batches"])
+    return train.build(run_vs_step.case_config(
+        run_vs_step.Case(case["name"], case["experiment"], overrides, steps, current_only=True,
+                         data=case["data"], data_examples=case["examples"]), REPO_ROOT, spec["data_dir"]))
+
+  exp = build(decoder)
+  record["decoder"] = list(exp.decoder)
+  feed = pipeline_bench.measure(_Decoded(exp.train_batches()), case["batch"], warmup_batches=DECODE_WARMUP_BATCHES,
+                                min_batches=spec["feed_batches"], min_seconds=0.0)
+  record.update(host_cpu_ms_per_image=feed["cpu_seconds_per_image"] * 1e3,
+                feed_images_per_second=feed["images_per_second"], feed_worker_processes=feed["worker_processes"])
+  if decoder == gpu_decode.GPU:
+    with build(gpu_decode.HOST).train_batches() as host_batches, exp.train_batches() as gpu_batches:
+      host_pixels, gpu_pixels = (np.asarray(next(batches)["input"]).astype(np.float64)
+                                 for batches in (host_batches, gpu_batches))
+    difference = np.abs(gpu_pixels - host_pixels)
+    record.update(pixels_vs_host_mean_abs=float(difference.mean()), pixels_vs_host_max_abs=float(difference.max()))
+  return record
+
+
+class _Decoded:
+  """A feed whose batches are waited for (a GPU decode is asynchronous): what a step would wait for."""
+
+  def __init__(self, batches: Any):
+    self._batches = batches
+
+  def __next__(self) -> Any:
+    import jax  # pylint: disable=import-outside-toplevel
+    return jax.block_until_ready(next(self._batches))
+
+  def __enter__(self) -> _Decoded:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self._batches.close()
+
+
+def gpu_decode_section(check: Check, sizes: Sizes) -> None:
+  """ResNet-50 on the synthetic JPEG ImageNet with the host decoder and the GPU decoder, side by side."""
+  case = full_run_cases(dataclasses.replace(sizes, full_runs=("resnet50_jpeg",)))[0]
+  entries = check.payload.setdefault("gpu_decode", [])
+  for decoder in DECODERS:
+    entry = {"decoder": decoder, **{key: case[key] for key in ("model", "batch", "dtype", "data", "steps")}}
+    entries.append(entry)
+    entry["run"] = _child_record(check, f"gpu_decode {decoder}", f"gpu_decode_{decoder}",
+                                 {"what": "gpu_decode", "deterministic": True, "case": case, "data_dir": check.data_dir,
+                                  "decoder": decoder, "feed_batches": sizes.decode_feed_batches})
+    run = entry["run"]
+    entry["run_over_step"] = run.get("run_over_step")
+    entry["host_cpu_ms_per_image"] = run.get("host_cpu_ms_per_image")
+    check.say(f"gpu_decode {decoder} decoder, {case['model']} b{case['batch']} {case['dtype']}: " + (
+        f"run {run['run_images_per_second']:,.0f} img/s, bare step {run['step_images_per_second']:,.0f}, "
+        f"run/step {run['run_over_step']:.2f}, host CPU {run['host_cpu_ms_per_image']:.2f} ms per image"
+        + (f", pixels vs host decoder mean |d| {run['pixels_vs_host_mean_abs']:.2f}" if "pixels_vs_host_mean_abs"
+           in run else "") if run.get("status") == "ok" else f"{run.get('status')} {run.get('error', '')}"))
+    check.write()
 
 
 def _describe(who: str, case: dict[str, Any], record: dict[str, Any]) -> str:
@@ -548,6 +651,8 @@ def goals(payload: dict[str, Any]) -> dict[str, Any]:
     return {"resnet50_images_per_second": r50_rate, "resnet50_at_least_3000_images_per_second": None,
             "resnet50_at_least_torch": None, "resnet20_at_least_torch": None, "ratio_vs_faster_torch": {},
             "resnet20_runs_at_least_0_9_of_step": None, "resnet50_jpeg_run_at_least_3000_images_per_second": None,
+            "gpu_decode_run_over_step": None, "gpu_decode_run_at_least_0_9_of_step": None,
+            "gpu_decode_host_cpu_per_image_over_host_decoder": None, "gpu_decode_host_cpu_at_least_5x_lower": None,
             "note": "a dry run measures nothing comparable with the goals (one H100)"}
   resnet20_runs = [runs[name].get("run_over_step") for name in ("resnet20_float32", "resnet20_bfloat16")
                    if name in runs]
@@ -563,7 +668,22 @@ def goals(payload: dict[str, Any]) -> dict[str, Any]:
           "resnet20_runs_at_least_0_9_of_step": (None if not resnet20_runs or None in resnet20_runs else
                                                  min(resnet20_runs) >= GOAL_RUN_OVER_STEP),
           "resnet50_jpeg_run_at_least_3000_images_per_second": at_least(jpeg_rate, GOAL_RESNET50_IMAGES_PER_SECOND),
+          **gpu_decode_goals(payload),
           "note": "the goals are for one H100: read them against environment.nvidia_smi"}
+
+
+def gpu_decode_goals(payload: dict[str, Any]) -> dict[str, Any]:
+  """The GPU decoder's goals (issue 23): its run at >= GOAL_RUN_OVER_STEP of the bare step, and host CPU per
+  image GOAL_DECODE_CPU_FACTOR times lower than the host decoder's."""
+  rows = {entry["decoder"]: entry for entry in payload.get("gpu_decode", [])}
+  over_step = rows.get("gpu", {}).get("run_over_step")
+  host_cpu, gpu_cpu = (rows.get(name, {}).get("host_cpu_ms_per_image") for name in DECODERS)
+  cpu_ratio = gpu_cpu / host_cpu if host_cpu and gpu_cpu else None
+  return {"gpu_decode_run_over_step": over_step,
+          "gpu_decode_run_at_least_0_9_of_step": None if over_step is None else over_step >= GOAL_RUN_OVER_STEP,
+          "gpu_decode_host_cpu_per_image_over_host_decoder": cpu_ratio,
+          "gpu_decode_host_cpu_at_least_5x_lower": None if cpu_ratio is None else
+          cpu_ratio <= 1.0 / GOAL_DECODE_CPU_FACTOR}
 
 
 def markdown_table(payload: dict[str, Any]) -> str:
@@ -613,6 +733,8 @@ def run(json_path: str, log_path: str, *, dry_run: bool = False, budget_seconds:
     throughput_section(check, sizes, "first")
   if "full_run" in sections:
     full_run_section(check, sizes)
+  if "gpu_decode" in sections:
+    gpu_decode_section(check, sizes)
   if "gpu_tests" in sections:
     tests_section(check, sizes, "gpu")
   if "throughput" in sections and "torch_compiled" in sections:
@@ -621,6 +743,7 @@ def run(json_path: str, log_path: str, *, dry_run: bool = False, budget_seconds:
     bn_sync_section(check, sizes)
   if "simulated_tests" in sections:
     tests_section(check, sizes, "simulated")
+  shutil.rmtree(check.data_dir, ignore_errors=True)
   check.payload["goals"] = goals(check.payload)
   check.write()
   check.say(f"wrote {json_path} and {log_path} in {check.payload['check']['wall_seconds']:.0f} s")
@@ -628,7 +751,7 @@ def run(json_path: str, log_path: str, *, dry_run: bool = False, budget_seconds:
 
 
 CHILDREN = {"environment": lambda spec: environment_record(), "jax": jax_record, "torch": torch_record,
-            "full_run": full_run_record, "torch_loader": torch_loader_record}
+            "full_run": full_run_record, "torch_loader": torch_loader_record, "gpu_decode": gpu_decode_record}
 
 
 def _child_main() -> None:
