@@ -170,6 +170,20 @@ def test_nvimgcodec_cpu_backend_decodes_the_planned_regions(source):
     assert np.abs(got.astype(float) - expected["input"]).mean() < CANVAS_LEVELS
   with pytest.raises(DataError, match="cannot be decoded"):
     decode(batches(corrupt_source(), prep, plan_only=True, steps=1)[0])
+  # A version that decodes only into buffers of its own: its images are copied into the canvas.
+  regions = gpu_decode.NvImageCodecRegions(cpu=True)
+  own = regions._decoder(jax.local_devices()[0])  # pylint: disable=protected-access
+
+  class OwnBuffersOnly:
+    def decode(self, streams, images=None, **options):
+      if images is not None:
+        raise RuntimeError("no external buffers")
+      return own.decode(streams, **options)
+
+  regions._decoders[jax.local_devices()[0]] = OwnBuffersOnly()  # pylint: disable=protected-access
+  copied = device_decoder(gpu_decode.canvas_windows(regions), devices=1)
+  plan = batches(source, prep, plan_only=True)[0]
+  np.testing.assert_array_equal(np.asarray(copied(plan)["input"]), np.asarray(reference(plan)["input"]))
 
 
 # Mean absolute difference, in uint8 levels, allowed between nvJPEG on the GPU and libjpeg-turbo (nvImageCodec's

@@ -305,7 +305,12 @@ class NvImageCodecRegions:
                in enumerate(boxes)]
     stream = 0 if self._cpu else self._stream(device)
     images = [codec.as_image(view, stream) for view in views]
-    decoded = self._decoder(device).decode(streams, images=images, params=params, cuda_stream=stream)
+    decoder = self._decoder(device)
+    try:
+      decoded = decoder.decode(streams, images=images, params=params, cuda_stream=stream)
+    except (RuntimeError, TypeError, ValueError):
+      # A version that decodes only into buffers of its own: decode there, then copy (below).
+      decoded = decoder.decode(streams, params=params, cuda_stream=stream)
     interface = "__array_interface__" if self._cpu else "__cuda_array_interface__"
     for row, (image, view) in enumerate(zip(decoded, views)):
       if image is None:
