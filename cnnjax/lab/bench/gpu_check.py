@@ -28,7 +28,8 @@ which calls `run`. Within `budget_seconds` it measures, in this order:
 5. the GPU decoder (`gpu_decode`, `data.decoder`): ResNet-50 in bfloat16 at
    batch 256 on the same synthetic JPEG ImageNet as `cnnjax.main` runs it, with
    the host decoder and with the GPU decoder (nvImageCodec) side by side, each
-   against its bare step, with the host CPU ms per image of each run's feed
+   against the bare step (measured once, in the host row: it does not depend on
+   the decoder), with the host CPU ms per image of each run's feed
    (this process and its data workers, `cnnjax.lab.bench.pipeline.measure`) and
    the GPU decoder's pixels against the host decoder's on the same batch; the
    GPU row is skipped, saying why, without nvImageCodec or an NVIDIA GPU;
@@ -158,7 +159,7 @@ SECTION_SECONDS = {"environment": 60, "jax_resnet50": 180, "jax_fastest_resnet50
                    "torch_compiled_resnet20": 150, "bn_sync_simulated": 120, "simulated_tests": 240,
                    "full_run_resnet20_float32": 90, "full_run_resnet20_bfloat16": 90, "full_run_resnet50_jpeg": 150,
                    "torch_loader_resnet20_float32": 60, "torch_loader_resnet20_bfloat16": 60,
-                   "torch_loader_resnet50_jpeg": 90, "gpu_decode_host": 200, "gpu_decode_gpu": 240}
+                   "torch_loader_resnet50_jpeg": 90, "gpu_decode_host": 200, "gpu_decode_gpu": 180}
 # The parts a run can be limited to (--sections), in the order they run; the environment always comes first.
 SECTIONS = ("throughput", "full_run", "gpu_decode", "gpu_tests", "torch_compiled", "bn_sync", "simulated_tests")
 # The decoders the gpu_decode section sets side by side (`data.decoder`), and the batches of each run's feed
@@ -460,16 +461,27 @@ def gpu_decode_record(spec: dict[str, Any]) -> dict[str, Any]:
     gpu_decode.choose(decoder, platform=device.platform, device_kind=device.device_kind, decodes=True)
   except ConfigError as e:
     return {"status": f"skipped: {e}"}
-  record = full_run_record({**spec, "overrides": {"data.decoder": decoder}})
+
+  def config(chosen: str, steps: int) -> Any:
+    """The run's config with the `chosen` decoder and `steps` steps."""
+    overrides = {"model.name": case["model"], "batch_size": case["batch"], "model.dtype": case["dtype"],
+                 "data.image_size": case["image_size"], "data.decoder": chosen}
+    return run_vs_step.case_config(
+        run_vs_step.Case(case["name"], case["experiment"], overrides, steps, current_only=True, data=case["data"],
+                         data_examples=case["examples"]), REPO_ROOT, spec["data_dir"])
 
   def build(chosen: str) -> Any:
     """The run's experiment with the `chosen` decoder, long enough to feed the timed batches."""
-    overrides = {"model.name": case["model"], "batch_size": case["batch"], "model.dtype": case["dtype"],
-                 "data.image_size": case["image_size"], "data.decoder": chosen}
-    steps = max(case["steps"], 1 + DECODE_WARMUP_BATCHES + spec["feed_batches"])
-    return train.build(run_vs_step.case_config(
-        run_vs_step.Case(case["name"], case["experiment"], overrides, steps, current_only=True,
-                         data=case["data"], data_examples=case["examples"]), REPO_ROOT, spec["data_dir"]))
+    return train.build(config(chosen, max(case["steps"], 1 + DECODE_WARMUP_BATCHES + spec["feed_batches"])))
+
+  step_rate = spec.get("step_images_per_second")
+  if step_rate:  # the bare step does not depend on the decoder: the host row's, measured once
+    with tempfile.TemporaryDirectory() as scratch:
+      run_rate = run_vs_step.run_images_per_second(config(decoder, case["steps"]), os.path.join(scratch, "run"))
+    record = {"step_images_per_second": step_rate, "run_images_per_second": run_rate,
+              "run_over_step": run_rate / step_rate, "bare_step": "the host decoder's row"}
+  else:
+    record = full_run_record({**spec, "overrides": {"data.decoder": decoder}})
 
   exp = build(decoder)
   record["decoder"] = list(exp.decoder)
@@ -507,12 +519,15 @@ def gpu_decode_section(check: Check, sizes: Sizes) -> None:
   """ResNet-50 on the synthetic JPEG ImageNet with the host decoder and the GPU decoder, side by side."""
   case = full_run_cases(dataclasses.replace(sizes, full_runs=("resnet50_jpeg",)))[0]
   entries = check.payload.setdefault("gpu_decode", [])
+  step_rate = None
   for decoder in DECODERS:
     entry = {"decoder": decoder, **{key: case[key] for key in ("model", "batch", "dtype", "data", "steps")}}
     entries.append(entry)
     entry["run"] = _child_record(check, f"gpu_decode {decoder}", f"gpu_decode_{decoder}",
                                  {"what": "gpu_decode", "deterministic": True, "case": case, "data_dir": check.data_dir,
-                                  "decoder": decoder, "feed_batches": sizes.decode_feed_batches})
+                                  "decoder": decoder, "feed_batches": sizes.decode_feed_batches,
+                                  "step_images_per_second": step_rate})
+    step_rate = step_rate or entry["run"].get("step_images_per_second")
     run = entry["run"]
     entry["run_over_step"] = run.get("run_over_step")
     entry["host_cpu_ms_per_image"] = run.get("host_cpu_ms_per_image")
